@@ -1,0 +1,248 @@
+//! The SignalR hub message model and its two encodings.
+//!
+//! Decoding is two steps, each fuzzed on its own: [`HubProtocol::split_record`] finds one
+//! complete record in a byte stream (JSON ends records with `0x1E`, MessagePack prefixes
+//! them with a varint length), then [`HubProtocol::parse`] turns its body into a
+//! [`HubMessage`]. Messages of unknown type parse to `None` and are ignored, as ASP.NET
+//! Core does.
+
+use std::collections::BTreeMap;
+
+use bytes::BytesMut;
+use thiserror::Error;
+
+use crate::value::Value;
+use crate::ws::Opcode;
+
+pub mod json;
+pub mod msgpack;
+
+/// Message headers (types 1 to 5): a string map nobody interprets but everyone carries.
+pub type Headers = BTreeMap<String, String>;
+
+/// Types 1 (Invocation) and 4 (StreamInvocation).
+#[derive(Debug, Clone, PartialEq, Default)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Invocation {
+    pub headers: Headers,
+    /// `None` for a non-blocking call (no Completion is sent back).
+    pub invocation_id: Option<String>,
+    pub target: String,
+    pub arguments: Vec<Value>,
+    /// Upload stream ids; empty when the call has none.
+    pub stream_ids: Vec<String>,
+}
+
+/// Type 2.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct StreamItem {
+    pub headers: Headers,
+    pub invocation_id: String,
+    pub item: Value,
+}
+
+/// How an invocation ended.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum CompletionOutcome {
+    /// No result at all (MessagePack result kind 2, JSON without `result`).
+    Void,
+    /// A result, which may be null (MessagePack kind 3, JSON `"result": ...`).
+    Result(Value),
+    /// An error text (MessagePack kind 1, JSON `"error": ...`).
+    Error(String),
+}
+
+/// Type 3.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Completion {
+    pub headers: Headers,
+    pub invocation_id: String,
+    pub outcome: CompletionOutcome,
+}
+
+/// Type 5.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct CancelInvocation {
+    pub headers: Headers,
+    pub invocation_id: String,
+}
+
+/// Type 7.
+#[derive(Debug, Clone, PartialEq, Default)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Close {
+    pub error: Option<String>,
+    /// `true` lets a client with automatic reconnect come back.
+    pub allow_reconnect: bool,
+}
+
+/// Every hub message type of the SignalR protocol (1 to 9).
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum HubMessage {
+    Invocation(Invocation),
+    StreamItem(StreamItem),
+    Completion(Completion),
+    StreamInvocation(Invocation),
+    CancelInvocation(CancelInvocation),
+    Ping,
+    Close(Close),
+    Ack { sequence_id: u64 },
+    Sequence { sequence_id: u64 },
+}
+
+impl HubMessage {
+    /// The numeric `type` of this message on the wire.
+    pub fn message_type(&self) -> u8 {
+        match self {
+            HubMessage::Invocation(_) => 1,
+            HubMessage::StreamItem(_) => 2,
+            HubMessage::Completion(_) => 3,
+            HubMessage::StreamInvocation(_) => 4,
+            HubMessage::CancelInvocation(_) => 5,
+            HubMessage::Ping => 6,
+            HubMessage::Close(_) => 7,
+            HubMessage::Ack { .. } => 8,
+            HubMessage::Sequence { .. } => 9,
+        }
+    }
+
+    /// A non-blocking server→client invocation `target(arguments...)`.
+    pub fn invocation(target: impl Into<String>, arguments: Vec<Value>) -> HubMessage {
+        HubMessage::Invocation(Invocation {
+            target: target.into(),
+            arguments,
+            ..Invocation::default()
+        })
+    }
+
+    /// A completion of `invocation_id` with the given outcome.
+    pub fn completion(invocation_id: impl Into<String>, outcome: CompletionOutcome) -> HubMessage {
+        HubMessage::Completion(Completion {
+            headers: Headers::new(),
+            invocation_id: invocation_id.into(),
+            outcome,
+        })
+    }
+}
+
+/// Why bytes could not be read as a hub message.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum HubError {
+    #[error("hub message exceeds the maximum message size of {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("empty hub message")]
+    Empty,
+    #[error("invalid message length prefix")]
+    LengthPrefix,
+    #[error("invalid JSON hub message: {0}")]
+    Json(String),
+    #[error("invalid MessagePack hub message: {0}")]
+    MessagePack(String),
+    #[error("missing required property '{field}' in a message of type {message_type}")]
+    MissingField {
+        message_type: u64,
+        field: &'static str,
+    },
+    #[error("property '{field}' must be {expected}")]
+    WrongType {
+        field: &'static str,
+        expected: &'static str,
+    },
+}
+
+/// One complete record found in a byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// The encoded message, without separator or length prefix.
+    pub body: &'a [u8],
+    /// How many bytes of the stream the record took, framing included.
+    pub consumed: usize,
+}
+
+/// The two hub protocols a client can pick in its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HubProtocol {
+    Json,
+    MessagePack,
+}
+
+impl HubProtocol {
+    /// The name used in the handshake (`json`, `messagepack`).
+    pub fn name(self) -> &'static str {
+        match self {
+            HubProtocol::Json => "json",
+            HubProtocol::MessagePack => "messagepack",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<HubProtocol> {
+        match name {
+            "json" => Some(HubProtocol::Json),
+            "messagepack" => Some(HubProtocol::MessagePack),
+            _ => None,
+        }
+    }
+
+    /// The WebSocket frame type that carries this protocol (text for JSON).
+    pub fn opcode(self) -> Opcode {
+        match self {
+            HubProtocol::Json => Opcode::Text,
+            HubProtocol::MessagePack => Opcode::Binary,
+        }
+    }
+
+    /// Finds the first complete record in `buf`; `Ok(None)` means more bytes are needed.
+    ///
+    /// `max_message_bytes` bounds the body (framing excluded); a longer record is an
+    /// error as soon as that is certain, without waiting for the rest of it.
+    pub fn split_record(
+        self,
+        buf: &[u8],
+        max_message_bytes: usize,
+    ) -> Result<Option<Record<'_>>, HubError> {
+        match self {
+            HubProtocol::Json => json::split_record(buf, max_message_bytes),
+            HubProtocol::MessagePack => msgpack::split_record(buf, max_message_bytes),
+        }
+    }
+
+    /// Parses one record body; `Ok(None)` for a message of unknown type (ignored).
+    pub fn parse(self, body: &[u8]) -> Result<Option<HubMessage>, HubError> {
+        match self {
+            HubProtocol::Json => json::parse(body),
+            HubProtocol::MessagePack => msgpack::parse(body),
+        }
+    }
+
+    /// Appends `message` as one complete record (body plus framing) to `out`.
+    pub fn encode(self, message: &HubMessage, out: &mut BytesMut) {
+        match self {
+            HubProtocol::Json => json::encode(message, out),
+            HubProtocol::MessagePack => msgpack::encode(message, out),
+        }
+    }
+
+    /// Splits and parses every complete record in `buf`. Returns the messages (unknown
+    /// types left out) and how many bytes they took; the rest is an incomplete record.
+    pub fn decode_all(
+        self,
+        mut buf: &[u8],
+        max_message_bytes: usize,
+    ) -> Result<(Vec<HubMessage>, usize), HubError> {
+        let mut messages = Vec::new();
+        let mut consumed = 0;
+        while let Some(record) = self.split_record(buf, max_message_bytes)? {
+            if let Some(message) = self.parse(record.body)? {
+                messages.push(message);
+            }
+            consumed += record.consumed;
+            buf = &buf[record.consumed..];
+        }
+        Ok((messages, consumed))
+    }
+}
