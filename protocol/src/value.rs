@@ -18,6 +18,7 @@ pub const MAX_DEPTH: usize = 100;
 /// Integers are canonical: every integer that fits `i64` is [`Value::Int`]; only
 /// integers above `i64::MAX` are [`Value::UInt`].
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum Value {
     Null,
     Bool(bool),

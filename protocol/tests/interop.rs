@@ -53,7 +53,11 @@ fn messages() -> BTreeMap<&'static str, HubMessage> {
         Value::Null,
         map(vec![(
             "nested",
-            Value::Array(vec![Value::Int(1), s("two"), map(vec![("three", Value::Int(3))])]),
+            Value::Array(vec![
+                Value::Int(1),
+                s("two"),
+                map(vec![("three", Value::Int(3))]),
+            ]),
         )]),
         Value::Array(vec![]),
         Value::Map(vec![]),
@@ -124,7 +128,10 @@ fn messages() -> BTreeMap<&'static str, HubMessage> {
         ("completion_void", completion("2", CompletionOutcome::Void)),
         (
             "completion_error",
-            completion("3", CompletionOutcome::Error("Unknown hub method 'Foo'".into())),
+            completion(
+                "3",
+                CompletionOutcome::Error("Unknown hub method 'Foo'".into()),
+            ),
         ),
         (
             "stream_invocation",
@@ -159,7 +166,11 @@ fn messages() -> BTreeMap<&'static str, HubMessage> {
 /// `JSON.stringify` turns a `Uint8Array` into an index-keyed object and a `Date` into text.
 fn as_written_by_js(protocol: HubProtocol, name: &str, message: HubMessage) -> HubMessage {
     if protocol == HubProtocol::Json && name == "invocation_binary_and_date" {
-        let bytes = map(vec![("0", Value::Int(1)), ("1", Value::Int(2)), ("2", Value::Int(3))]);
+        let bytes = map(vec![
+            ("0", Value::Int(1)),
+            ("1", Value::Int(2)),
+            ("2", Value::Int(3)),
+        ]);
         return HubMessage::Invocation(invocation(
             None,
             "Bytes",
@@ -170,7 +181,10 @@ fn as_written_by_js(protocol: HubProtocol, name: &str, message: HubMessage) -> H
 }
 
 fn protocols() -> [(&'static str, HubProtocol); 2] {
-    [("json", HubProtocol::Json), ("messagepack", HubProtocol::MessagePack)]
+    [
+        ("json", HubProtocol::Json),
+        ("messagepack", HubProtocol::MessagePack),
+    ]
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -186,9 +200,14 @@ fn unhex(text: &str) -> Vec<u8> {
 
 #[test]
 fn decodes_what_the_js_client_writes() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/js/vectors/js-vectors.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run `node tests/js/gen-vectors.mjs`)", path.display()));
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/js/vectors/js-vectors.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run `node tests/js/gen-vectors.mjs`)",
+            path.display()
+        )
+    });
     let vectors: BTreeMap<String, BTreeMap<String, String>> = serde_json::from_str(&text).unwrap();
     let expected = messages();
     for (protocol_name, protocol) in protocols() {
@@ -207,7 +226,11 @@ fn decodes_what_the_js_client_writes() {
             let (decoded, used) = protocol
                 .decode_all(&bytes, 1 << 20)
                 .unwrap_or_else(|e| panic!("{protocol_name}/{name}: {e}"));
-            assert_eq!(used, bytes.len(), "{protocol_name}/{name}: whole vector used");
+            assert_eq!(
+                used,
+                bytes.len(),
+                "{protocol_name}/{name}: whole vector used"
+            );
             let want = as_written_by_js(protocol, name, expected[name.as_str()].clone());
             assert_eq!(decoded, vec![want], "{protocol_name}/{name}");
         }

@@ -99,11 +99,7 @@ impl Wire<'_> {
             field,
         };
         let headers = self.headers.unwrap_or_default();
-        // An empty id is no id, as in the reference server.
-        let invocation_id = self
-            .invocation_id
-            .filter(|id| !id.is_empty())
-            .map(Cow::into_owned);
+        let invocation_id = self.invocation_id.map(Cow::into_owned);
         let message = match message_type {
             1 | 4 => {
                 let invocation = Invocation {
@@ -111,7 +107,8 @@ impl Wire<'_> {
                     target: self.target.ok_or(missing("target"))?.into_owned(),
                     arguments: self.arguments.ok_or(missing("arguments"))?,
                     stream_ids: self.stream_ids.unwrap_or_default(),
-                    invocation_id,
+                    // An empty id makes a call non-blocking, as in the reference server.
+                    invocation_id: invocation_id.filter(|id| !id.is_empty()),
                 };
                 if message_type == 1 {
                     HubMessage::Invocation(invocation)
