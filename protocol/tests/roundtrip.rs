@@ -145,6 +145,7 @@ proptest! {
         prop_assert_eq!(decoded, messages);
     }
 
+    #[cfg(feature = "simd-json")]
     #[test]
     fn simd_json_and_serde_json_agree(messages in vec(message(true), 1..4)) {
         let bytes = encode_all(HubProtocol::Json, &messages);

@@ -2,8 +2,9 @@
 //!
 //! Parsing goes through serde into [`Wire`], a borrowed view of every property the
 //! protocol defines; property order is free and unknown properties are ignored. Two
-//! parsers feed the same view: `serde_json` ([`parse`], the default) and `simd-json`
-//! ([`parse_simd`]); `bench/benches/protocol.rs` compares them on real hub frames.
+//! parsers can feed the same view: `serde_json` ([`parse`], used by the engine) and,
+//! with the `simd-json` feature, `simd-json` (`parse_simd`). `bench/benches/protocol.rs`
+//! compares them on a typical hub frame: serde_json won (about 480 ns against 700 ns).
 
 use std::borrow::Cow;
 
@@ -47,6 +48,7 @@ pub fn parse(body: &[u8]) -> Result<Option<HubMessage>, HubError> {
 }
 
 /// Parses one record body with `simd-json`, which rewrites `body` in place.
+#[cfg(feature = "simd-json")]
 pub fn parse_simd(body: &mut [u8]) -> Result<Option<HubMessage>, HubError> {
     if body.is_empty() {
         return Err(HubError::Empty);
@@ -277,6 +279,7 @@ mod tests {
             ..Invocation::default()
         });
         assert_eq!(parse(body).unwrap(), Some(expected.clone()));
+        #[cfg(feature = "simd-json")]
         assert_eq!(parse_simd(&mut body.to_vec()).unwrap(), Some(expected));
     }
 
