@@ -1,0 +1,72 @@
+//! `ringhub serve`: one ringhub node.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ringhub_engine::{ServeArgs, ServerBuilder};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "ringhub",
+    version,
+    about = "A SignalR-compatible real-time hub server on io_uring"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start one node (every flag also reads RINGHUB_<NAME>, e.g. RINGHUB_LISTEN).
+    Serve(ServeArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Command::Serve(args) = Cli::parse().command;
+    let config = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ringhub: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if config.redis.is_some() {
+        tracing::warn!(
+            "--redis is accepted but scale-out is not implemented yet; running as a single node"
+        );
+    }
+    let listen = config.listen;
+    let threads = config.threads;
+    let server = match ServerBuilder::new(config).start() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ringhub: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(address = %server.local_addr(), threads, requested = %listen, "ringhub listening");
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ringhub: cannot watch signals: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(signal) = signals.forever().next() {
+        tracing::info!(signal, "shutting down: telling clients, then exiting");
+    }
+    server.shutdown();
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}

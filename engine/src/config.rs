@@ -1,0 +1,308 @@
+//! Node configuration (contract section 1): every flag of `ringhub serve`, also read
+//! from `RINGHUB_<NAME>` environment variables and from an optional TOML file
+//! (`--config`). Precedence: command line, then environment, then file, then default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+use thiserror::Error;
+
+/// A configuration problem; the message names the flag.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("--{flag}: {problem}")]
+    Invalid { flag: &'static str, problem: String },
+    #[error("--config {path}: {problem}")]
+    File { path: PathBuf, problem: String },
+}
+
+/// The flags as given on the command line or in the environment (all optional so a
+/// config file can fill the gaps).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML file with any of these settings (keys as the flags, with '_' for '-').
+    #[arg(long, env = "RINGHUB_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// TCP address for HTTP and WebSocket [default: 127.0.0.1:5000].
+    #[arg(long, env = "RINGHUB_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Shards, one pinned thread each [default: number of cores].
+    #[arg(long, env = "RINGHUB_THREADS", value_name = "N")]
+    pub threads: Option<usize>,
+    /// HS256 secret; when set, every connection needs a valid token.
+    #[arg(long, env = "RINGHUB_JWT_SECRET", value_name = "S")]
+    pub jwt_secret: Option<String>,
+    /// Bearer key for the REST API; REST is disabled without it. (The REST API arrives
+    /// with the presence/REST milestone; until then the key is validated only.)
+    #[arg(long, env = "RINGHUB_API_KEY", value_name = "K")]
+    pub api_key: Option<String>,
+    /// Directory of the embedded store for durable user→group membership
+    /// [default: ./ringhub-data]. (Used once durable membership lands; validated now.)
+    #[arg(long, env = "RINGHUB_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Redis URL of the backplane for multi-node scale-out. (Used once scale-out
+    /// lands; validated now.)
+    #[arg(long, env = "RINGHUB_REDIS", value_name = "URL")]
+    pub redis: Option<String>,
+    /// Largest incoming hub message in bytes [default: 32768].
+    #[arg(long, env = "RINGHUB_MAX_MESSAGE_BYTES", value_name = "N")]
+    pub max_message_bytes: Option<usize>,
+    /// Per-connection outbound queue bound in bytes [default: 1048576].
+    #[arg(long, env = "RINGHUB_MAX_BUFFERED_BYTES", value_name = "N")]
+    pub max_buffered_bytes: Option<usize>,
+    /// Server Ping interval in seconds [default: 15].
+    #[arg(long, env = "RINGHUB_KEEPALIVE_SECS", value_name = "N")]
+    pub keepalive_secs: Option<u64>,
+    /// Silence in seconds after which a connection is dropped [default: 30].
+    #[arg(long, env = "RINGHUB_CLIENT_TIMEOUT_SECS", value_name = "N")]
+    pub client_timeout_secs: Option<u64>,
+    /// Bytes kept for replay per connection by stateful reconnect [default: 102400].
+    /// (Stateful reconnect is not offered yet; validated now.)
+    #[arg(long, env = "RINGHUB_STATEFUL_RECONNECT_BUFFER", value_name = "N")]
+    pub stateful_reconnect_buffer: Option<usize>,
+}
+
+/// The same settings in a TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileSettings {
+    listen: Option<String>,
+    threads: Option<usize>,
+    jwt_secret: Option<String>,
+    api_key: Option<String>,
+    data: Option<PathBuf>,
+    redis: Option<String>,
+    max_message_bytes: Option<usize>,
+    max_buffered_bytes: Option<usize>,
+    keepalive_secs: Option<u64>,
+    client_timeout_secs: Option<u64>,
+    stateful_reconnect_buffer: Option<usize>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub threads: usize,
+    pub jwt_secret: Option<String>,
+    pub api_key: Option<String>,
+    pub data: PathBuf,
+    pub redis: Option<String>,
+    pub max_message_bytes: usize,
+    pub max_buffered_bytes: usize,
+    pub keepalive: Duration,
+    pub client_timeout: Duration,
+    pub stateful_reconnect_buffer: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
+            threads: default_threads(),
+            jwt_secret: None,
+            api_key: None,
+            data: PathBuf::from("./ringhub-data"),
+            redis: None,
+            max_message_bytes: 32 * 1024,
+            max_buffered_bytes: 1 << 20,
+            keepalive: Duration::from_secs(15),
+            client_timeout: Duration::from_secs(30),
+            stateful_reconnect_buffer: 102_400,
+        }
+    }
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn invalid(flag: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        problem: problem.into(),
+    }
+}
+
+fn positive<T: PartialOrd + Default + Copy>(
+    flag: &'static str,
+    value: T,
+) -> Result<T, ConfigError> {
+    if value > T::default() {
+        Ok(value)
+    } else {
+        Err(invalid(flag, "must be greater than 0"))
+    }
+}
+
+impl ServeArgs {
+    /// Merges the file (if any) under these arguments and validates the result.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => FileSettings::default(),
+        };
+        let defaults = Config::default();
+        let listen_text = self.listen.or(file.listen);
+        let listen = match listen_text {
+            Some(text) => text.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "listen",
+                    format!("'{text}' is not an address like 127.0.0.1:5000"),
+                )
+            })?,
+            None => defaults.listen,
+        };
+        let threads = match self.threads.or(file.threads) {
+            Some(n) => {
+                let n = positive("threads", n)?;
+                if n > 256 {
+                    return Err(invalid("threads", "at most 256 shards"));
+                }
+                n
+            }
+            None => defaults.threads,
+        };
+        let non_empty = |flag: &'static str, value: Option<String>| match value {
+            Some(v) if v.is_empty() => Err(invalid(flag, "must not be empty")),
+            other => Ok(other),
+        };
+        let jwt_secret = non_empty("jwt-secret", self.jwt_secret.or(file.jwt_secret))?;
+        let api_key = non_empty("api-key", self.api_key.or(file.api_key))?;
+        let redis = non_empty("redis", self.redis.or(file.redis))?;
+        if let Some(url) = &redis {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(invalid("redis", format!("'{url}' is not a redis:// URL")));
+            }
+        }
+        let data = self.data.or(file.data).unwrap_or(defaults.data);
+        if data.as_os_str().is_empty() {
+            return Err(invalid("data", "must not be empty"));
+        }
+        let max_message_bytes = match self.max_message_bytes.or(file.max_message_bytes) {
+            Some(n) => positive("max-message-bytes", n)?,
+            None => defaults.max_message_bytes,
+        };
+        let max_buffered_bytes = match self.max_buffered_bytes.or(file.max_buffered_bytes) {
+            Some(n) => positive("max-buffered-bytes", n)?,
+            None => defaults.max_buffered_bytes,
+        };
+        let keepalive = match self.keepalive_secs.or(file.keepalive_secs) {
+            Some(n) => Duration::from_secs(positive("keepalive-secs", n)?),
+            None => defaults.keepalive,
+        };
+        let client_timeout = match self.client_timeout_secs.or(file.client_timeout_secs) {
+            Some(n) => Duration::from_secs(positive("client-timeout-secs", n)?),
+            None => defaults.client_timeout,
+        };
+        if client_timeout <= keepalive {
+            return Err(invalid(
+                "client-timeout-secs",
+                format!(
+                    "must be longer than --keepalive-secs ({}s), or idle clients are dropped",
+                    keepalive.as_secs()
+                ),
+            ));
+        }
+        let stateful_reconnect_buffer = self
+            .stateful_reconnect_buffer
+            .or(file.stateful_reconnect_buffer)
+            .unwrap_or(defaults.stateful_reconnect_buffer);
+        Ok(Config {
+            listen,
+            threads,
+            jwt_secret,
+            api_key,
+            data,
+            redis,
+            max_message_bytes,
+            max_buffered_bytes,
+            keepalive,
+            client_timeout,
+            stateful_reconnect_buffer,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
+    let problem = |p: String| ConfigError::File {
+        path: path.to_owned(),
+        problem: p,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?;
+    toml::from_str(&text).map_err(|e| problem(e.message().to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = ServeArgs::default().resolve().unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:5000");
+        assert_eq!(c.max_message_bytes, 32768);
+        assert_eq!(c.max_buffered_bytes, 1_048_576);
+        assert_eq!(c.keepalive, Duration::from_secs(15));
+        assert_eq!(c.client_timeout, Duration::from_secs(30));
+        assert_eq!(c.stateful_reconnect_buffer, 102_400);
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let bad = |args: ServeArgs| args.resolve().unwrap_err().to_string();
+        assert!(bad(ServeArgs {
+            listen: Some("nowhere".into()),
+            ..Default::default()
+        })
+        .starts_with("--listen:"));
+        assert!(bad(ServeArgs {
+            threads: Some(0),
+            ..Default::default()
+        })
+        .starts_with("--threads:"));
+        assert!(bad(ServeArgs {
+            redis: Some("http://x".into()),
+            ..Default::default()
+        })
+        .starts_with("--redis:"));
+        assert!(bad(ServeArgs {
+            keepalive_secs: Some(40),
+            ..Default::default()
+        })
+        .starts_with("--client-timeout-secs:"));
+    }
+
+    #[test]
+    fn the_file_fills_what_flags_leave_out() {
+        let dir = std::env::temp_dir().join(format!("ringhub-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ringhub.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:7000\"\nthreads = 3\nmax-message-bytes = 100\n",
+        )
+        .unwrap();
+        let c = ServeArgs {
+            config: Some(path.clone()),
+            threads: Some(1),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.threads, 1);
+        assert_eq!(c.max_message_bytes, 100);
+        std::fs::write(&path, "listne = 1\n").unwrap();
+        let err = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().starts_with("--config"), "{err}");
+    }
+}

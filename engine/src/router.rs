@@ -1,0 +1,285 @@
+//! Routing inside one shard, and the messages between shards.
+//!
+//! Each shard keeps, per hub, its own tables: connections, `group -> local members`
+//! and `user -> local connections`. A send is turned into a [`Broadcast`] that every
+//! shard resolves against its own tables; no table is shared, so no lock is taken on
+//! the message path. The frames of a broadcast are encoded at most once per hub
+//! protocol, by whichever shard needs them first, and the same `Bytes` is handed to
+//! every recipient on every shard.
+
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+
+use atomic_waker::AtomicWaker;
+use bytes::Bytes;
+use crossbeam_queue::SegQueue;
+use futures_channel::oneshot;
+use hashbrown::{HashMap, HashSet};
+use ringhub_protocol::{frame, HubMessage, HubProtocol};
+
+use crate::conn::Conn;
+use crate::hub::Target;
+
+/// How many frames were encoded for broadcasts since start (for the fan-out tests).
+pub static BROADCAST_ENCODES: AtomicU64 = AtomicU64::new(0);
+
+/// A message on its way to many connections, with its frames encoded lazily, once per
+/// protocol, and shared by every shard.
+#[derive(Debug)]
+pub struct Broadcast {
+    message: HubMessage,
+    json: OnceLock<Bytes>,
+    msgpack: OnceLock<Bytes>,
+}
+
+impl Broadcast {
+    pub fn new(message: HubMessage) -> Broadcast {
+        Broadcast {
+            message,
+            json: OnceLock::new(),
+            msgpack: OnceLock::new(),
+        }
+    }
+
+    /// The complete WebSocket frame for `protocol` (a reference-count clone).
+    pub fn frame(&self, protocol: HubProtocol) -> Bytes {
+        let cell = match protocol {
+            HubProtocol::Json => &self.json,
+            HubProtocol::MessagePack => &self.msgpack,
+        };
+        cell.get_or_init(|| {
+            BROADCAST_ENCODES.fetch_add(1, Relaxed);
+            frame::encode_message(protocol, &self.message)
+        })
+        .clone()
+    }
+}
+
+/// What one shard asks of another.
+pub enum Command {
+    Deliver {
+        hub: Arc<str>,
+        target: Arc<Target>,
+        broadcast: Arc<Broadcast>,
+    },
+    /// Join (or leave) a group if the connection lives here; the reply says whether it did.
+    Membership {
+        hub: Arc<str>,
+        connection_id: String,
+        group: String,
+        join: bool,
+        reply: oneshot::Sender<bool>,
+    },
+    Shutdown,
+}
+
+/// A shard's inbox: a lock-free unbounded MPSC queue (producers never block, a
+/// thread-per-core shard must never wait on another) with a waker that costs one
+/// atomic swap when the shard is busy and only wakes it when it is parked.
+#[derive(Default)]
+pub struct Inbox {
+    queue: SegQueue<Command>,
+    waker: AtomicWaker,
+}
+
+impl Inbox {
+    pub fn push(&self, command: Command) {
+        self.queue.push(command);
+        self.waker.wake();
+    }
+
+    /// Waits for commands and hands each to `handle`, until `handle` returns false.
+    pub async fn run(&self, mut handle: impl FnMut(Command) -> bool) {
+        loop {
+            while let Some(command) = self.queue.pop() {
+                if !handle(command) {
+                    return;
+                }
+            }
+            std::future::poll_fn(|cx| {
+                self.waker.register(cx.waker());
+                if self.queue.is_empty() {
+                    std::task::Poll::Pending
+                } else {
+                    std::task::Poll::Ready(())
+                }
+            })
+            .await;
+        }
+    }
+}
+
+/// One hub's tables on one shard. Connections are keyed by a shard-local number.
+#[derive(Default)]
+pub struct HubTables {
+    pub conns: HashMap<u64, Rc<Conn>>,
+    by_id: HashMap<String, u64>,
+    groups: HashMap<String, HashSet<u64>>,
+    users: HashMap<String, HashSet<u64>>,
+}
+
+/// Changes in the number of non-empty groups, for the `ringhub_groups` gauge.
+pub type GroupDelta = i64;
+
+impl HubTables {
+    pub fn insert(&mut self, conn: Rc<Conn>) {
+        self.by_id
+            .insert(conn.caller.connection_id.clone(), conn.key);
+        if let Some(user) = &conn.caller.user_id {
+            self.users.entry(user.clone()).or_default().insert(conn.key);
+        }
+        self.conns.insert(conn.key, conn);
+    }
+
+    /// Removes a connection from every table; returns the group-count change.
+    pub fn remove(&mut self, key: u64) -> GroupDelta {
+        let Some(conn) = self.conns.remove(&key) else {
+            return 0;
+        };
+        self.by_id.remove(&conn.caller.connection_id);
+        if let Some(user) = &conn.caller.user_id {
+            if let Some(set) = self.users.get_mut(user) {
+                set.remove(&key);
+                if set.is_empty() {
+                    self.users.remove(user);
+                }
+            }
+        }
+        let groups: Vec<String> = conn.groups.borrow_mut().drain().collect();
+        groups.iter().map(|g| self.leave_group(key, g)).sum()
+    }
+
+    pub fn key_of(&self, connection_id: &str) -> Option<u64> {
+        self.by_id.get(connection_id).copied()
+    }
+
+    pub fn join(&mut self, key: u64, group: &str) -> GroupDelta {
+        let Some(conn) = self.conns.get(&key) else {
+            return 0;
+        };
+        conn.groups.borrow_mut().insert(group.to_owned());
+        match self.groups.get_mut(group) {
+            Some(members) => {
+                members.insert(key);
+                0
+            }
+            None => {
+                self.groups
+                    .insert(group.to_owned(), HashSet::from_iter([key]));
+                1
+            }
+        }
+    }
+
+    pub fn leave(&mut self, key: u64, group: &str) -> GroupDelta {
+        if let Some(conn) = self.conns.get(&key) {
+            conn.groups.borrow_mut().remove(group);
+        }
+        self.leave_group(key, group)
+    }
+
+    fn leave_group(&mut self, key: u64, group: &str) -> GroupDelta {
+        let Some(members) = self.groups.get_mut(group) else {
+            return 0;
+        };
+        members.remove(&key);
+        if members.is_empty() {
+            self.groups.remove(group);
+            -1
+        } else {
+            0
+        }
+    }
+
+    /// Hands the broadcast's frame to every local recipient of `target`, each once.
+    /// Returns how many connections it was queued for.
+    pub fn deliver(&self, target: &Target, broadcast: &Broadcast) -> usize {
+        let mut frames = FrameCache::new(broadcast);
+        let mut count = 0;
+        let mut send = |key: &u64| {
+            if let Some(conn) = self.conns.get(key) {
+                if conn.enqueue(frames.get(conn.protocol)) {
+                    count += 1;
+                }
+            }
+        };
+        let keys_of = |ids: &[String]| -> HashSet<u64> {
+            ids.iter().filter_map(|id| self.key_of(id)).collect()
+        };
+        match target {
+            Target::All => self.conns.keys().for_each(&mut send),
+            Target::AllExcept(ids) => {
+                let excluded = keys_of(ids);
+                self.conns
+                    .keys()
+                    .filter(|k| !excluded.contains(*k))
+                    .for_each(&mut send);
+            }
+            Target::Connection(id) => self.key_of(id).iter().for_each(&mut send),
+            Target::Connections(ids) => keys_of(ids).iter().for_each(&mut send),
+            Target::Group(group) => {
+                if let Some(members) = self.groups.get(group) {
+                    members.iter().for_each(&mut send);
+                }
+            }
+            Target::GroupExcept(group, ids) => {
+                if let Some(members) = self.groups.get(group) {
+                    let excluded = keys_of(ids);
+                    members
+                        .iter()
+                        .filter(|k| !excluded.contains(*k))
+                        .for_each(&mut send);
+                }
+            }
+            Target::Groups(groups) => union(groups.iter().filter_map(|g| self.groups.get(g)))
+                .iter()
+                .for_each(&mut send),
+            Target::User(user) => {
+                if let Some(conns) = self.users.get(user) {
+                    conns.iter().for_each(&mut send);
+                }
+            }
+            Target::Users(users) => union(users.iter().filter_map(|u| self.users.get(u)))
+                .iter()
+                .for_each(&mut send),
+        }
+        count
+    }
+}
+
+/// The union of several member sets, so that a connection in two of them gets one copy.
+fn union<'a>(sets: impl Iterator<Item = &'a HashSet<u64>>) -> HashSet<u64> {
+    let mut all = HashSet::new();
+    for set in sets {
+        all.extend(set.iter().copied());
+    }
+    all
+}
+
+/// The frames of one broadcast as this shard needs them: fetched from the shared
+/// cells once per protocol, then cloned (a reference count) per recipient.
+struct FrameCache<'a> {
+    broadcast: &'a Broadcast,
+    json: Option<Bytes>,
+    msgpack: Option<Bytes>,
+}
+
+impl<'a> FrameCache<'a> {
+    fn new(broadcast: &'a Broadcast) -> Self {
+        FrameCache {
+            broadcast,
+            json: None,
+            msgpack: None,
+        }
+    }
+
+    fn get(&mut self, protocol: HubProtocol) -> Bytes {
+        let slot = match protocol {
+            HubProtocol::Json => &mut self.json,
+            HubProtocol::MessagePack => &mut self.msgpack,
+        };
+        slot.get_or_insert_with(|| self.broadcast.frame(protocol))
+            .clone()
+    }
+}

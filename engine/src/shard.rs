@@ -1,0 +1,810 @@
+//! One shard: a pinned thread with its own io_uring runtime and listener. It owns its
+//! connections for their whole life: accepts them, speaks HTTP and WebSocket, runs
+//! hub methods, and delivers what other shards send it through its inbox.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::{Buf, Bytes, BytesMut};
+use hashbrown::HashMap;
+use monoio::io::{AsyncReadRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::net::{TcpListener, TcpStream};
+use ringhub_protocol::frame;
+use ringhub_protocol::handshake;
+use ringhub_protocol::http::{self, HttpLimits, Negotiation, RequestHead};
+use ringhub_protocol::hub::{CompletionOutcome, HubMessage, HubProtocol, Invocation};
+use ringhub_protocol::ws::{self, close_code, FrameDecoder, WsEvent, WsLimits};
+
+use crate::auth::Claims;
+use crate::conn::{write_now, Conn, MetricsRef, Signal, CLOSE_GRACE};
+use crate::hub::{Call, Caller, Hub, HubContext, Target};
+use crate::metrics::ShardMetrics;
+use crate::router::{Broadcast, Command, HubTables};
+use crate::server::{Negotiated, Shared, NEGOTIATION_TTL};
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<ShardState>>> = const { RefCell::new(None) };
+}
+
+/// The index of the shard running on this thread, if it belongs to `shared`'s server.
+pub(crate) fn current_index(shared: &Arc<Shared>) -> Option<usize> {
+    CURRENT.with(|c| {
+        c.borrow()
+            .as_ref()
+            .filter(|s| Arc::ptr_eq(&s.shared, shared))
+            .map(|s| s.index)
+    })
+}
+
+/// Runs `f` on this thread's shard.
+pub(crate) fn with_current<R>(f: impl FnOnce(&ShardState) -> R) -> Option<R> {
+    let state = CURRENT.with(|c| c.borrow().clone())?;
+    Some(f(&state))
+}
+
+/// Bytes read from a socket at a time.
+const READ_CHUNK: usize = 4096;
+/// The largest request body accepted on plain HTTP endpoints.
+const MAX_BODY_BYTES: usize = 1 << 20;
+/// An idle keep-alive HTTP connection is closed after this long.
+const HTTP_IDLE: Duration = Duration::from_secs(30);
+/// SignalR's handshake timeout.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// The WebSocket layer streams payloads (hub messages are bounded on their own), so
+/// this only stops absurd single messages.
+const MAX_WS_MESSAGE: usize = 64 << 20;
+
+/// A shard's state, reachable from all its tasks.
+pub(crate) struct ShardState {
+    pub index: usize,
+    pub shared: Arc<Shared>,
+    hubs: RefCell<HashMap<String, HubTables>>,
+    hub: Box<dyn Hub>,
+    context: HubContext,
+    next_key: Cell<u64>,
+    metrics: Rc<MetricsRef>,
+    shutdown: Signal,
+}
+
+impl ShardState {
+    fn metrics(&self) -> &ShardMetrics {
+        self.metrics.get()
+    }
+
+    pub fn deliver(&self, hub: &str, target: &Target, broadcast: &Broadcast) {
+        if let Some(tables) = self.hubs.borrow().get(hub) {
+            tables.deliver(target, broadcast);
+        }
+    }
+
+    /// Joins or leaves a group if the connection lives on this shard.
+    pub fn change_membership(
+        &self,
+        hub: &str,
+        connection_id: &str,
+        group: &str,
+        join: bool,
+    ) -> bool {
+        let mut hubs = self.hubs.borrow_mut();
+        let Some(tables) = hubs.get_mut(hub) else {
+            return false;
+        };
+        let Some(key) = tables.key_of(connection_id) else {
+            return false;
+        };
+        let delta = if join {
+            tables.join(key, group)
+        } else {
+            tables.leave(key, group)
+        };
+        self.metrics()
+            .groups
+            .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
+    fn register(&self, conn: Rc<Conn>) {
+        let mut hubs = self.hubs.borrow_mut();
+        hubs.entry_ref(conn.caller.hub.as_str())
+            .or_default()
+            .insert(conn);
+        self.metrics()
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn unregister(&self, conn: &Conn) {
+        let mut hubs = self.hubs.borrow_mut();
+        let Some(tables) = hubs.get_mut(conn.caller.hub.as_str()) else {
+            return;
+        };
+        let delta = tables.remove(conn.key);
+        if tables.conns.is_empty() {
+            hubs.remove(conn.caller.hub.as_str());
+        }
+        self.metrics()
+            .groups
+            .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+        self.metrics()
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn all_conns(&self) -> Vec<Rc<Conn>> {
+        self.hubs
+            .borrow()
+            .values()
+            .flat_map(|t| t.conns.values().cloned())
+            .collect()
+    }
+
+    fn handle(&self, command: Command) -> bool {
+        match command {
+            Command::Deliver {
+                hub,
+                target,
+                broadcast,
+            } => self.deliver(&hub, &target, &broadcast),
+            Command::Membership {
+                hub,
+                connection_id,
+                group,
+                join,
+                reply,
+            } => {
+                let _ = reply.send(self.change_membership(&hub, &connection_id, &group, join));
+            }
+            Command::Shutdown => {
+                self.shutdown.fire();
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// The body of a shard thread.
+pub(crate) fn run(index: usize, core: usize, listener: std::net::TcpListener, shared: Arc<Shared>) {
+    if let Err(e) = monoio::utils::bind_to_cpu_set([core]) {
+        tracing::warn!(shard = index, core, "could not pin the shard thread: {e:?}");
+    }
+    let runtime = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .with_entries(1024)
+        .enable_timer()
+        .build();
+    let mut runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(shard = index, "cannot start io_uring: {e}");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(shard = index, "cannot use the listener: {e}");
+                return;
+            }
+        };
+        let state = Rc::new(ShardState {
+            index,
+            hub: (shared.hub_factory)(),
+            context: HubContext {
+                shared: shared.clone(),
+            },
+            hubs: RefCell::default(),
+            next_key: Cell::new(0),
+            metrics: Rc::new(MetricsRef(shared.metrics.clone(), index)),
+            shutdown: Signal::default(),
+            shared,
+        });
+        CURRENT.with(|c| *c.borrow_mut() = Some(state.clone()));
+        let inbox_state = state.clone();
+        monoio::spawn(async move {
+            let shared = inbox_state.shared.clone();
+            shared.inboxes[inbox_state.index]
+                .run(|c| inbox_state.handle(c))
+                .await;
+        });
+        monoio::spawn(tick(state.clone()));
+        state
+            .shared
+            .ready_shards
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        tracing::debug!(shard = index, "accepting");
+        loop {
+            let accepted = monoio::select! {
+                a = listener.accept() => a,
+                _ = state.shutdown.fired() => break,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    monoio::spawn(serve_http(state.clone(), stream));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(shard = index, "accept failed: {e}");
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        drop(listener);
+        // Tell every client, give them a moment to read it, then end.
+        for conn in state.all_conns() {
+            conn.close(None, true);
+        }
+        let deadline = Instant::now() + CLOSE_GRACE;
+        while !state.hubs.borrow().is_empty() && Instant::now() < deadline {
+            monoio::time::sleep(Duration::from_millis(20)).await;
+        }
+        CURRENT.with(|c| *c.borrow_mut() = None);
+    });
+}
+
+/// Once a second: keep-alive pings, client timeouts, and the end of closes that
+/// could not flush in time.
+async fn tick(state: Rc<ShardState>) {
+    let config = &state.shared.config;
+    let pings = [
+        frame::encode_message(HubProtocol::Json, &HubMessage::Ping),
+        frame::encode_message(HubProtocol::MessagePack, &HubMessage::Ping),
+    ];
+    let mut interval = monoio::time::interval(Duration::from_secs(1));
+    loop {
+        interval.tick().await;
+        if state.shutdown.is_fired() {
+            return;
+        }
+        let now = Instant::now();
+        for conn in state.all_conns() {
+            if let Some(since) = conn.closing_since() {
+                if now - since > CLOSE_GRACE {
+                    conn.stop.fire();
+                }
+            } else if now - conn.last_received.get() > config.client_timeout {
+                conn.close(
+                    Some("Server timeout elapsed without receiving a message from the client."),
+                    true,
+                );
+            } else if now - conn.last_sent.get() >= config.keepalive && conn.queued_bytes() == 0 {
+                let ping = &pings[usize::from(conn.protocol == HubProtocol::MessagePack)];
+                conn.last_sent.set(now);
+                conn.enqueue(ping.clone());
+            }
+        }
+    }
+}
+
+/// Reads more bytes into `buf`; `Ok(false)` at end of stream.
+async fn read_more(
+    reader: &mut OwnedReadHalf<TcpStream>,
+    buf: &mut BytesMut,
+) -> std::io::Result<bool> {
+    buf.reserve(READ_CHUNK);
+    let (result, returned) = reader.read(std::mem::take(buf)).await;
+    *buf = returned;
+    result.map(|n| n > 0)
+}
+
+fn text_response(status: u16, body: &str, keep_alive: bool) -> Vec<u8> {
+    http::response(
+        status,
+        "text/plain; charset=utf-8",
+        &[],
+        body.as_bytes(),
+        keep_alive,
+    )
+}
+
+/// A plain HTTP connection: requests until it upgrades to a WebSocket or closes.
+async fn serve_http(state: Rc<ShardState>, stream: TcpStream) {
+    let (mut reader, mut writer) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let limits = HttpLimits::default();
+    loop {
+        let head = loop {
+            match http::parse_request_head(&buf, limits) {
+                Ok(Some((head, len))) => {
+                    buf.advance(len);
+                    break head;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = write_now(
+                        &mut writer,
+                        text_response(e.status(), &e.to_string(), false),
+                    )
+                    .await;
+                    return;
+                }
+            }
+            match monoio::time::timeout(HTTP_IDLE, read_more(&mut reader, &mut buf)).await {
+                Ok(Ok(true)) => {}
+                _ => return,
+            }
+        };
+        let body_len = head.content_length().ok().flatten().unwrap_or(0);
+        if body_len > MAX_BODY_BYTES {
+            let _ = write_now(
+                &mut writer,
+                text_response(413, "request body too large", false),
+            )
+            .await;
+            return;
+        }
+        while buf.len() < body_len {
+            match monoio::time::timeout(HTTP_IDLE, read_more(&mut reader, &mut buf)).await {
+                Ok(Ok(true)) => {}
+                _ => return,
+            }
+        }
+        let _body = buf.split_to(body_len);
+        let keep_alive = head.keep_alive();
+        match route(&state, &head) {
+            Routed::Respond(bytes) => {
+                if write_now(&mut writer, bytes).await.is_err() || !keep_alive {
+                    return;
+                }
+            }
+            Routed::Close(bytes) => {
+                let _ = write_now(&mut writer, bytes).await;
+                return;
+            }
+            Routed::Upgrade(upgrade) => {
+                websocket(state, reader, writer, buf, upgrade).await;
+                return;
+            }
+        }
+    }
+}
+
+enum Routed {
+    Respond(Vec<u8>),
+    Close(Vec<u8>),
+    Upgrade(Box<Upgrade>),
+}
+
+struct Upgrade {
+    accept: String,
+    hub: String,
+    connection_id: String,
+    claims: Option<Claims>,
+}
+
+fn valid_hub_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn random_id() -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>())
+}
+
+fn route(state: &ShardState, head: &RequestHead) -> Routed {
+    let keep_alive = head.keep_alive();
+    let respond = |status, body: &str| Routed::Respond(text_response(status, body, keep_alive));
+    let segments = match head.path_segments() {
+        Some(s) => s,
+        None => return respond(400, "path is not valid UTF-8"),
+    };
+    let segments: Vec<&str> = segments.iter().map(|s| s.as_ref()).collect();
+    match (head.method.as_str(), segments.as_slice()) {
+        ("GET", ["healthz"]) => {
+            if state.shared.is_ready() {
+                respond(200, "ok")
+            } else {
+                respond(503, "starting")
+            }
+        }
+        ("GET", ["metrics"]) => Routed::Respond(http::response(
+            200,
+            "text/plain; version=0.0.4",
+            &[],
+            state.shared.metrics.render().as_bytes(),
+            keep_alive,
+        )),
+        (method, ["hubs", hub, "negotiate"]) if valid_hub_name(hub) => {
+            if method != "POST" {
+                return respond(405, "negotiate requires POST");
+            }
+            negotiate(state, head, hub)
+        }
+        (method, ["hubs", hub]) if valid_hub_name(hub) => {
+            if method != "GET" {
+                return respond(405, "only the WebSockets transport is offered");
+            }
+            if !head.wants_websocket() {
+                return respond(
+                    400,
+                    "WebSocket upgrade required (only the WebSockets transport is offered)",
+                );
+            }
+            upgrade(state, head, hub)
+        }
+        _ => respond(404, "not found"),
+    }
+}
+
+/// Checks the access token when authentication is on; `Err` is the 401 response.
+fn authenticate(state: &ShardState, head: &RequestHead) -> Result<Option<Claims>, Routed> {
+    let Some(jwt) = &state.shared.jwt else {
+        return Ok(None);
+    };
+    let query_token = head.query_param("access_token");
+    let token = query_token.as_deref().or_else(|| head.bearer_token());
+    jwt.verify(token).map(Some).map_err(|e| {
+        Routed::Respond(http::response(
+            401,
+            "text/plain; charset=utf-8",
+            &[("WWW-Authenticate", "Bearer")],
+            e.to_string().as_bytes(),
+            head.keep_alive(),
+        ))
+    })
+}
+
+fn negotiate(state: &ShardState, head: &RequestHead, hub: &str) -> Routed {
+    if let Err(refusal) = authenticate(state, head) {
+        return refusal;
+    }
+    let json = |body: Vec<u8>| {
+        Routed::Respond(http::response(
+            200,
+            "application/json",
+            &[],
+            &body,
+            head.keep_alive(),
+        ))
+    };
+    let Some(version) = http::negotiate_version(head) else {
+        return json(http::negotiate_error_body(
+            "negotiateVersion must be a number.",
+        ));
+    };
+    let connection_id = random_id();
+    let token = if version >= 1 {
+        random_id()
+    } else {
+        connection_id.clone()
+    };
+    let body = Negotiation {
+        negotiate_version: version,
+        connection_id: &connection_id,
+        connection_token: &token,
+        // Stateful reconnect is not offered yet: never claim it.
+        use_stateful_reconnect: false,
+    }
+    .body();
+    let now = Instant::now();
+    let mut pending = state
+        .shared
+        .negotiations
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    pending.retain(|_, n| now - n.created < NEGOTIATION_TTL);
+    pending.insert(
+        token,
+        Negotiated {
+            connection_id,
+            hub: hub.to_owned(),
+            created: now,
+        },
+    );
+    json(body)
+}
+
+fn upgrade(state: &ShardState, head: &RequestHead, hub: &str) -> Routed {
+    let accept = match head.websocket_accept() {
+        Ok(a) => a,
+        Err(e) => {
+            let extra: &[(&str, &str)] = if e.status() == 426 {
+                &[("Sec-WebSocket-Version", "13")]
+            } else {
+                &[]
+            };
+            return Routed::Close(http::response(
+                e.status(),
+                "text/plain",
+                extra,
+                e.to_string().as_bytes(),
+                false,
+            ));
+        }
+    };
+    let claims = match authenticate(state, head) {
+        Ok(c) => c,
+        Err(refusal) => return refusal,
+    };
+    let connection_id = match head.query_param("id") {
+        None => random_id(),
+        Some(token) => {
+            let mut pending = state
+                .shared
+                .negotiations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match pending.remove(&token) {
+                Some(n) if n.hub == hub && n.created.elapsed() < NEGOTIATION_TTL => n.connection_id,
+                _ => return Routed::Close(text_response(404, "No Connection with that ID", false)),
+            }
+        }
+    };
+    Routed::Upgrade(Box::new(Upgrade {
+        accept,
+        hub: hub.to_owned(),
+        connection_id,
+        claims,
+    }))
+}
+
+/// What reading a WebSocket produced besides hub bytes.
+#[derive(Default)]
+struct Pumped {
+    pongs: Vec<Bytes>,
+    closed: bool,
+}
+
+/// Moves every complete WebSocket event out of `input`: data into `hub_bytes`,
+/// pings answered (as pongs to send), a close noted.
+fn pump(
+    decoder: &mut FrameDecoder,
+    input: &mut BytesMut,
+    hub_bytes: &mut BytesMut,
+) -> Result<Pumped, ws::WsError> {
+    let mut pumped = Pumped::default();
+    while let Some(event) = decoder.decode(input)? {
+        match event {
+            WsEvent::Data { payload, .. } => hub_bytes.extend_from_slice(&payload),
+            WsEvent::Ping(payload) => pumped
+                .pongs
+                .push(ws::encode_frame(ws::Opcode::Pong, &payload)),
+            WsEvent::Pong(_) => {}
+            WsEvent::Close(_) => {
+                pumped.closed = true;
+                break;
+            }
+        }
+    }
+    Ok(pumped)
+}
+
+async fn websocket(
+    state: Rc<ShardState>,
+    mut reader: OwnedReadHalf<TcpStream>,
+    mut writer: OwnedWriteHalf<TcpStream>,
+    mut input: BytesMut,
+    upgrade: Box<Upgrade>,
+) {
+    if write_now(&mut writer, http::upgrade_response(&upgrade.accept))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let config = &state.shared.config;
+    let max_message = config.max_message_bytes;
+    let mut decoder = FrameDecoder::new(WsLimits {
+        max_message_bytes: MAX_WS_MESSAGE,
+    });
+    let mut hub_bytes = BytesMut::new();
+
+    // The handshake: the first record, JSON for both protocols.
+    let handshake = monoio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        loop {
+            let pumped =
+                pump(&mut decoder, &mut input, &mut hub_bytes).map_err(|e| e.to_string())?;
+            for pong in pumped.pongs {
+                write_now(&mut writer, pong)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            if pumped.closed {
+                return Err("closed".to_owned());
+            }
+            match handshake::parse_request(&hub_bytes, max_message) {
+                Ok(Some((request, used))) => return Ok((request, used)),
+                Ok(None) => {}
+                Err(e) => return Err(e.response_text().to_owned()),
+            }
+            if !read_more(&mut reader, &mut input).await.unwrap_or(false) {
+                return Err("closed".to_owned());
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err(handshake::CANCELED.to_owned()));
+    let protocol = match handshake.and_then(|(request, used)| {
+        let protocol = request.select()?;
+        hub_bytes.advance(used);
+        Ok(protocol)
+    }) {
+        Ok(p) => p,
+        Err(error) => {
+            if error != "closed" {
+                ShardMetrics::add(&state.metrics().protocol_errors, 1);
+                let mut answer = BytesMut::new();
+                answer.extend_from_slice(&ws::encode_frame(
+                    ws::Opcode::Text,
+                    &handshake::error_response(&error),
+                ));
+                answer.extend_from_slice(&ws::encode_close(close_code::NORMAL, ""));
+                let _ = write_now(&mut writer, answer.freeze()).await;
+            }
+            return;
+        }
+    };
+    if write_now(
+        &mut writer,
+        frame::encode_raw(protocol, handshake::OK_RESPONSE),
+    )
+    .await
+    .is_err()
+    {
+        return;
+    }
+
+    let caller = Rc::new(Caller {
+        user_id: state.shared.user_ids.user_id(upgrade.claims.as_ref()),
+        connection_id: upgrade.connection_id,
+        hub: upgrade.hub,
+        claims: upgrade.claims,
+    });
+    let key = state.next_key.get();
+    state.next_key.set(key + 1);
+    let conn = Rc::new(Conn::new(
+        key,
+        caller.clone(),
+        protocol,
+        config.max_buffered_bytes,
+        state.metrics.clone(),
+    ));
+    state.register(conn.clone());
+    monoio::spawn(conn.clone().write_loop(writer));
+    state.hub.on_connected(&caller, &state.context).await;
+    tracing::debug!(connection = %caller.connection_id, hub = %caller.hub, ?protocol, "connected");
+
+    let error = session(&state, &conn, &mut reader, decoder, input, hub_bytes).await;
+    match error {
+        SessionEnd::ClientLeft => conn.stop.fire(),
+        SessionEnd::ClientClosed | SessionEnd::Stopped => conn.close(None, false),
+        SessionEnd::BadInput(message) => {
+            ShardMetrics::add(&state.metrics().protocol_errors, 1);
+            tracing::debug!(connection = %caller.connection_id, "closing on bad input: {message}");
+            conn.close(Some(&message), false);
+        }
+    }
+    state.unregister(&conn);
+    state.hub.on_disconnected(&caller, &state.context).await;
+    conn.stop.fired().await;
+    tracing::debug!(connection = %caller.connection_id, "disconnected");
+}
+
+enum SessionEnd {
+    /// The socket ended without a close.
+    ClientLeft,
+    /// A WebSocket close frame or a SignalR Close message.
+    ClientClosed,
+    /// The server ended it (shutdown, slow consumer, timeout).
+    Stopped,
+    BadInput(String),
+}
+
+fn bad_input(error: impl std::fmt::Display) -> SessionEnd {
+    SessionEnd::BadInput(format!("Connection closed with an error. {error}"))
+}
+
+async fn session(
+    state: &Rc<ShardState>,
+    conn: &Rc<Conn>,
+    reader: &mut OwnedReadHalf<TcpStream>,
+    mut decoder: FrameDecoder,
+    mut input: BytesMut,
+    mut hub_bytes: BytesMut,
+) -> SessionEnd {
+    let protocol = conn.protocol;
+    let max_message = state.shared.config.max_message_bytes;
+    loop {
+        loop {
+            let (message, used) = match protocol.split_record(&hub_bytes, max_message) {
+                Ok(Some(record)) => (protocol.parse(record.body), record.consumed),
+                Ok(None) => break,
+                Err(e) => return bad_input(e),
+            };
+            hub_bytes.advance(used);
+            match message {
+                Ok(Some(message)) => {
+                    if let Some(end) = handle_message(state, conn, message).await {
+                        return end;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return bad_input(e),
+            }
+        }
+        if conn.closing_since().is_some() || conn.stop.is_fired() {
+            return SessionEnd::Stopped;
+        }
+        let read = monoio::select! {
+            r = read_more(reader, &mut input) => r,
+            _ = conn.stop.fired() => return SessionEnd::Stopped,
+        };
+        match read {
+            Ok(true) => conn.last_received.set(Instant::now()),
+            _ => return SessionEnd::ClientLeft,
+        }
+        let pumped = match pump(&mut decoder, &mut input, &mut hub_bytes) {
+            Ok(p) => p,
+            Err(e) => return bad_input(e),
+        };
+        for pong in pumped.pongs {
+            conn.enqueue(pong);
+        }
+        if pumped.closed {
+            return SessionEnd::ClientClosed;
+        }
+    }
+}
+
+/// Handles one hub message; `Some` ends the session.
+async fn handle_message(
+    state: &Rc<ShardState>,
+    conn: &Rc<Conn>,
+    message: HubMessage,
+) -> Option<SessionEnd> {
+    ShardMetrics::add(&state.metrics().messages_received, 1);
+    match message {
+        HubMessage::Invocation(invocation) => {
+            invoke(state, conn, invocation).await;
+            None
+        }
+        HubMessage::StreamInvocation(invocation) => {
+            if let Some(id) = invocation.invocation_id {
+                let error = format!(
+                    "The client attempted to invoke the non-streaming '{}' method with a streaming invocation.",
+                    invocation.target
+                );
+                complete(conn, id, CompletionOutcome::Error(error));
+            }
+            None
+        }
+        HubMessage::Close(_) => Some(SessionEnd::ClientClosed),
+        // Pings only reset the timeout; client results, upload streams, cancellation and
+        // stateful-reconnect acks have nothing to act on here.
+        _ => None,
+    }
+}
+
+async fn invoke(state: &Rc<ShardState>, conn: &Rc<Conn>, invocation: Invocation) {
+    let Invocation {
+        invocation_id,
+        target,
+        arguments,
+        ..
+    } = invocation;
+    let call = Call {
+        caller: &conn.caller,
+        method: &target,
+        arguments,
+        context: &state.context,
+    };
+    let result = state.hub.invoke(call).await;
+    if let Some(id) = invocation_id {
+        let outcome = match result {
+            Ok(value) => CompletionOutcome::Result(value),
+            Err(e) => CompletionOutcome::Error(e.client_message()),
+        };
+        complete(conn, id, outcome);
+    }
+}
+
+fn complete(conn: &Conn, invocation_id: String, outcome: CompletionOutcome) {
+    let completion = HubMessage::completion(invocation_id, outcome);
+    conn.enqueue(frame::encode_message(conn.protocol, &completion));
+}

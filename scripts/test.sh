@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Runs every test of ringhub: formatting and lints, the Rust tests (unit, property,
+# interop, end-to-end; criterion benches run once each in test mode), the JS interop
+# checks with the stock @microsoft/signalr client, and a short run of every fuzz target.
+#
+#   FUZZ_SECONDS=N   seconds per fuzz target (default 15; 0 skips fuzzing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+export RINGHUB_INTEROP_DIR="$root/target/interop"
+mkdir -p "$RINGHUB_INTEROP_DIR"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "JS dependencies (pinned by tests/js/package-lock.json)"
+if [ ! -d tests/js/node_modules ] || [ tests/js/package-lock.json -nt tests/js/node_modules ]; then
+  (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+step "interop vectors written by the JS client"
+node tests/js/gen-vectors.mjs
+
+step "cargo test (workspace, all targets)"
+cargo test --workspace --all-targets --locked
+
+step "JS client decodes what ringhub encodes"
+node tests/js/check-rust-vectors.mjs
+
+fuzz_seconds=${FUZZ_SECONDS:-15}
+if [ "$fuzz_seconds" -gt 0 ]; then
+  step "fuzz smoke: ${fuzz_seconds}s per target"
+  (
+    cd fuzz
+    cargo +nightly fuzz build
+    for target in $(cargo +nightly fuzz list); do
+      log="$root/target/fuzz-$target.log"
+      rc=0
+      cargo +nightly fuzz run "$target" -- -max_total_time="$fuzz_seconds" -print_final_stats=1 > "$log" 2>&1 || rc=$?
+      runs=$(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}')
+      echo "-- $target: ${runs:-?} executions in ${fuzz_seconds}s, exit $rc"
+      if [ "$rc" -ne 0 ]; then
+        tail -n 40 "$log"
+        exit 1
+      fi
+    done
+  )
+fi
+
+step "all tests passed"
