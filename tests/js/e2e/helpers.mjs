@@ -1,0 +1,138 @@
+// Shared helpers of the end-to-end tests: start `ringhub serve`, make tokens, connect
+// stock @microsoft/signalr clients and collect what they receive.
+import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
+import { HubConnectionBuilder, HttpTransportType, LogLevel } from "@microsoft/signalr";
+import { MessagePackHubProtocol } from "@microsoft/signalr-protocol-msgpack";
+
+export const BINARY = process.env.RINGHUB_BIN ?? new URL("../../../target/debug/ringhub", import.meta.url).pathname;
+
+/** Starts a server on a free port; resolves once /healthz answers 200. */
+export async function startServer(args = []) {
+  const child = spawn(BINARY, ["serve", "--listen", "127.0.0.1:0", ...args], {
+    env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "info" },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  let log = "";
+  const address = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`server did not start:\n${log}`)), 20000);
+    child.stderr.on("data", (chunk) => {
+      log += chunk;
+      const match = /address=(\S+)/.exec(log);
+      if (match) {
+        clearTimeout(timer);
+        resolve(match[1]);
+      }
+    });
+    child.on("exit", (code) => reject(new Error(`server exited with ${code}:\n${log}`)));
+  });
+  const base = `http://${address}`;
+  for (let i = 0; i < 100; i++) {
+    const res = await fetch(`${base}/healthz`).catch(() => null);
+    if (res?.status === 200) break;
+    await sleep(50);
+  }
+  return {
+    base,
+    child,
+    log: () => log,
+    async stop() {
+      if (child.exitCode !== null) return child.exitCode;
+      const exited = new Promise((resolve) => child.on("exit", resolve));
+      child.kill("SIGTERM");
+      return exited;
+    },
+  };
+}
+
+export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+const b64url = (data) => Buffer.from(data).toString("base64url");
+
+/** An HS256 JWT (or a tampered one, with `alg` and `secret` overrides). */
+export function token(claims, { secret = "test-secret", alg = "HS256", expiresIn = 3600 } = {}) {
+  const header = b64url(JSON.stringify({ alg, typ: "JWT" }));
+  const body = b64url(JSON.stringify({ exp: Math.floor(Date.now() / 1000) + expiresIn, ...claims }));
+  if (alg === "none") return `${header}.${body}.`;
+  const signature = createHmac("sha256", secret).update(`${header}.${body}`).digest("base64url");
+  return `${header}.${body}.${signature}`;
+}
+
+/** A connected client that records every `receive(tag, ...)` it gets. */
+export async function connect(base, { hub = "chat", msgpack = false, accessToken, skipNegotiation = false } = {}) {
+  const options = {};
+  if (accessToken !== undefined) options.accessTokenFactory = () => accessToken;
+  if (skipNegotiation) {
+    options.skipNegotiation = true;
+    options.transport = HttpTransportType.WebSockets;
+  }
+  let builder = new HubConnectionBuilder().withUrl(`${base}/hubs/${hub}`, options).configureLogging(LogLevel.None);
+  if (msgpack) builder = builder.withHubProtocol(new MessagePackHubProtocol());
+  const connection = builder.build();
+  const received = [];
+  connection.on("receive", (...args) => {
+    received.push(args);
+  });
+  await connection.start();
+  connection.received = received;
+  return connection;
+}
+
+/** Waits until `predicate()` holds (or fails after `ms`). */
+export async function until(predicate, ms = 5000, what = "condition") {
+  const deadline = Date.now() + ms;
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(10);
+  }
+}
+
+/** Connections per shard, from /metrics. */
+export async function connectionsPerShard(base) {
+  const text = await (await fetch(`${base}/metrics`)).text();
+  return [...text.matchAll(/^ringhub_connections\{shard="(\d+)"\} (\d+)$/gm)].map((m) => Number(m[2]));
+}
+
+/** Sends raw bytes to the server and resolves with what it answers until it closes
+ *  the connection or `ms` pass. */
+export async function raw(base, bytes, ms = 1000) {
+  const { createConnection } = await import("node:net");
+  const { hostname, port } = new URL(base);
+  return new Promise((resolve, reject) => {
+    const socket = createConnection({ host: hostname, port: Number(port) });
+    const chunks = [];
+    const done = () => {
+      socket.destroy();
+      resolve(Buffer.concat(chunks));
+    };
+    const timer = setTimeout(done, ms);
+    socket.on("data", (chunk) => chunks.push(chunk));
+    socket.on("end", () => {
+      clearTimeout(timer);
+      done();
+    });
+    socket.on("error", (e) => {
+      clearTimeout(timer);
+      if (e.code === "ECONNRESET") done();
+      else reject(e);
+    });
+    socket.write(bytes);
+  });
+}
+
+/** The text of a WebSocket upgrade request for `path`. */
+export function upgradeRequest(path, headers = {}) {
+  const lines = [
+    `GET ${path} HTTP/1.1`,
+    "Host: localhost",
+    "Upgrade: websocket",
+    "Connection: Upgrade",
+    "Sec-WebSocket-Version: 13",
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    ...Object.entries(headers).map(([k, v]) => `${k}: ${v}`),
+  ];
+  return lines.join("\r\n") + "\r\n\r\n";
+}
+
+/** The status code of an HTTP response. */
+export const statusOf = (response) => Number(/^HTTP\/1\.1 (\d{3})/.exec(response.toString("latin1"))?.[1]);
