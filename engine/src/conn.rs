@@ -184,7 +184,9 @@ impl Conn {
     }
 
     fn wake_writer(&self) {
-        if let Some(waker) = self.writer.borrow_mut().take() {
+        let waker = self.writer.borrow_mut().take();
+        tracing::trace!(connection = %self.caller.connection_id, waiting = waker.is_some(), "wake writer");
+        if let Some(waker) = waker {
             waker.wake();
         }
     }
@@ -194,6 +196,7 @@ impl Conn {
     async fn next_batch(&self, batch: &mut Vec<Bytes>) -> bool {
         std::future::poll_fn(|cx| {
             let mut outbox = self.outbox.borrow_mut();
+            tracing::trace!(connection = %self.caller.connection_id, queued = outbox.frames.len(), "writer polled");
             if outbox.frames.is_empty() {
                 if outbox.closing_since.is_some() || self.stop.is_fired() {
                     return Poll::Ready(false);
@@ -223,6 +226,7 @@ impl Conn {
             let count = frames.len() as u64;
             batch.set(frames);
             let total = batch.total;
+            tracing::trace!(connection = %self.caller.connection_id, frames = count, bytes = total, "writing");
             let write = socket.write_vectored_all(batch);
             let result = monoio::select! {
                 result = write => Some(result),
@@ -232,6 +236,7 @@ impl Conn {
                 break;
             };
             batch = written_batch;
+            tracing::trace!(connection = %self.caller.connection_id, frames = count, bytes = total, ok = result.is_ok(), "wrote");
             if result.is_err() {
                 break;
             }

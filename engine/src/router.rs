@@ -90,11 +90,20 @@ impl Inbox {
     }
 
     /// Waits for commands and hands each to `handle`, until `handle` returns false.
+    ///
+    /// After [`INBOX_BUDGET`] commands it yields, so the writers it woke get to flush
+    /// (once each, for everything queued meanwhile) even while other shards keep sending.
     pub async fn run(&self, mut handle: impl FnMut(Command) -> bool) {
         loop {
+            let mut handled = 0;
             while let Some(command) = self.queue.pop() {
                 if !handle(command) {
                     return;
+                }
+                handled += 1;
+                if handled == INBOX_BUDGET {
+                    handled = 0;
+                    yield_now().await;
                 }
             }
             std::future::poll_fn(|cx| {
@@ -108,6 +117,26 @@ impl Inbox {
             .await;
         }
     }
+}
+
+/// Commands handled in a row before the inbox lets the shard's other tasks run: small
+/// enough that a burst of largest messages (16 x 32 KiB) stays under the default queue
+/// bound before the writers get to flush.
+const INBOX_BUDGET: usize = 16;
+
+/// Lets every other ready task of this thread run once.
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }
 
 /// One hub's tables on one shard. Connections are keyed by a shard-local number.

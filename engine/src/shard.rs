@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
 use hashbrown::HashMap;
+use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::{TcpListener, TcpStream};
 use ringhub_protocol::frame;
@@ -286,8 +287,12 @@ async fn read_more(
     buf: &mut BytesMut,
 ) -> std::io::Result<bool> {
     buf.reserve(READ_CHUNK);
-    let (result, returned) = reader.read(std::mem::take(buf)).await;
-    *buf = returned;
+    // monoio reads into the start of a buffer; a slice over the spare capacity makes it
+    // append after the bytes already there.
+    let (start, end) = (buf.len(), buf.capacity());
+    let spare = std::mem::take(buf).slice_mut(start..end);
+    let (result, spare) = reader.read(spare).await;
+    *buf = spare.into_inner();
     result.map(|n| n > 0)
 }
 
@@ -549,30 +554,34 @@ fn upgrade(state: &ShardState, head: &RequestHead, hub: &str) -> Routed {
 struct Pumped {
     pongs: Vec<Bytes>,
     closed: bool,
+    /// A framing error after the events before it; those still count (a handshake
+    /// and messages that arrived in the same read are handled before the close).
+    error: Option<ws::WsError>,
 }
 
 /// Moves every complete WebSocket event out of `input`: data into `hub_bytes`,
-/// pings answered (as pongs to send), a close noted.
-fn pump(
-    decoder: &mut FrameDecoder,
-    input: &mut BytesMut,
-    hub_bytes: &mut BytesMut,
-) -> Result<Pumped, ws::WsError> {
+/// pings answered (as pongs to send), a close noted, the first error kept.
+fn pump(decoder: &mut FrameDecoder, input: &mut BytesMut, hub_bytes: &mut BytesMut) -> Pumped {
     let mut pumped = Pumped::default();
-    while let Some(event) = decoder.decode(input)? {
-        match event {
-            WsEvent::Data { payload, .. } => hub_bytes.extend_from_slice(&payload),
-            WsEvent::Ping(payload) => pumped
+    loop {
+        match decoder.decode(input) {
+            Ok(Some(WsEvent::Data { payload, .. })) => hub_bytes.extend_from_slice(&payload),
+            Ok(Some(WsEvent::Ping(payload))) => pumped
                 .pongs
                 .push(ws::encode_frame(ws::Opcode::Pong, &payload)),
-            WsEvent::Pong(_) => {}
-            WsEvent::Close(_) => {
+            Ok(Some(WsEvent::Pong(_))) => {}
+            Ok(Some(WsEvent::Close(_))) => {
                 pumped.closed = true;
+                break;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                pumped.error = Some(e);
                 break;
             }
         }
     }
-    Ok(pumped)
+    pumped
 }
 
 async fn websocket(
@@ -598,20 +607,22 @@ async fn websocket(
     // The handshake: the first record, JSON for both protocols.
     let handshake = monoio::time::timeout(HANDSHAKE_TIMEOUT, async {
         loop {
-            let pumped =
-                pump(&mut decoder, &mut input, &mut hub_bytes).map_err(|e| e.to_string())?;
+            let pumped = pump(&mut decoder, &mut input, &mut hub_bytes);
             for pong in pumped.pongs {
                 write_now(&mut writer, pong)
                     .await
                     .map_err(|e| e.to_string())?;
             }
-            if pumped.closed {
-                return Err("closed".to_owned());
-            }
             match handshake::parse_request(&hub_bytes, max_message) {
-                Ok(Some((request, used))) => return Ok((request, used)),
+                Ok(Some((request, used))) => return Ok((request, used, pumped.error)),
                 Ok(None) => {}
                 Err(e) => return Err(e.response_text().to_owned()),
+            }
+            if let Some(error) = pumped.error {
+                return Err(error.to_string());
+            }
+            if pumped.closed {
+                return Err("closed".to_owned());
             }
             if !read_more(&mut reader, &mut input).await.unwrap_or(false) {
                 return Err("closed".to_owned());
@@ -620,10 +631,10 @@ async fn websocket(
     })
     .await
     .unwrap_or_else(|_| Err(handshake::CANCELED.to_owned()));
-    let protocol = match handshake.and_then(|(request, used)| {
+    let (protocol, early_error) = match handshake.and_then(|(request, used, early_error)| {
         let protocol = request.select()?;
         hub_bytes.advance(used);
-        Ok(protocol)
+        Ok((protocol, early_error))
     }) {
         Ok(p) => p,
         Err(error) => {
@@ -670,7 +681,16 @@ async fn websocket(
     state.hub.on_connected(&caller, &state.context).await;
     tracing::debug!(connection = %caller.connection_id, hub = %caller.hub, ?protocol, "connected");
 
-    let error = session(&state, &conn, &mut reader, decoder, input, hub_bytes).await;
+    let error = session(
+        &state,
+        &conn,
+        &mut reader,
+        decoder,
+        input,
+        hub_bytes,
+        early_error,
+    )
+    .await;
     match error {
         SessionEnd::ClientLeft => conn.stop.fire(),
         SessionEnd::ClientClosed | SessionEnd::Stopped => conn.close(None, false),
@@ -707,6 +727,7 @@ async fn session(
     mut decoder: FrameDecoder,
     mut input: BytesMut,
     mut hub_bytes: BytesMut,
+    mut framing_error: Option<ws::WsError>,
 ) -> SessionEnd {
     let protocol = conn.protocol;
     let max_message = state.shared.config.max_message_bytes;
@@ -728,6 +749,9 @@ async fn session(
                 Err(e) => return bad_input(e),
             }
         }
+        if let Some(error) = framing_error.take() {
+            return bad_input(error);
+        }
         if conn.closing_since().is_some() || conn.stop.is_fired() {
             return SessionEnd::Stopped;
         }
@@ -739,14 +763,12 @@ async fn session(
             Ok(true) => conn.last_received.set(Instant::now()),
             _ => return SessionEnd::ClientLeft,
         }
-        let pumped = match pump(&mut decoder, &mut input, &mut hub_bytes) {
-            Ok(p) => p,
-            Err(e) => return bad_input(e),
-        };
+        let pumped = pump(&mut decoder, &mut input, &mut hub_bytes);
         for pong in pumped.pongs {
             conn.enqueue(pong);
         }
-        if pumped.closed {
+        framing_error = pumped.error;
+        if pumped.closed && framing_error.is_none() {
             return SessionEnd::ClientClosed;
         }
     }

@@ -136,3 +136,50 @@ export function upgradeRequest(path, headers = {}) {
 
 /** The status code of an HTTP response. */
 export const statusOf = (response) => Number(/^HTTP\/1\.1 (\d{3})/.exec(response.toString("latin1"))?.[1]);
+
+/** A masked client WebSocket frame (text by default). */
+export function clientFrame(payload, { opcode = 1, fin = true } = {}) {
+  const data = Buffer.from(payload);
+  const mask = Buffer.from([0x12, 0x34, 0x56, 0x78]);
+  let header;
+  if (data.length < 126) {
+    header = Buffer.from([(fin ? 0x80 : 0) | opcode, 0x80 | data.length]);
+  } else if (data.length < 65536) {
+    header = Buffer.alloc(4);
+    header[0] = (fin ? 0x80 : 0) | opcode;
+    header[1] = 0x80 | 126;
+    header.writeUInt16BE(data.length, 2);
+  } else {
+    header = Buffer.alloc(10);
+    header[0] = (fin ? 0x80 : 0) | opcode;
+    header[1] = 0x80 | 127;
+    header.writeBigUInt64BE(BigInt(data.length), 2);
+  }
+  const masked = Buffer.from(data.map((b, i) => b ^ mask[i % 4]));
+  return Buffer.concat([header, mask, masked]);
+}
+
+/** Payloads of the server frames in `bytes` (unmasked), as strings. */
+export function serverFrames(bytes) {
+  const frames = [];
+  let at = 0;
+  while (at + 2 <= bytes.length) {
+    const opcode = bytes[at] & 0x0f;
+    let len = bytes[at + 1] & 0x7f;
+    let start = at + 2;
+    if (len === 126) {
+      len = bytes.readUInt16BE(at + 2);
+      start = at + 4;
+    } else if (len === 127) {
+      len = Number(bytes.readBigUInt64BE(at + 2));
+      start = at + 10;
+    }
+    if (start + len > bytes.length) break;
+    frames.push({ opcode, text: bytes.subarray(start, start + len).toString("utf8") });
+    at = start + len;
+  }
+  return frames;
+}
+
+/** The body of a raw HTTP response (after the head). */
+export const bodyOf = (response) => response.subarray(response.indexOf("\r\n\r\n") + 4);
