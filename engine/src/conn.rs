@@ -226,17 +226,14 @@ impl Conn {
             let count = frames.len() as u64;
             batch.set(frames);
             let total = batch.total;
-            tracing::trace!(connection = %self.caller.connection_id, frames = count, bytes = total, "writing");
-            let write = socket.write_vectored_all(batch);
             let result = monoio::select! {
-                result = write => Some(result),
+                result = write_all(&mut socket, batch) => Some(result),
                 _ = self.stop.fired() => None,
             };
             let Some((result, written_batch)) = result else {
                 break;
             };
             batch = written_batch;
-            tracing::trace!(connection = %self.caller.connection_id, frames = count, bytes = total, ok = result.is_ok(), "wrote");
             if result.is_err() {
                 break;
             }
@@ -269,6 +266,50 @@ impl FrameBatch {
         self.total = frames.iter().map(Bytes::len).sum();
         self.frames = frames;
     }
+
+    /// Drops the first `n` written bytes: whole frames, then the front of a partly
+    /// written one (`Bytes::advance` moves a pointer, it copies nothing).
+    fn consume(&mut self, mut n: usize) {
+        let mut done = 0;
+        for frame in &mut self.frames {
+            if n >= frame.len() {
+                n -= frame.len();
+                done += 1;
+            } else {
+                frame.advance(n);
+                break;
+            }
+        }
+        self.frames.drain(..done);
+        let total = self.total;
+        let frames = std::mem::take(&mut self.frames);
+        self.set(frames);
+        self.total = total;
+    }
+
+    fn remaining(&self) -> usize {
+        self.iovecs.iter().map(|v| v.iov_len).sum()
+    }
+}
+
+/// Writes the whole batch with as few `writev` calls as the socket allows (monoio's
+/// `write_vectored_all` allocates a copy of the iovec array on every call; this
+/// reuses the batch's own).
+async fn write_all(
+    socket: &mut OwnedWriteHalf<TcpStream>,
+    mut batch: FrameBatch,
+) -> (std::io::Result<()>, FrameBatch) {
+    while batch.remaining() > 0 {
+        let (result, returned) = socket.writev(batch).await;
+        batch = returned;
+        match result {
+            Ok(0) => return (Err(std::io::ErrorKind::WriteZero.into()), batch),
+            Ok(n) => batch.consume(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (Err(e), batch),
+        }
+    }
+    (Ok(()), batch)
 }
 
 // SAFETY: the iovecs point into `frames`, which the batch owns and does not change

@@ -1,0 +1,156 @@
+//! A minimal blocking SignalR-over-WebSocket client on raw sockets, for tests that need
+//! control a real client library does not give (small receive buffers, not reading,
+//! counting allocations).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use ringhub_engine::{Config, Server, ServerBuilder};
+use ringhub_protocol::ws::{encode_client_frame, Opcode};
+
+pub fn start(config: Config) -> Server {
+    ServerBuilder::new(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..config
+    })
+    .start()
+    .expect("server starts")
+}
+
+pub fn wait_ready(server: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.is_ready() {
+        assert!(Instant::now() < deadline, "server not ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub struct RawClient {
+    pub stream: TcpStream,
+    pending: Vec<u8>,
+}
+
+/// A masked text frame with a JSON hub message.
+pub fn text_frame(json: &str) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    encode_client_frame(
+        Opcode::Text,
+        true,
+        format!("{json}\u{1e}").as_bytes(),
+        [7, 7, 7, 7],
+        &mut out,
+    );
+    out.to_vec()
+}
+
+impl RawClient {
+    /// Upgrades, handshakes (JSON) and returns once the handshake answer arrived.
+    pub fn connect(addr: SocketAddr, recv_buffer: Option<usize>) -> RawClient {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        if let Some(size) = recv_buffer {
+            socket.set_recv_buffer_size(size).unwrap();
+        }
+        socket.connect(&addr.into()).unwrap();
+        let mut stream: TcpStream = socket.into();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let request = format!(
+            "GET /hubs/test HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        stream
+            .write_all(&text_frame(r#"{"protocol":"json","version":1}"#))
+            .unwrap();
+        let mut client = RawClient {
+            stream,
+            pending: Vec::new(),
+        };
+        let head_end = client.read_until(|p| p.windows(4).position(|w| w == b"\r\n\r\n"));
+        let head: Vec<u8> = client.pending.drain(..head_end + 4).collect();
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        assert_eq!(client.next_message(), "{}", "handshake accepted");
+        client
+    }
+
+    pub fn send(&mut self, json: &str) {
+        self.stream.write_all(&text_frame(json)).unwrap();
+    }
+
+    fn read_until(&mut self, mut found: impl FnMut(&[u8]) -> Option<usize>) -> usize {
+        loop {
+            if let Some(at) = found(&self.pending) {
+                return at;
+            }
+            let mut chunk = [0u8; 65536];
+            let n = self.stream.read(&mut chunk).expect("read");
+            assert!(n > 0, "connection closed");
+            self.pending.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next hub message (JSON text without the separator), across frames.
+    /// Panics at end of stream.
+    pub fn next_message(&mut self) -> String {
+        self.try_next_message()
+            .expect("a message before end of stream")
+    }
+
+    /// The next hub message, or `None` at end of stream (or a close frame).
+    pub fn try_next_message(&mut self) -> Option<String> {
+        loop {
+            // Take one whole server frame off the front, if there is one.
+            if self.pending.len() >= 2 {
+                let opcode = self.pending[0] & 0x0f;
+                let (len, at) = match self.pending[1] & 0x7f {
+                    126 if self.pending.len() >= 4 => (
+                        usize::from(u16::from_be_bytes([self.pending[2], self.pending[3]])),
+                        4,
+                    ),
+                    127 if self.pending.len() >= 10 => (
+                        u64::from_be_bytes(self.pending[2..10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    n if n < 126 => (usize::from(n), 2),
+                    _ => (usize::MAX, 0),
+                };
+                if len != usize::MAX && self.pending.len() >= at + len {
+                    let payload: Vec<u8> = self.pending[at..at + len].to_vec();
+                    self.pending.drain(..at + len);
+                    if opcode == 8 {
+                        return None;
+                    }
+                    let text = String::from_utf8(payload).unwrap();
+                    // One message per frame from ringhub.
+                    return Some(text.trim_end_matches('\u{1e}').to_owned());
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Invokes a method and waits for its Completion, skipping other messages.
+    pub fn invoke(&mut self, id: &str, target: &str, args: &str) -> String {
+        self.send(&format!(
+            r#"{{"type":1,"invocationId":"{id}","target":"{target}","arguments":{args}}}"#
+        ));
+        loop {
+            let message = self.next_message();
+            if message.contains(&format!(r#""invocationId":"{id}""#)) {
+                return message;
+            }
+        }
+    }
+}
