@@ -59,9 +59,7 @@ impl RawClient {
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
-        let request = format!(
-            "GET /hubs/test HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        );
+        let request = "GET /hubs/test HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
         stream.write_all(request.as_bytes()).unwrap();
         stream
             .write_all(&text_frame(r#"{"protocol":"json","version":1}"#))
