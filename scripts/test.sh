@@ -32,6 +32,10 @@ cargo test --workspace --all-targets --locked
 step "JS client decodes what ringhub encodes"
 node tests/js/check-rust-vectors.mjs
 
+step "end to end with the stock @microsoft/signalr client"
+cargo build -p ringhub-engine --bin ringhub --locked
+RINGHUB_BIN="$root/target/debug/ringhub" node --test --test-concurrency=1 tests/js/e2e/
+
 fuzz_seconds=${FUZZ_SECONDS:-15}
 if [ "$fuzz_seconds" -gt 0 ]; then
   step "fuzz smoke: ${fuzz_seconds}s per target"
