@@ -23,7 +23,7 @@ pub enum ConfigError {
 /// config file can fill the gaps).
 #[derive(Debug, Clone, Default, Args)]
 pub struct ServeArgs {
-    /// TOML file with any of these settings (keys as the flags, with '_' for '-').
+    /// TOML file with any of these settings, keys named as the flags (max-message-bytes = 65536).
     #[arg(long, env = "RINGHUB_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// TCP address for HTTP and WebSocket [default: 127.0.0.1:5000].
