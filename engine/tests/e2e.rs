@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use common::{start, wait_ready, RawClient};
-use ringhub_engine::Config;
+use ringhub_engine::{Config, Target};
 
 #[test]
 fn a_reader_that_stops_is_closed_and_its_group_gets_everything() {
@@ -105,4 +105,59 @@ fn shutdown_tells_every_client_with_reconnect_allowed() {
             Some(r#"{"type":7,"allowReconnect":true}"#)
         );
     }
+}
+
+#[test]
+fn a_hub_context_on_another_thread_sends_and_manages_groups() {
+    let server = start(Config {
+        threads: 2,
+        ..Config::default()
+    });
+    wait_ready(&server);
+    let context = server.context();
+    let mut members: Vec<(RawClient, String)> = (0..6)
+        .map(|_| RawClient::connect_negotiated(server.local_addr()))
+        .collect();
+    // Join three of them from this (non-shard) thread; they may live on either shard.
+    for (_, id) in members.iter().take(3) {
+        assert!(futures_executor::block_on(context.add_to_group("test", id, "g")).unwrap());
+    }
+    futures_executor::block_on(context.send(
+        "test",
+        Target::Group("g".into()),
+        "receive",
+        vec!["to g".into()],
+    ))
+    .unwrap();
+    futures_executor::block_on(context.send("test", Target::All, "receive", vec!["to all".into()]))
+        .unwrap();
+    // Messages from one sender arrive in order: group members see "to g" first.
+    for (i, (member, _)) in members.iter_mut().enumerate() {
+        let first = member.next_message();
+        if i < 3 {
+            assert_eq!(
+                first,
+                r#"{"type":1,"target":"receive","arguments":["to g"]}"#
+            );
+            assert_eq!(
+                member.next_message(),
+                r#"{"type":1,"target":"receive","arguments":["to all"]}"#
+            );
+        } else {
+            assert_eq!(
+                first,
+                r#"{"type":1,"target":"receive","arguments":["to all"]}"#
+            );
+        }
+    }
+    let (_, left) = &members[0];
+    assert!(futures_executor::block_on(context.remove_from_group("test", left, "g")).unwrap());
+    // Unknown connections are a no-op that reports false.
+    assert!(
+        !futures_executor::block_on(context.add_to_group("test", "no-such-connection", "g"))
+            .unwrap()
+    );
+    server.shutdown();
+    let after = futures_executor::block_on(context.send("test", Target::All, "receive", vec![]));
+    assert!(after.is_err(), "a stopped server refuses sends");
 }

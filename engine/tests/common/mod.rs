@@ -47,8 +47,29 @@ pub fn text_frame(json: &str) -> Vec<u8> {
 }
 
 impl RawClient {
+    /// Negotiates first, so the connection id is known: `(client, connection id)`.
+    pub fn connect_negotiated(addr: SocketAddr) -> (RawClient, String) {
+        let mut http = TcpStream::connect(addr).unwrap();
+        http.write_all(b"POST /hubs/test/negotiate?negotiateVersion=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        http.read_to_string(&mut response).unwrap();
+        let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        let id = json["connectionId"].as_str().unwrap().to_owned();
+        let token = json["connectionToken"].as_str().unwrap();
+        (
+            Self::connect_path(addr, None, &format!("/hubs/test?id={token}")),
+            id,
+        )
+    }
+
     /// Upgrades, handshakes (JSON) and returns once the handshake answer arrived.
     pub fn connect(addr: SocketAddr, recv_buffer: Option<usize>) -> RawClient {
+        Self::connect_path(addr, recv_buffer, "/hubs/test")
+    }
+
+    fn connect_path(addr: SocketAddr, recv_buffer: Option<usize>, path: &str) -> RawClient {
         let socket =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         if let Some(size) = recv_buffer {
@@ -59,7 +80,7 @@ impl RawClient {
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
-        let request = "GET /hubs/test HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n");
         stream.write_all(request.as_bytes()).unwrap();
         stream
             .write_all(&text_frame(r#"{"protocol":"json","version":1}"#))
