@@ -40,18 +40,18 @@ fn message(call: &mut Call<'_>, at: usize) -> Result<(String, Vec<Value>), HubEr
     call.expect_arguments(at + 2)?;
     let target: String = call.arg(at)?;
     if target.is_empty() {
-        return Err(HubError::InvalidArguments {
-            method: call.method.to_owned(),
-            detail: format!("argument {} (target) must not be empty", at + 1),
-        });
+        return Err(
+            call.invalid_arguments(format!("argument {} (target) must not be empty", at + 1))
+        );
     }
     let arguments = match call.take_arg(at + 1)? {
         Value::Array(items) => items,
         other => {
-            return Err(HubError::InvalidArguments {
-                method: call.method.to_owned(),
-                detail: format!("argument {} must be an array, got {}", at + 2, other.kind()),
-            })
+            return Err(call.invalid_arguments(format!(
+                "argument {} must be an array, got {}",
+                at + 2,
+                other.kind()
+            )))
         }
     };
     Ok((target, arguments))

@@ -82,7 +82,7 @@ impl Call<'_> {
         if self.arguments.len() == count {
             Ok(())
         } else {
-            Err(self.invalid(format!(
+            Err(self.invalid_arguments(format!(
                 "expected {count} argument{}, got {}",
                 if count == 1 { "" } else { "s" },
                 self.arguments.len()
@@ -95,9 +95,9 @@ impl Call<'_> {
         let value = self
             .arguments
             .get(index)
-            .ok_or_else(|| self.invalid(format!("argument {} is missing", index + 1)))?;
+            .ok_or_else(|| self.invalid_arguments(format!("argument {} is missing", index + 1)))?;
         T::from_value(value).ok_or_else(|| {
-            self.invalid(format!(
+            self.invalid_arguments(format!(
                 "argument {} must be {}, got {}",
                 index + 1,
                 T::EXPECTED,
@@ -110,11 +110,12 @@ impl Call<'_> {
     pub fn take_arg(&mut self, index: usize) -> Result<Value, HubError> {
         match self.arguments.get_mut(index) {
             Some(v) => Ok(std::mem::replace(v, Value::Null)),
-            None => Err(self.invalid(format!("argument {} is missing", index + 1))),
+            None => Err(self.invalid_arguments(format!("argument {} is missing", index + 1))),
         }
     }
 
-    fn invalid(&self, detail: String) -> HubError {
+    /// The error for arguments this method cannot take; `detail` says what was wrong.
+    pub fn invalid_arguments(&self, detail: String) -> HubError {
         HubError::InvalidArguments {
             method: self.method.to_owned(),
             detail,
