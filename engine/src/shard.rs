@@ -350,7 +350,13 @@ async fn serve_http(state: Rc<ShardState>, stream: TcpStream) {
         }
         let _body = buf.split_to(body_len);
         let keep_alive = head.keep_alive();
-        match route(&state, &head) {
+        let origin = head.header_str("origin").map(str::to_owned);
+        let routed = match route(&state, &head) {
+            Routed::Respond(bytes) => Routed::Respond(with_cors(bytes, origin.as_deref())),
+            Routed::Close(bytes) => Routed::Close(with_cors(bytes, origin.as_deref())),
+            upgrade => upgrade,
+        };
+        match routed {
             Routed::Respond(bytes) => {
                 if write_now(&mut writer, bytes).await.is_err() || !keep_alive {
                     return;
@@ -366,6 +372,23 @@ async fn serve_http(state: Rc<ShardState>, stream: TcpStream) {
             }
         }
     }
+}
+
+/// Lets a browser page on another origin use the answer, credentials included, as the
+/// SignalR client needs (it sends cookies and custom headers). Any origin is allowed:
+/// access is granted by tokens, never by cookies.
+fn with_cors(mut response: Vec<u8>, origin: Option<&str>) -> Vec<u8> {
+    let Some(origin) = origin else {
+        return response;
+    };
+    let Some(line_end) = response.windows(2).position(|w| w == b"\r\n") else {
+        return response;
+    };
+    let headers = format!(
+        "\r\nAccess-Control-Allow-Origin: {origin}\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin"
+    );
+    response.splice(line_end..line_end, headers.into_bytes());
+    response
 }
 
 enum Routed {
@@ -401,6 +424,23 @@ fn route(state: &ShardState, head: &RequestHead) -> Routed {
     };
     let segments: Vec<&str> = segments.iter().map(|s| s.as_ref()).collect();
     match (head.method.as_str(), segments.as_slice()) {
+        // CORS preflight of a browser on another origin (headers added by `with_cors`).
+        ("OPTIONS", ["hubs", ..]) => {
+            let requested = head
+                .header_str("access-control-request-headers")
+                .unwrap_or("");
+            Routed::Respond(http::response(
+                204,
+                "text/plain",
+                &[
+                    ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                    ("Access-Control-Allow-Headers", requested),
+                    ("Access-Control-Max-Age", "600"),
+                ],
+                b"",
+                keep_alive,
+            ))
+        }
         ("GET", ["healthz"]) => {
             if state.shared.is_ready() {
                 respond(200, "ok")

@@ -173,3 +173,22 @@ describe("targeting", () => {
     strictEqual(leaves.received.length, 0);
   });
 });
+
+describe("browsers on another origin", () => {
+  test("CORS: preflight and negotiate allow the page's origin with credentials", async () => {
+    const origin = "http://app.example:8080";
+    const preflight = await fetch(`${server.base}/hubs/chat/negotiate?negotiateVersion=1`, {
+      method: "OPTIONS",
+      headers: { Origin: origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-requested-with,x-signalr-user-agent,authorization" },
+    });
+    strictEqual(preflight.status, 204);
+    strictEqual(preflight.headers.get("access-control-allow-origin"), origin);
+    strictEqual(preflight.headers.get("access-control-allow-credentials"), "true");
+    strictEqual(preflight.headers.get("access-control-allow-headers"), "x-requested-with,x-signalr-user-agent,authorization");
+    const negotiate = await fetch(`${server.base}/hubs/chat/negotiate?negotiateVersion=1`, { method: "POST", headers: { Origin: origin } });
+    strictEqual(negotiate.status, 200);
+    strictEqual(negotiate.headers.get("access-control-allow-origin"), origin);
+    const sameOrigin = await fetch(`${server.base}/hubs/chat/negotiate?negotiateVersion=1`, { method: "POST" });
+    strictEqual(sameOrigin.headers.get("access-control-allow-origin"), null);
+  });
+});
