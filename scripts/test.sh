@@ -36,6 +36,20 @@ step "end to end with the stock @microsoft/signalr client"
 cargo build -p ringhub-engine --bin ringhub --locked
 RINGHUB_BIN="$root/target/debug/ringhub" node --test --test-concurrency=1 tests/js/e2e/
 
+step "load generator smoke (so the benchmark cannot rot)"
+cargo build -p ringhub-bench --bin ringhub-bench --locked
+"$root/target/debug/ringhub" serve --listen 127.0.0.1:23457 --threads 1 2> "$root/target/smoke-server.log" &
+server_pid=$!
+trap 'kill $server_pid 2>/dev/null || true' EXIT
+for _ in $(seq 100); do curl -sf http://127.0.0.1:23457/healthz > /dev/null && break; sleep 0.1; done
+for protocol in json messagepack; do
+  "$root/target/debug/ringhub-bench" loadgen --addr 127.0.0.1:23457 --connections 50 --groups 5 \
+    --publishers 2 --warmup-secs 1 --duration-secs 2 --protocol "$protocol"
+done
+kill $server_pid
+wait $server_pid || true
+trap - EXIT
+
 fuzz_seconds=${FUZZ_SECONDS:-15}
 if [ "$fuzz_seconds" -gt 0 ]; then
   step "fuzz smoke: ${fuzz_seconds}s per target"

@@ -485,6 +485,29 @@ pub fn encode_close(code: u16, reason: &str) -> Bytes {
     encode_frame(Opcode::Close, &payload)
 }
 
+/// The header of an unmasked server frame at the front of `buf` (client side, for load
+/// generators and tests): `(fin, opcode, header length, payload length)`, or `None`
+/// if the header is incomplete or not a valid server frame.
+pub fn parse_server_frame_header(buf: &[u8]) -> Option<(bool, Opcode, usize, usize)> {
+    let [b0, b1, ..] = *buf else { return None };
+    let opcode = Opcode::from_u8(b0 & 0x0f)?;
+    if b1 & 0x80 != 0 {
+        return None;
+    }
+    let (len, at) = match b1 & 0x7f {
+        126 => (
+            usize::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?)),
+            4,
+        ),
+        127 => (
+            usize::try_from(u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?)).ok()?,
+            10,
+        ),
+        n => (usize::from(n), 2),
+    };
+    Some((b0 & 0x80 != 0, opcode, at, len))
+}
+
 /// A masked client frame (for load generators and tests).
 pub fn encode_client_frame(
     opcode: Opcode,
@@ -678,6 +701,24 @@ mod tests {
         let frame = encode_close(1000, &"x".repeat(300));
         assert_eq!(frame.len(), 2 + 125);
         assert_eq!(&frame[..4], &[0x88, 125, 0x03, 0xe8]);
+    }
+
+    #[test]
+    fn server_frame_headers_read_back() {
+        for len in [0usize, 125, 126, 65_535, 65_536] {
+            let frame = encode_frame(Opcode::Binary, &vec![0; len]);
+            let header = FrameHeader::new(Opcode::Binary, len);
+            assert_eq!(
+                parse_server_frame_header(&frame),
+                Some((true, Opcode::Binary, header.as_bytes().len(), len))
+            );
+        }
+        assert_eq!(parse_server_frame_header(&[0x81]), None);
+        assert_eq!(
+            parse_server_frame_header(&[0x81, 0x85, 0, 0, 0, 0]),
+            None,
+            "masked"
+        );
     }
 
     #[test]
