@@ -185,7 +185,6 @@ impl Conn {
 
     fn wake_writer(&self) {
         let waker = self.writer.borrow_mut().take();
-        tracing::trace!(connection = %self.caller.connection_id, waiting = waker.is_some(), "wake writer");
         if let Some(waker) = waker {
             waker.wake();
         }
@@ -196,7 +195,6 @@ impl Conn {
     async fn next_batch(&self, batch: &mut Vec<Bytes>) -> bool {
         std::future::poll_fn(|cx| {
             let mut outbox = self.outbox.borrow_mut();
-            tracing::trace!(connection = %self.caller.connection_id, queued = outbox.frames.len(), "writer polled");
             if outbox.frames.is_empty() {
                 if outbox.closing_since.is_some() || self.stop.is_fired() {
                     return Poll::Ready(false);
