@@ -157,22 +157,66 @@ impl Serialize for Value {
     }
 }
 
-/// A map key written as a JSON object key: strings as they are, anything else as its text.
+/// A map key written as a JSON object key: strings as they are, numbers, booleans and
+/// null as their text, composite keys (MessagePack allows any) as [`key_text`].
 struct JsonKey<'a>(&'a Value);
 
 impl Serialize for JsonKey<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self.0 {
             Value::Str(s) => serializer.serialize_str(s),
-            Value::Int(n) => serializer.collect_str(n),
-            Value::UInt(n) => serializer.collect_str(n),
-            Value::Float(f) => serializer.collect_str(f),
-            Value::Bool(b) => serializer.collect_str(b),
-            Value::Null => serializer.serialize_str("null"),
             other => {
-                let text = serde_json::to_string(other).unwrap_or_default();
+                let mut text = String::new();
+                key_text(other, &mut text);
                 serializer.serialize_str(&text)
             }
+        }
+    }
+}
+
+/// A JSON-like rendering of a key in one pass, strings unescaped. Rendering nested
+/// keys as escaped JSON instead would double the escapes at every level: a hostile
+/// MessagePack client could make one small message expand exponentially (found by
+/// the `roundtrip` fuzz target).
+fn key_text(value: &Value, out: &mut String) {
+    use std::fmt::Write;
+    match value {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => {
+            let _ = write!(out, "{b}");
+        }
+        Value::Int(n) => {
+            let _ = write!(out, "{n}");
+        }
+        Value::UInt(n) => {
+            let _ = write!(out, "{n}");
+        }
+        Value::Float(f) => {
+            let _ = write!(out, "{f}");
+        }
+        Value::Str(s) => out.push_str(s),
+        Value::Binary(data) | Value::Ext(_, data) => out.push_str(&base64_standard(data)),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                key_text(item, out);
+            }
+            out.push(']');
+        }
+        Value::Map(entries) => {
+            out.push('{');
+            for (i, (k, v)) in entries.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                key_text(k, out);
+                out.push(':');
+                key_text(v, out);
+            }
+            out.push('}');
         }
     }
 }
@@ -340,6 +384,22 @@ mod tests {
             serde_json::to_string(&v).unwrap(),
             r#"["AQID","1970-01-01T00:00:00.000Z",{"4":null}]"#
         );
+    }
+
+    #[test]
+    fn nested_composite_keys_stay_linear_in_json() {
+        // Maps keyed by maps keyed by maps...: the JSON text must grow linearly.
+        let mut value = Value::from("x\"y");
+        for _ in 0..30 {
+            value = Value::Map(vec![(value.clone(), Value::Int(1))]);
+        }
+        let text = serde_json::to_string(&value).unwrap();
+        assert!(text.len() < 400, "{} bytes", text.len());
+        let keyed = Value::Map(vec![(
+            Value::Array(vec![Value::Int(1), Value::from("a")]),
+            Value::Null,
+        )]);
+        assert_eq!(serde_json::to_string(&keyed).unwrap(), r#"{"[1,a]":null}"#);
     }
 
     #[test]
