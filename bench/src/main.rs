@@ -92,11 +92,27 @@ fn main() {
 async fn open(args: &LoadArgs, protocol: HubProtocol) -> std::io::Result<(TcpStream, BytesMut)> {
     let mut stream = TcpStream::connect(args.addr).await?;
     stream.set_nodelay(true)?;
-    let mut hello = format!(
+    let head = format!(
         "GET /hubs/{} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
         args.hub
-    )
-    .into_bytes();
+    );
+    let (result, _) = stream.write_all(head.into_bytes()).await;
+    result?;
+    let mut buf = BytesMut::with_capacity(8192);
+    // Like a browser, send the SignalR handshake only after the 101 (some servers,
+    // tungstenite among them, refuse bytes pipelined behind the upgrade request).
+    let end = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        read(&mut stream, &mut buf).await?;
+    };
+    if !buf.starts_with(b"HTTP/1.1 101") {
+        return Err(std::io::Error::other(
+            String::from_utf8_lossy(&buf[..end]).into_owned(),
+        ));
+    }
+    buf.advance(end + 4);
     let handshake = format!(
         "{{\"protocol\":\"{}\",\"version\":1}}\u{1e}",
         protocol.name()
@@ -109,24 +125,14 @@ async fn open(args: &LoadArgs, protocol: HubProtocol) -> std::io::Result<(TcpStr
         [1, 2, 3, 4],
         &mut frame,
     );
-    hello.extend_from_slice(&frame);
-    let (result, _) = stream.write_all(hello).await;
+    let (result, _) = stream.write_all(frame.to_vec()).await;
     result?;
-    let mut buf = BytesMut::with_capacity(8192);
-    // Head, then the first frame (the handshake answer).
+    // The first frame is the handshake answer.
     loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            if !buf.starts_with(b"HTTP/1.1 101") {
-                return Err(std::io::Error::other(
-                    String::from_utf8_lossy(&buf[..end]).into_owned(),
-                ));
-            }
-            let rest = &buf[end + 4..];
-            if let Some((_, _, header, len)) = parse_server_frame_header(rest) {
-                if rest.len() >= header + len {
-                    buf.advance(end + 4 + header + len);
-                    return Ok((stream, buf));
-                }
+        if let Some((_, _, header, len)) = parse_server_frame_header(&buf) {
+            if buf.len() >= header + len {
+                buf.advance(header + len);
+                return Ok((stream, buf));
             }
         }
         read(&mut stream, &mut buf).await?;
@@ -185,9 +191,12 @@ async fn receiver(
     count: Rc<Cell<u64>>,
     ready: Rc<Cell<usize>>,
 ) {
-    let Ok((mut stream, mut buf)) = open(&args, protocol).await else {
-        eprintln!("receiver could not connect");
-        return;
+    let (mut stream, mut buf) = match open(&args, protocol).await {
+        Ok(opened) => opened,
+        Err(error) => {
+            eprintln!("receiver could not connect: {error}");
+            return;
+        }
     };
     let join = invocation_frame(
         protocol,
@@ -221,9 +230,12 @@ async fn publisher(
     sent: Rc<Cell<u64>>,
     stop: Rc<Cell<bool>>,
 ) {
-    let Ok((stream, mut buf)) = open(&args, protocol).await else {
-        eprintln!("publisher could not connect");
-        return;
+    let (stream, mut buf) = match open(&args, protocol).await {
+        Ok(opened) => opened,
+        Err(error) => {
+            eprintln!("publisher could not connect: {error}");
+            return;
+        }
     };
     let payload = "x".repeat(args.payload);
     // Prebuilt frames, one per group, so publishing costs a write, not an encode.
