@@ -4,6 +4,7 @@
 use ringhub_protocol::Value;
 
 use crate::hub::{Call, Caller, Hub, HubError, LocalBoxFuture, Target};
+use crate::presence::PRESENCE_CHANGED;
 
 /// The refusal of a join or group send without the right to the group.
 pub const GROUP_NOT_AUTHORIZED: &str = "Access to this group is not authorized.";
@@ -93,6 +94,52 @@ async fn dispatch(mut call: Call<'_>) -> Result<Value, HubError> {
             };
             done.map_err(|e| HubError::exception(e.to_string()))?;
             Ok(Value::Null)
+        }
+        "groupcount" => {
+            call.expect_arguments(1)?;
+            let group: String = call.arg(0)?;
+            require_group(&call, &group)?;
+            Ok(call
+                .context
+                .group_presence(&call.caller.hub, &group)
+                .counts_value())
+        }
+        "isuseronline" => {
+            call.expect_arguments(1)?;
+            let user: String = call.arg(0)?;
+            if call.caller.user_id.as_deref() != Some(user.as_str()) {
+                require_admin(&call)?;
+            }
+            Ok(Value::Bool(
+                call.context.is_user_online(&call.caller.hub, &user),
+            ))
+        }
+        "watchpresence" | "unwatchpresence" => {
+            call.expect_arguments(1)?;
+            let group: String = call.arg(0)?;
+            let (hub, id) = (&call.caller.hub, &call.caller.connection_id);
+            if method == "watchpresence" {
+                require_group(&call, &group)?;
+                call.context
+                    .watch_presence(hub, id, &group)
+                    .await
+                    .map_err(|e| HubError::exception(e.to_string()))?;
+                // The current counts now; changes follow from the shard's notifier.
+                let now = call.context.group_presence(hub, &group);
+                send(
+                    &call,
+                    Target::Connection(id.clone()),
+                    PRESENCE_CHANGED.to_owned(),
+                    vec![now.changed_value(&group)],
+                )
+                .await
+            } else {
+                call.context
+                    .unwatch_presence(hub, id, &group)
+                    .await
+                    .map_err(|e| HubError::exception(e.to_string()))?;
+                Ok(Value::Null)
+            }
         }
         "sendtoall" => {
             require_admin(&call)?;

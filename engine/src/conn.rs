@@ -82,6 +82,8 @@ pub struct Conn {
     pub caller: Rc<Caller>,
     pub protocol: HubProtocol,
     pub groups: RefCell<HashSet<String>>,
+    /// Groups whose presence this connection watches.
+    pub watching: RefCell<HashSet<String>>,
     outbox: RefCell<Outbox>,
     writer: RefCell<Option<Waker>>,
     pub last_received: Cell<Instant>,
@@ -115,6 +117,7 @@ impl Conn {
             caller,
             protocol,
             groups: RefCell::default(),
+            watching: RefCell::default(),
             outbox: RefCell::new(Outbox {
                 frames: VecDeque::with_capacity(INITIAL_QUEUE),
                 bytes: 0,

@@ -12,9 +12,11 @@ use ringhub_protocol::Value;
 use thiserror::Error;
 
 use crate::auth::Claims;
-use crate::router::{Broadcast, Command};
+use crate::presence::GroupPresence;
+use crate::router::{Broadcast, Command, ConnectionOp};
 use crate::server::Shared;
 use crate::shard;
+use crate::store::{MembershipStore, StoreError};
 
 /// A boxed future that stays on its shard's thread.
 pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
@@ -217,6 +219,8 @@ pub trait Hub: 'static {
 pub enum ContextError {
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("{0}")]
+    Store(String),
 }
 
 /// A handle on a running server: `Clone + Send + Sync`, usable from any thread or
@@ -295,7 +299,7 @@ impl HubContext {
         connection_id: &str,
         group: &str,
     ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
-        self.membership(hub, connection_id, group, true)
+        self.connection_op(hub, connection_id, ConnectionOp::Join(group.to_owned()))
     }
 
     /// Removes a connection from a group (not being a member is not an error).
@@ -305,51 +309,192 @@ impl HubContext {
         connection_id: &str,
         group: &str,
     ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
-        self.membership(hub, connection_id, group, false)
+        self.connection_op(hub, connection_id, ConnectionOp::Leave(group.to_owned()))
     }
 
-    fn membership(
+    /// The connection receives `PresenceChanged({"group", "connections", "users"})`
+    /// whenever the group's counts change, at most once per 100 ms, until it unwatches
+    /// or disconnects. Resolves `false` if no such connection is connected.
+    pub fn watch_presence(
         &self,
         hub: &str,
         connection_id: &str,
         group: &str,
-        join: bool,
     ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
-        let shutting_down = self.shared.is_shutting_down();
-        let here = shard::current_index(&self.shared);
-        // The connection is most often the caller's own, on this very shard.
-        let local = here.is_some()
-            && shard::with_current(|state| {
-                state.change_membership(hub, connection_id, group, join)
-            })
-            .unwrap_or(false);
-        let mut replies = Vec::new();
-        if !shutting_down && !local {
-            for (index, inbox) in self.shared.inboxes.iter().enumerate() {
-                if Some(index) == here {
-                    continue;
-                }
-                let (reply, answer) = oneshot::channel();
-                inbox.push(Command::Membership {
-                    hub: Arc::from(hub),
-                    connection_id: connection_id.to_owned(),
-                    group: group.to_owned(),
-                    join,
-                    reply,
-                });
-                replies.push(answer);
-            }
-        }
+        self.connection_op(
+            hub,
+            connection_id,
+            ConnectionOp::WatchPresence(group.to_owned()),
+        )
+    }
+
+    pub fn unwatch_presence(
+        &self,
+        hub: &str,
+        connection_id: &str,
+        group: &str,
+    ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
+        self.connection_op(
+            hub,
+            connection_id,
+            ConnectionOp::UnwatchPresence(group.to_owned()),
+        )
+    }
+
+    /// Closes a connection with a Close message. Resolves `false` if it is not connected.
+    pub fn close_connection(
+        &self,
+        hub: &str,
+        connection_id: &str,
+    ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
+        self.connection_op(hub, connection_id, ConnectionOp::Close)
+    }
+
+    /// A group's connections and distinct users, over all shards, now.
+    pub fn group_presence(&self, hub: &str, group: &str) -> GroupPresence {
+        self.shared.presence.group(hub, group)
+    }
+
+    pub fn is_user_online(&self, hub: &str, user: &str) -> bool {
+        self.shared.presence.is_user_online(hub, user)
+    }
+
+    /// The ids of the user's connections, sorted (empty when offline).
+    pub fn user_connections(&self, hub: &str, user: &str) -> Vec<String> {
+        self.shared.presence.user_connections(hub, user)
+    }
+
+    /// Whether a connection is connected to `hub` (on any shard).
+    pub fn is_connected(&self, hub: &str, connection_id: &str) -> bool {
+        self.shared.presence.shard_of(hub, connection_id).is_some()
+    }
+
+    /// The user's durable groups (read from the membership store), sorted.
+    pub fn user_groups(&self, hub: &str, user: &str) -> Result<Vec<String>, ContextError> {
+        let mut groups = self
+            .shared
+            .store
+            .user_groups(hub, user)
+            .map_err(|e| ContextError::Store(e.to_string()))?;
+        groups.sort_unstable();
+        Ok(groups)
+    }
+
+    /// Durably adds a user to a group: stored first, then joined by every current
+    /// connection of the user; future connections join at connect time, after restarts
+    /// too. Resolves once both are done.
+    pub fn add_user_to_group(
+        &self,
+        hub: &str,
+        user: &str,
+        group: &str,
+    ) -> impl Future<Output = Result<(), ContextError>> + Send + 'static {
+        self.durable_membership(hub, user, group, true)
+    }
+
+    /// Durably removes a user from a group; its current connections leave it.
+    pub fn remove_user_from_group(
+        &self,
+        hub: &str,
+        user: &str,
+        group: &str,
+    ) -> impl Future<Output = Result<(), ContextError>> + Send + 'static {
+        self.durable_membership(hub, user, group, false)
+    }
+
+    fn durable_membership(
+        &self,
+        hub: &str,
+        user: &str,
+        group: &str,
+        join: bool,
+    ) -> impl Future<Output = Result<(), ContextError>> + Send + 'static {
+        let context = self.clone();
+        let (hub, user, group) = (hub.to_owned(), user.to_owned(), group.to_owned());
         async move {
-            if shutting_down {
-                return Err(ContextError::ShuttingDown);
+            let (hub_key, user_key, group_key) = (hub.clone(), user.clone(), group.clone());
+            context
+                .run_on_store(move |store| {
+                    if join {
+                        store.add(&hub_key, &user_key, &group_key)
+                    } else {
+                        store.remove(&hub_key, &user_key, &group_key)
+                    }
+                })
+                .await?;
+            // Stored before the current connections are listed: a connection that
+            // registers meanwhile reads the store after registering, so every
+            // connection is covered by one side or the other.
+            for connection_id in context.user_connections(&hub, &user) {
+                let op = if join {
+                    ConnectionOp::Join(group.clone())
+                } else {
+                    ConnectionOp::Leave(group.clone())
+                };
+                context.connection_op(&hub, &connection_id, op).await?;
             }
-            let mut found = local;
-            for answer in replies {
+            Ok(())
+        }
+    }
+
+    /// Runs `job` on the store thread.
+    fn run_on_store(
+        &self,
+        job: impl FnOnce(&dyn MembershipStore) -> Result<(), StoreError> + Send + 'static,
+    ) -> impl Future<Output = Result<(), ContextError>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.shared.store_jobs.send(Box::new(move |store| {
+            let _ = reply.send(job(store));
+        }));
+        async move {
+            sent.map_err(|_| ContextError::ShuttingDown)?;
+            answer
+                .await
+                .map_err(|_| ContextError::ShuttingDown)?
+                .map_err(|e| ContextError::Store(e.to_string()))
+        }
+    }
+
+    /// Runs `op` on the shard that holds the connection: at once when that is this
+    /// thread's shard, else through its inbox.
+    fn connection_op(
+        &self,
+        hub: &str,
+        connection_id: &str,
+        op: ConnectionOp,
+    ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
+        enum Step {
+            Done(Result<bool, ContextError>),
+            Wait(oneshot::Receiver<bool>),
+        }
+        let step = if self.shared.is_shutting_down() {
+            Step::Done(Err(ContextError::ShuttingDown))
+        } else {
+            match self.shared.presence.shard_of(hub, connection_id) {
+                None => Step::Done(Ok(false)),
+                Some(shard) if Some(shard) == shard::current_index(&self.shared) => {
+                    let done =
+                        shard::with_current(|state| state.connection_op(hub, connection_id, &op));
+                    Step::Done(Ok(done.unwrap_or(false)))
+                }
+                Some(shard) => {
+                    let (reply, answer) = oneshot::channel();
+                    self.shared.inboxes[shard].push(Command::Connection {
+                        hub: Arc::from(hub),
+                        connection_id: connection_id.to_owned(),
+                        op,
+                        reply,
+                    });
+                    Step::Wait(answer)
+                }
+            }
+        };
+        async move {
+            match step {
+                Step::Done(result) => result,
                 // A shard that stopped answers nothing: the connection is gone with it.
-                found |= answer.await.unwrap_or(false);
+                Step::Wait(answer) => Ok(answer.await.unwrap_or(false)),
             }
-            Ok(found)
         }
     }
 }

@@ -8,6 +8,9 @@
 //! - `router`: per-shard group/user tables and the messages between shards;
 //! - [`hub`]: the embedding API ([`Hub`], [`HubContext`], [`Target`]);
 //! - [`builtin`]: the contract's built-in hub, written on that API;
+//! - [`presence`]: connections, users and group counts across shards;
+//! - [`store`]: durable user -> group membership ([`MembershipStore`], redb by default);
+//! - `rest`: the REST API for backends (contract section 5);
 //! - [`auth`], [`config`], [`metrics`].
 
 pub mod auth;
@@ -16,17 +19,22 @@ pub mod config;
 mod conn;
 pub mod hub;
 pub mod metrics;
+pub mod presence;
+mod rest;
 mod router;
 pub mod server;
 mod shard;
+pub mod store;
 
 pub use auth::{Claims, GroupAuthorizer, UserIdProvider};
 pub use config::{Config, ServeArgs};
 pub use hub::{
     Call, Caller, ContextError, FromValue, Hub, HubContext, HubError, LocalBoxFuture, Target,
 };
+pub use presence::GroupPresence;
 pub use ringhub_protocol::Value;
 pub use server::{Server, ServerBuilder, ServerError};
+pub use store::{MembershipStore, MemoryStore, RedbStore, StoreError};
 
 /// Frames encoded for broadcasts since the process started: a fan-out encodes at most
 /// one per hub protocol in use, however many recipients (checked by the tests).

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 #[repr(align(128))]
 pub struct ShardMetrics {
     pub connections: AtomicI64,
-    pub groups: AtomicI64,
     pub messages_received: AtomicU64,
     pub deliveries: AtomicU64,
     pub bytes_sent: AtomicU64,
@@ -48,8 +47,9 @@ impl Metrics {
             .sum()
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+    /// The Prometheus text exposition; `groups` is the number of groups with members
+    /// over all shards (from the presence registry).
+    pub fn render(&self, groups: usize) -> String {
         let mut out = String::with_capacity(1024);
         out.push_str("# HELP ringhub_connections Open SignalR connections.\n# TYPE ringhub_connections gauge\n");
         for (i, shard) in self.shards.iter().enumerate() {
@@ -59,8 +59,9 @@ impl Metrics {
                 shard.connections.load(Relaxed)
             );
         }
-        let groups: i64 = self.shards.iter().map(|s| s.groups.load(Relaxed)).sum();
-        out.push_str("# HELP ringhub_groups Groups with at least one member (counted per shard that holds members).\n# TYPE ringhub_groups gauge\n");
+        out.push_str(
+            "# HELP ringhub_groups Groups with at least one member.\n# TYPE ringhub_groups gauge\n",
+        );
         let _ = writeln!(out, "ringhub_groups {groups}");
         let counters: [(&str, &str, u64); 5] = [
             (

@@ -63,15 +63,25 @@ pub enum Command {
         target: Arc<Target>,
         broadcast: Arc<Broadcast>,
     },
-    /// Join (or leave) a group if the connection lives here; the reply says whether it did.
-    Membership {
+    /// Acts on a connection if it lives here; the reply says whether it did.
+    Connection {
         hub: Arc<str>,
         connection_id: String,
-        group: String,
-        join: bool,
+        op: ConnectionOp,
         reply: oneshot::Sender<bool>,
     },
     Shutdown,
+}
+
+/// What can be done to a connection from anywhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionOp {
+    Join(String),
+    Leave(String),
+    WatchPresence(String),
+    UnwatchPresence(String),
+    /// Close it with a Close message (reconnect not suggested).
+    Close,
 }
 
 /// A shard's inbox: a lock-free unbounded MPSC queue (producers never block, a
@@ -146,10 +156,9 @@ pub struct HubTables {
     by_id: HashMap<String, u64>,
     groups: HashMap<String, HashSet<u64>>,
     users: HashMap<String, HashSet<u64>>,
+    /// group -> local connections watching its presence.
+    watchers: HashMap<String, HashSet<u64>>,
 }
-
-/// Changes in the number of non-empty groups, for the `ringhub_groups` gauge.
-pub type GroupDelta = i64;
 
 impl HubTables {
     pub fn insert(&mut self, conn: Rc<Conn>) {
@@ -161,63 +170,91 @@ impl HubTables {
         self.conns.insert(conn.key, conn);
     }
 
-    /// Removes a connection from every table; returns the group-count change.
-    pub fn remove(&mut self, key: u64) -> GroupDelta {
-        let Some(conn) = self.conns.remove(&key) else {
-            return 0;
-        };
+    /// Removes a connection from every table, leaving its groups and its watches; calls
+    /// `left(group)` for each group it was in and `unwatched(group)` for each watch.
+    pub fn remove(
+        &mut self,
+        key: u64,
+        mut left: impl FnMut(&str),
+        mut unwatched: impl FnMut(&str),
+    ) -> Option<Rc<Conn>> {
+        let conn = self.conns.remove(&key)?;
         self.by_id.remove(&conn.caller.connection_id);
         if let Some(user) = &conn.caller.user_id {
-            if let Some(set) = self.users.get_mut(user) {
-                set.remove(&key);
-                if set.is_empty() {
-                    self.users.remove(user);
-                }
-            }
+            remove_member(&mut self.users, user, key);
         }
-        let groups: Vec<String> = conn.groups.borrow_mut().drain().collect();
-        groups.iter().map(|g| self.leave_group(key, g)).sum()
+        for group in conn.groups.borrow_mut().drain() {
+            remove_member(&mut self.groups, &group, key);
+            left(&group);
+        }
+        for group in conn.watching.borrow_mut().drain() {
+            remove_member(&mut self.watchers, &group, key);
+            unwatched(&group);
+        }
+        Some(conn)
     }
 
     pub fn key_of(&self, connection_id: &str) -> Option<u64> {
         self.by_id.get(connection_id).copied()
     }
 
-    pub fn join(&mut self, key: u64, group: &str) -> GroupDelta {
+    pub fn conn(&self, key: u64) -> Option<&Rc<Conn>> {
+        self.conns.get(&key)
+    }
+
+    /// Adds the connection to the group; true if it was not in it.
+    pub fn join(&mut self, key: u64, group: &str) -> bool {
         let Some(conn) = self.conns.get(&key) else {
-            return 0;
+            return false;
         };
-        conn.groups.borrow_mut().insert(group.to_owned());
-        match self.groups.get_mut(group) {
-            Some(members) => {
-                members.insert(key);
-                0
-            }
-            None => {
-                self.groups
-                    .insert(group.to_owned(), HashSet::from_iter([key]));
-                1
-            }
+        if !conn.groups.borrow_mut().insert(group.to_owned()) {
+            return false;
         }
+        self.groups.entry_ref(group).or_default().insert(key);
+        true
     }
 
-    pub fn leave(&mut self, key: u64, group: &str) -> GroupDelta {
-        if let Some(conn) = self.conns.get(&key) {
-            conn.groups.borrow_mut().remove(group);
+    /// Removes the connection from the group; true if it was in it.
+    pub fn leave(&mut self, key: u64, group: &str) -> bool {
+        let Some(conn) = self.conns.get(&key) else {
+            return false;
+        };
+        if !conn.groups.borrow_mut().remove(group) {
+            return false;
         }
-        self.leave_group(key, group)
+        remove_member(&mut self.groups, group, key);
+        true
     }
 
-    fn leave_group(&mut self, key: u64, group: &str) -> GroupDelta {
-        let Some(members) = self.groups.get_mut(group) else {
-            return 0;
+    /// Starts or stops the connection's watch of a group; true if that changed anything.
+    pub fn watch(&mut self, key: u64, group: &str, watch: bool) -> bool {
+        let Some(conn) = self.conns.get(&key) else {
+            return false;
         };
-        members.remove(&key);
-        if members.is_empty() {
-            self.groups.remove(group);
-            -1
+        if watch {
+            if !conn.watching.borrow_mut().insert(group.to_owned()) {
+                return false;
+            }
+            self.watchers.entry_ref(group).or_default().insert(key);
         } else {
-            0
+            if !conn.watching.borrow_mut().remove(group) {
+                return false;
+            }
+            remove_member(&mut self.watchers, group, key);
+        }
+        true
+    }
+
+    /// Hands the broadcast's frame to every local watcher of `group`.
+    pub fn notify_watchers(&self, group: &str, broadcast: &Broadcast) {
+        let Some(watchers) = self.watchers.get(group) else {
+            return;
+        };
+        let mut frames = FrameCache::new(broadcast);
+        for key in watchers {
+            if let Some(conn) = self.conns.get(key) {
+                conn.enqueue(frames.get(conn.protocol));
+            }
         }
     }
 
@@ -274,6 +311,16 @@ impl HubTables {
                 .for_each(&mut send),
         }
         count
+    }
+}
+
+/// Removes `key` from the set under `name`, dropping the set once empty.
+fn remove_member(sets: &mut HashMap<String, HashSet<u64>>, name: &str, key: u64) {
+    if let Some(set) = sets.get_mut(name) {
+        set.remove(&key);
+        if set.is_empty() {
+            sets.remove(name);
+        }
     }
 }
 

@@ -16,8 +16,10 @@ use crate::auth::{
 use crate::config::Config;
 use crate::hub::{Hub, HubContext};
 use crate::metrics::Metrics;
+use crate::presence::Presence;
 use crate::router::{Command, Inbox};
 use crate::shard;
+use crate::store::{MembershipStore, RedbStore, StoreError};
 
 /// Why a server could not start.
 #[derive(Debug, Error)]
@@ -27,8 +29,10 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot start shard thread: {0}")]
+    #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error("--data: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// Makes one hub instance per shard.
@@ -44,6 +48,9 @@ pub(crate) struct Negotiated {
 /// How long a negotiated connection waits for its transport (SignalR's DisconnectTimeout).
 pub(crate) const NEGOTIATION_TTL: Duration = Duration::from_secs(15);
 
+/// A store write, run on the store thread.
+pub(crate) type StoreJob = Box<dyn FnOnce(&dyn MembershipStore) + Send>;
+
 /// What all shards share: configuration, inboxes, counters. Read-mostly; the only lock
 /// guards negotiate tokens, which are touched once per connection, never per message.
 pub struct Shared {
@@ -55,6 +62,10 @@ pub struct Shared {
     pub(crate) authorizer: Arc<dyn GroupAuthorizer>,
     pub(crate) hub_factory: HubFactory,
     pub(crate) negotiations: Mutex<HashMap<String, Negotiated>>,
+    pub(crate) presence: Presence,
+    pub(crate) store: Arc<dyn MembershipStore>,
+    /// Store writes run on their own thread (a commit waits for the disk).
+    pub(crate) store_jobs: std::sync::mpsc::Sender<StoreJob>,
     pub(crate) ready_shards: AtomicUsize,
     pub(crate) shutting_down: AtomicBool,
 }
@@ -80,6 +91,7 @@ pub struct ServerBuilder {
     hub_factory: HubFactory,
     user_ids: Arc<dyn UserIdProvider>,
     authorizer: Arc<dyn GroupAuthorizer>,
+    store: Option<Arc<dyn MembershipStore>>,
 }
 
 impl ServerBuilder {
@@ -90,6 +102,7 @@ impl ServerBuilder {
             hub_factory: Arc::new(|| Box::new(crate::builtin::BuiltinHub)),
             user_ids: Arc::new(SubClaimUserId),
             authorizer: Arc::new(ClaimPatterns),
+            store: None,
         }
     }
 
@@ -109,9 +122,31 @@ impl ServerBuilder {
         self
     }
 
+    /// Where durable user -> group memberships live; without this, a redb file under
+    /// the configured data directory.
+    pub fn membership_store(mut self, store: impl MembershipStore) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
     /// Binds the listeners and starts the shards.
     pub fn start(self) -> Result<Server, ServerError> {
         let threads = self.config.threads;
+        let store: Arc<dyn MembershipStore> = match self.store {
+            Some(store) => store,
+            None => Arc::new(RedbStore::open(&self.config.data)?),
+        };
+        let (store_jobs, jobs) = std::sync::mpsc::channel::<StoreJob>();
+        let store_for_thread = store.clone();
+        std::thread::Builder::new()
+            .name("ringhub-store".into())
+            .spawn(move || {
+                // Ends when the last sender (the server's shared state) is gone.
+                for job in jobs {
+                    job(&*store_for_thread);
+                }
+            })
+            .map_err(ServerError::Thread)?;
         let listeners = bind_listeners(self.config.listen, threads)?;
         let local_addr = listeners[0]
             .local_addr()
@@ -132,6 +167,9 @@ impl ServerBuilder {
             authorizer: self.authorizer,
             hub_factory: self.hub_factory,
             negotiations: Mutex::new(HashMap::new()),
+            presence: Presence::new(threads),
+            store,
+            store_jobs,
             ready_shards: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
         });

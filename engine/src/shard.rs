@@ -23,7 +23,9 @@ use crate::auth::Claims;
 use crate::conn::{write_now, Conn, MetricsRef, Signal, CLOSE_GRACE};
 use crate::hub::{Call, Caller, Hub, HubContext, Target};
 use crate::metrics::ShardMetrics;
-use crate::router::{Broadcast, Command, HubTables};
+use crate::presence::{PRESENCE_CHANGED, PRESENCE_INTERVAL};
+use crate::rest;
+use crate::router::{Broadcast, Command, ConnectionOp, HubTables};
 use crate::server::{Negotiated, Shared, NEGOTIATION_TTL};
 
 thread_local! {
@@ -48,8 +50,8 @@ pub(crate) fn with_current<R>(f: impl FnOnce(&ShardState) -> R) -> Option<R> {
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 4096;
-/// The largest request body accepted on plain HTTP endpoints.
-const MAX_BODY_BYTES: usize = 1 << 20;
+/// The largest request body accepted on plain HTTP endpoints (the REST API included).
+pub(crate) const MAX_BODY_BYTES: usize = 1 << 20;
 /// An idle keep-alive HTTP connection is closed after this long.
 const HTTP_IDLE: Duration = Duration::from_secs(30);
 /// SignalR's handshake timeout.
@@ -81,35 +83,53 @@ impl ShardState {
         }
     }
 
-    /// Joins or leaves a group if the connection lives on this shard.
-    pub fn change_membership(
-        &self,
-        hub: &str,
-        connection_id: &str,
-        group: &str,
-        join: bool,
-    ) -> bool {
+    /// Acts on a connection if it lives on this shard; false if it does not.
+    pub fn connection_op(&self, hub: &str, connection_id: &str, op: &ConnectionOp) -> bool {
         let mut hubs = self.hubs.borrow_mut();
         let Some(tables) = hubs.get_mut(hub) else {
             return false;
         };
-        let Some(key) = tables.key_of(connection_id) else {
+        let Some(conn) = tables
+            .key_of(connection_id)
+            .and_then(|key| tables.conn(key))
+            .cloned()
+        else {
             return false;
         };
-        let delta = if join {
-            tables.join(key, group)
-        } else {
-            tables.leave(key, group)
-        };
-        self.metrics()
-            .groups
-            .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+        let presence = &self.shared.presence;
+        let user = conn.caller.user_id.as_deref();
+        match op {
+            ConnectionOp::Join(group) => {
+                if tables.join(conn.key, group) {
+                    presence.joined(hub, group, user);
+                }
+            }
+            ConnectionOp::Leave(group) => {
+                if tables.leave(conn.key, group) {
+                    presence.left(hub, group, user);
+                }
+            }
+            ConnectionOp::WatchPresence(group) | ConnectionOp::UnwatchPresence(group) => {
+                let watch = matches!(op, ConnectionOp::WatchPresence(_));
+                if tables.watch(conn.key, group, watch) {
+                    presence.watch(hub, group, self.index, watch);
+                }
+            }
+            ConnectionOp::Close => conn.close(None, false),
+        }
         true
     }
 
     fn register(&self, conn: Rc<Conn>) {
+        let caller = &conn.caller;
+        self.shared.presence.connected(
+            &caller.hub,
+            &caller.connection_id,
+            caller.user_id.as_deref(),
+            self.index,
+        );
         let mut hubs = self.hubs.borrow_mut();
-        hubs.entry_ref(conn.caller.hub.as_str())
+        hubs.entry_ref(caller.hub.as_str())
             .or_default()
             .insert(conn);
         self.metrics()
@@ -117,21 +137,57 @@ impl ShardState {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Takes the connection out of every table and group, here and in presence.
     fn unregister(&self, conn: &Conn) {
+        let (hub, user) = (conn.caller.hub.as_str(), conn.caller.user_id.as_deref());
+        let presence = &self.shared.presence;
         let mut hubs = self.hubs.borrow_mut();
-        let Some(tables) = hubs.get_mut(conn.caller.hub.as_str()) else {
-            return;
-        };
-        let delta = tables.remove(conn.key);
-        if tables.conns.is_empty() {
-            hubs.remove(conn.caller.hub.as_str());
+        if let Some(tables) = hubs.get_mut(hub) {
+            tables.remove(
+                conn.key,
+                |group| presence.left(hub, group, user),
+                |group| presence.watch(hub, group, self.index, false),
+            );
+            if tables.conns.is_empty() {
+                hubs.remove(hub);
+            }
         }
-        self.metrics()
-            .groups
-            .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+        presence.disconnected(hub, &conn.caller.connection_id);
         self.metrics()
             .connections
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Joins a new connection to its user's durable groups.
+    fn join_durable_groups(&self, caller: &Caller) {
+        let Some(user) = &caller.user_id else {
+            return;
+        };
+        match self.shared.store.user_groups(&caller.hub, user) {
+            Ok(groups) => {
+                for group in groups {
+                    self.connection_op(
+                        &caller.hub,
+                        &caller.connection_id,
+                        &ConnectionOp::Join(group),
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(user, "cannot read durable groups: {e}"),
+        }
+    }
+
+    /// Tells this shard's watchers about the groups whose counts changed.
+    fn notify_presence(&self) {
+        for (hub, group, presence) in self.shared.presence.take_changes(self.index) {
+            if let Some(tables) = self.hubs.borrow().get(&hub) {
+                let broadcast = Broadcast::new(HubMessage::invocation(
+                    PRESENCE_CHANGED,
+                    vec![presence.changed_value(&group)],
+                ));
+                tables.notify_watchers(&group, &broadcast);
+            }
+        }
     }
 
     fn all_conns(&self) -> Vec<Rc<Conn>> {
@@ -149,14 +205,13 @@ impl ShardState {
                 target,
                 broadcast,
             } => self.deliver(&hub, &target, &broadcast),
-            Command::Membership {
+            Command::Connection {
                 hub,
                 connection_id,
-                group,
-                join,
+                op,
                 reply,
             } => {
-                let _ = reply.send(self.change_membership(&hub, &connection_id, &group, join));
+                let _ = reply.send(self.connection_op(&hub, &connection_id, &op));
             }
             Command::Shutdown => {
                 self.shutdown.fire();
@@ -212,6 +267,7 @@ pub(crate) fn run(index: usize, core: usize, listener: std::net::TcpListener, sh
                 .await;
         });
         monoio::spawn(tick(state.clone()));
+        monoio::spawn(presence_notifier(state.clone()));
         state
             .shared
             .ready_shards
@@ -281,6 +337,15 @@ async fn tick(state: Rc<ShardState>) {
     }
 }
 
+/// Every [`PRESENCE_INTERVAL`]: one `PresenceChanged` per changed watched group.
+async fn presence_notifier(state: Rc<ShardState>) {
+    let mut interval = monoio::time::interval(PRESENCE_INTERVAL);
+    while !state.shutdown.is_fired() {
+        interval.tick().await;
+        state.notify_presence();
+    }
+}
+
 /// Reads more bytes into `buf`; `Ok(false)` at end of stream.
 async fn read_more(
     reader: &mut OwnedReadHalf<TcpStream>,
@@ -333,13 +398,22 @@ async fn serve_http(state: Rc<ShardState>, stream: TcpStream) {
                 _ => return,
             }
         };
-        let body_len = head.content_length().ok().flatten().unwrap_or(0);
+        let body_len = match head.content_length() {
+            Ok(length) => length.unwrap_or(0),
+            Err(e) => {
+                let response = text_response(e.status(), &e.to_string(), false);
+                let _ = write_now(&mut writer, response).await;
+                return;
+            }
+        };
+        let is_api = head.path.starts_with("/api/");
         if body_len > MAX_BODY_BYTES {
-            let _ = write_now(
-                &mut writer,
-                text_response(413, "request body too large", false),
-            )
-            .await;
+            let response = if is_api {
+                rest::too_large()
+            } else {
+                text_response(413, "request body too large", false)
+            };
+            let _ = write_now(&mut writer, response).await;
             return;
         }
         while buf.len() < body_len {
@@ -348,7 +422,23 @@ async fn serve_http(state: Rc<ShardState>, stream: TcpStream) {
                 _ => return,
             }
         }
-        let _body = buf.split_to(body_len);
+        let body = buf.split_to(body_len);
+        if is_api {
+            let request = rest::Request {
+                head: &head,
+                body: &body,
+            };
+            let response = rest::handle(
+                &state.context,
+                state.shared.config.api_key.as_deref(),
+                request,
+            )
+            .await;
+            if write_now(&mut writer, response).await.is_err() || !head.keep_alive() {
+                return;
+            }
+            continue;
+        }
         let keep_alive = head.keep_alive();
         let origin = head.header_str("origin").map(str::to_owned);
         let routed = match route(&state, &head) {
@@ -404,7 +494,7 @@ struct Upgrade {
     claims: Option<Claims>,
 }
 
-fn valid_hub_name(name: &str) -> bool {
+pub(crate) fn valid_hub_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
             .bytes()
@@ -452,7 +542,11 @@ fn route(state: &ShardState, head: &RequestHead) -> Routed {
             200,
             "text/plain; version=0.0.4",
             &[],
-            state.shared.metrics.render().as_bytes(),
+            state
+                .shared
+                .metrics
+                .render(state.shared.presence.nonempty_groups())
+                .as_bytes(),
             keep_alive,
         )),
         (method, ["hubs", hub, "negotiate"]) if valid_hub_name(hub) => {
@@ -691,16 +785,6 @@ async fn websocket(
             return;
         }
     };
-    if write_now(
-        &mut writer,
-        frame::encode_raw(protocol, handshake::OK_RESPONSE),
-    )
-    .await
-    .is_err()
-    {
-        return;
-    }
-
     let caller = Rc::new(Caller {
         user_id: state.shared.user_ids.user_id(upgrade.claims.as_ref()),
         connection_id: upgrade.connection_id,
@@ -716,7 +800,21 @@ async fn websocket(
         config.max_buffered_bytes,
         state.metrics.clone(),
     ));
+    // Registered (and in its durable groups) before the client learns it is connected,
+    // so that whatever the client or its backend does next already finds it. Frames
+    // sent to it meanwhile wait in its queue until the writer starts.
     state.register(conn.clone());
+    state.join_durable_groups(&caller);
+    if write_now(
+        &mut writer,
+        frame::encode_raw(protocol, handshake::OK_RESPONSE),
+    )
+    .await
+    .is_err()
+    {
+        state.unregister(&conn);
+        return;
+    }
     monoio::spawn(conn.clone().write_loop(writer));
     state.hub.on_connected(&caller, &state.context).await;
     tracing::debug!(connection = %caller.connection_id, hub = %caller.hub, ?protocol, "connected");

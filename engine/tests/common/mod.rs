@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use ringhub_engine::{Config, Server, ServerBuilder};
+use ringhub_engine::{Config, MemoryStore, Server, ServerBuilder};
 use ringhub_protocol::ws::{encode_client_frame, Opcode};
 
 pub fn start(config: Config) -> Server {
@@ -16,6 +16,7 @@ pub fn start(config: Config) -> Server {
         listen: "127.0.0.1:0".parse().unwrap(),
         ..config
     })
+    .membership_store(MemoryStore::default())
     .start()
     .expect("server starts")
 }

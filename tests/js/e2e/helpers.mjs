@@ -2,14 +2,24 @@
 // stock @microsoft/signalr clients and collect what they receive.
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { HubConnectionBuilder, HttpTransportType, LogLevel } from "@microsoft/signalr";
 import { MessagePackHubProtocol } from "@microsoft/signalr-protocol-msgpack";
 
 export const BINARY = process.env.RINGHUB_BIN ?? new URL("../../../target/debug/ringhub", import.meta.url).pathname;
 
-/** Starts a server on a free port; resolves once /healthz answers 200. */
-export async function startServer(args = []) {
-  const child = spawn(BINARY, ["serve", "--listen", "127.0.0.1:0", ...args], {
+/** A fresh directory for a server's `--data`. */
+export function tempDataDir() {
+  return mkdtempSync(join(tmpdir(), "ringhub-e2e-"));
+}
+
+/** Starts a server on a free port; resolves once /healthz answers 200. Unless `args`
+ *  name a `--data` directory, the server gets a fresh one. */
+export async function startServer(args = [], { binary = BINARY, listen = "127.0.0.1:0" } = {}) {
+  const data = args.includes("--data") ? [] : ["--data", tempDataDir()];
+  const child = spawn(binary, ["serve", "--listen", listen, ...data, ...args], {
     env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "info" },
     stdio: ["ignore", "ignore", "pipe"],
   });
