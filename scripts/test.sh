@@ -33,8 +33,10 @@ step "JS client decodes what ringhub encodes"
 node tests/js/check-rust-vectors.mjs
 
 step "end to end with the stock @microsoft/signalr client"
-cargo build -p ringhub-engine --bin ringhub --locked
-RINGHUB_BIN="$root/target/debug/ringhub" node --test --test-concurrency=1 tests/js/e2e/
+cargo build -p ringhub-engine --bin ringhub --example ward_monitor --locked
+RINGHUB_BIN="$root/target/debug/ringhub" \
+  RINGHUB_WARD_MONITOR_BIN="$root/target/debug/examples/ward_monitor" \
+  node --test --test-concurrency=1 tests/js/e2e/
 
 step "load generator smoke (so the benchmark cannot rot)"
 cargo build -p ringhub-bench --bin ringhub-bench --locked

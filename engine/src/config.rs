@@ -35,12 +35,12 @@ pub struct ServeArgs {
     /// HS256 secret; when set, every connection needs a valid token.
     #[arg(long, env = "RINGHUB_JWT_SECRET", value_name = "S")]
     pub jwt_secret: Option<String>,
-    /// Bearer key for the REST API; REST is disabled without it. (The REST API arrives
-    /// with the presence/REST milestone; until then the key is validated only.)
+    /// Bearer key for the REST API under /api (document: GET /api/openapi.json); REST is
+    /// disabled without it.
     #[arg(long, env = "RINGHUB_API_KEY", value_name = "K")]
     pub api_key: Option<String>,
-    /// Directory of the embedded store for durable user→group membership
-    /// [default: ./ringhub-data]. (Used once durable membership lands; validated now.)
+    /// Directory of the embedded store (redb) for durable user→group membership; a
+    /// restart with the same directory keeps it [default: ./ringhub-data].
     #[arg(long, env = "RINGHUB_DATA", value_name = "DIR")]
     pub data: Option<PathBuf>,
     /// Redis URL of the backplane for multi-node scale-out. (Used once scale-out

@@ -9,6 +9,8 @@ import { HubConnectionBuilder, HttpTransportType, LogLevel } from "@microsoft/si
 import { MessagePackHubProtocol } from "@microsoft/signalr-protocol-msgpack";
 
 export const BINARY = process.env.RINGHUB_BIN ?? new URL("../../../target/debug/ringhub", import.meta.url).pathname;
+/** The ward monitor embedding example (engine/examples/ward_monitor.rs). */
+export const WARD_MONITOR = process.env.RINGHUB_WARD_MONITOR_BIN ?? new URL("../../../target/debug/examples/ward_monitor", import.meta.url).pathname;
 
 /** A fresh directory for a server's `--data`. */
 export function tempDataDir() {
@@ -17,18 +19,22 @@ export function tempDataDir() {
 
 /** Starts a server on a free port; resolves once /healthz answers 200. Unless `args`
  *  name a `--data` directory, the server gets a fresh one. */
-export async function startServer(args = [], { binary = BINARY, listen = "127.0.0.1:0" } = {}) {
+export async function startServer(args = [], { binary = BINARY, command = ["serve"], listen = "127.0.0.1:0" } = {}) {
   const data = args.includes("--data") ? [] : ["--data", tempDataDir()];
-  const child = spawn(binary, ["serve", "--listen", listen, ...data, ...args], {
+  const child = spawn(binary, [...command, "--listen", listen, ...data, ...args], {
     env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "info" },
     stdio: ["ignore", "ignore", "pipe"],
   });
   let log = "";
   const address = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`server did not start:\n${log}`)), 20000);
+    const timer = setTimeout(() => {
+      child.kill("SIGKILL");
+      reject(new Error(`server did not start:\n${log}`));
+    }, 20000);
     child.stderr.on("data", (chunk) => {
       log += chunk;
-      const match = /address=(\S+)/.exec(log);
+      // Colour codes (a logger writing to a terminal) would split `address=`.
+      const match = /address=(\S+)/.exec(log.replace(/\x1b\[[0-9;]*m/g, ""));
       if (match) {
         clearTimeout(timer);
         resolve(match[1]);
