@@ -48,6 +48,8 @@ for protocol in json messagepack; do
   "$root/target/debug/ringhub-bench" loadgen --addr 127.0.0.1:23457 --connections 50 --groups 5 \
     --publishers 2 --warmup-secs 1 --duration-secs 2 --protocol "$protocol"
 done
+"$root/target/debug/ringhub-bench" churn --addr 127.0.0.1:23457 --connections 20 --groups 5 \
+  --warmup-secs 1 --duration-secs 1
 kill $server_pid
 wait $server_pid || true
 trap - EXIT

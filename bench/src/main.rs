@@ -4,7 +4,7 @@
 //! send `SendToGroup` as fast as the server completes them (a window of blocking
 //! invocations each); receivers count the deliveries. It reports deliveries per second
 //! over the measured window and its own CPU time per delivery, so the load generator's
-//! own cost is visible. (The full benchmark with peers and reports comes next.)
+//! own cost is visible. `churn` measures JoinGroup/LeaveGroup operations per second.
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -34,6 +34,32 @@ struct Cli {
 enum Command {
     /// Run a fan-out load against a running server.
     Loadgen(LoadArgs),
+    /// Membership churn: every connection alternates JoinGroup and LeaveGroup as fast
+    /// as the server completes them; reports operations per second.
+    Churn(ChurnArgs),
+}
+
+#[derive(Parser, Clone)]
+struct ChurnArgs {
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    addr: SocketAddr,
+    #[arg(long, default_value = "chat")]
+    hub: String,
+    #[arg(long, default_value_t = 200)]
+    connections: usize,
+    /// Groups the connections spread over.
+    #[arg(long, default_value_t = 50)]
+    groups: usize,
+    /// Blocking invocations in flight per connection.
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup_secs: u64,
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    /// Pin the load generator to this core.
+    #[arg(long)]
+    core: Option<usize>,
 }
 
 #[derive(Parser, Clone)]
@@ -67,34 +93,115 @@ struct LoadArgs {
 }
 
 fn main() {
-    let Command::Loadgen(args) = Cli::parse().command;
-    if let Some(core) = args.core {
+    let command = Cli::parse().command;
+    let core = match &command {
+        Command::Loadgen(args) => args.core,
+        Command::Churn(args) => args.core,
+    };
+    if let Some(core) = core {
         let _ = monoio::utils::bind_to_cpu_set([core]);
     }
-    let Some(protocol) = HubProtocol::from_name(&args.protocol) else {
-        eprintln!("ringhub-bench: --protocol: must be json or messagepack");
-        std::process::exit(2);
-    };
     let mut runtime = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
         .with_entries(4096)
         .enable_timer()
         .build()
         .expect("io_uring runtime");
-    let (report, healthy) = runtime.block_on(run(args.clone(), protocol));
+    let (report, healthy) = match command {
+        Command::Loadgen(args) => {
+            let Some(protocol) = HubProtocol::from_name(&args.protocol) else {
+                eprintln!("ringhub-bench: --protocol: must be json or messagepack");
+                std::process::exit(2);
+            };
+            runtime.block_on(run(args.clone(), protocol))
+        }
+        Command::Churn(args) => runtime.block_on(churn(args)),
+    };
     println!("{report}");
     if !healthy {
-        eprintln!("ringhub-bench: not every connection joined, or nothing was delivered");
+        eprintln!("ringhub-bench: not every connection was set up, or nothing completed");
         std::process::exit(1);
     }
 }
 
+/// One churning connection: JoinGroup/LeaveGroup of its group, `window` in flight.
+async fn churner(args: ChurnArgs, index: usize, done: Rc<Cell<u64>>, ready: Rc<Cell<usize>>) {
+    let protocol = HubProtocol::Json;
+    let (stream, mut buf) = match open(args.addr, &args.hub, protocol).await {
+        Ok(opened) => opened,
+        Err(error) => {
+            eprintln!("churner could not connect: {error}");
+            return;
+        }
+    };
+    ready.set(ready.get() + 1);
+    let group = Value::Str(format!("churn{}", index % args.groups));
+    let pair: Vec<u8> = [
+        invocation_frame(protocol, Some("j".into()), "JoinGroup", vec![group.clone()]),
+        invocation_frame(protocol, Some("l".into()), "LeaveGroup", vec![group]),
+    ]
+    .concat();
+    let (mut reader, mut writer) = monoio::io::Splitable::into_split(stream);
+    let mut in_flight = 0;
+    loop {
+        // Whole join+leave pairs, so the connection ends each window outside the group.
+        let mut batch = Vec::new();
+        while in_flight + 2 <= args.window.max(2) {
+            batch.extend_from_slice(&pair);
+            in_flight += 2;
+        }
+        if !batch.is_empty() {
+            let (result, _) = writer.write_all(batch).await;
+            if result.is_err() {
+                return;
+            }
+        }
+        if read(&mut reader, &mut buf).await.is_err() {
+            return;
+        }
+        let completed = count_frames(&mut buf);
+        in_flight = in_flight.saturating_sub(completed as usize);
+        done.set(done.get() + completed);
+    }
+}
+
+async fn churn(args: ChurnArgs) -> (String, bool) {
+    let done = Rc::new(Cell::new(0u64));
+    let ready = Rc::new(Cell::new(0usize));
+    for i in 0..args.connections {
+        monoio::spawn(churner(args.clone(), i, done.clone(), ready.clone()));
+        if i % 100 == 99 {
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    monoio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
+    let (o0, c0, t0) = (done.get(), cpu_time(), Instant::now());
+    monoio::time::sleep(Duration::from_secs(args.duration_secs)).await;
+    let (o1, c1, t1) = (done.get(), cpu_time(), Instant::now());
+    let secs = (t1 - t0).as_secs_f64();
+    let report = format!(
+        "workload=churn connections={} connected={} groups={} window={} secs={:.1} ops_per_sec={:.0} loadgen_cpu_busy={:.0}%",
+        args.connections,
+        ready.get(),
+        args.groups,
+        args.window,
+        secs,
+        (o1 - o0) as f64 / secs,
+        100.0 * (c1 - c0).as_secs_f64() / secs,
+    );
+    (report, ready.get() == args.connections && o1 > o0)
+}
+
 /// Connection setup: upgrade, handshake, then the bytes after the handshake answer.
-async fn open(args: &LoadArgs, protocol: HubProtocol) -> std::io::Result<(TcpStream, BytesMut)> {
-    let mut stream = TcpStream::connect(args.addr).await?;
+async fn open(
+    addr: SocketAddr,
+    hub: &str,
+    protocol: HubProtocol,
+) -> std::io::Result<(TcpStream, BytesMut)> {
+    let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let head = format!(
         "GET /hubs/{} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        args.hub
+        hub
     );
     let (result, _) = stream.write_all(head.into_bytes()).await;
     result?;
@@ -139,7 +246,8 @@ async fn open(args: &LoadArgs, protocol: HubProtocol) -> std::io::Result<(TcpStr
     }
 }
 
-async fn read(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<()> {
+/// Appends what the socket has to `buf`; an error at end of stream.
+async fn read(stream: &mut impl AsyncReadRent, buf: &mut BytesMut) -> std::io::Result<()> {
     buf.reserve(16 * 1024);
     let (start, end) = (buf.len(), buf.capacity());
     let (result, slice) = stream.read(std::mem::take(buf).slice_mut(start..end)).await;
@@ -191,7 +299,7 @@ async fn receiver(
     count: Rc<Cell<u64>>,
     ready: Rc<Cell<usize>>,
 ) {
-    let (mut stream, mut buf) = match open(&args, protocol).await {
+    let (mut stream, mut buf) = match open(args.addr, &args.hub, protocol).await {
         Ok(opened) => opened,
         Err(error) => {
             eprintln!("receiver could not connect: {error}");
@@ -230,7 +338,7 @@ async fn publisher(
     sent: Rc<Cell<u64>>,
     stop: Rc<Cell<bool>>,
 ) {
-    let (stream, mut buf) = match open(&args, protocol).await {
+    let (stream, mut buf) = match open(args.addr, &args.hub, protocol).await {
         Ok(opened) => opened,
         Err(error) => {
             eprintln!("publisher could not connect: {error}");
@@ -274,13 +382,7 @@ async fn publisher(
                 return;
             }
         }
-        buf.reserve(16 * 1024);
-        let (start, end) = (buf.len(), buf.capacity());
-        let (result, slice) = reader
-            .read(std::mem::take(&mut buf).slice_mut(start..end))
-            .await;
-        buf = slice.into_inner();
-        if !matches!(result, Ok(n) if n > 0) {
+        if read(&mut reader, &mut buf).await.is_err() {
             return;
         }
         let done = count_frames(&mut buf) as usize;
