@@ -1,0 +1,453 @@
+//! The fan-out load: C receivers in G groups, P publishers sending numbered,
+//! timestamped messages to the groups (as fast as the server completes them within a
+//! window, or at a fixed rate). Receivers count deliveries, detect loss, duplication
+//! and reordering per publisher, and record latency in an HdrHistogram. The report
+//! includes the load generator's own CPU time per delivery.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use monoio::io::AsyncWriteRentExt;
+use serde::Serialize;
+
+use crate::client::{self, Wire};
+
+#[derive(Parser, Clone, Debug)]
+pub struct LoadArgs {
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    pub addr: SocketAddr,
+    #[arg(long, default_value = "chat")]
+    pub hub: String,
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    #[arg(long, default_value_t = 10)]
+    pub groups: usize,
+    #[arg(long, default_value_t = 4)]
+    pub publishers: usize,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// Blocking sends in flight per publisher.
+    #[arg(long, default_value_t = 16)]
+    pub window: usize,
+    /// Total sends per second over all publishers (default: as fast as completed).
+    #[arg(long)]
+    pub rate: Option<u64>,
+    #[arg(long, default_value_t = 2)]
+    pub warmup_secs: u64,
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    /// `json`, `messagepack` (SignalR) or `socketio`.
+    #[arg(long, default_value = "json")]
+    pub protocol: String,
+    /// Pin the load generator to this core.
+    #[arg(long)]
+    pub core: Option<usize>,
+    /// Print the report as one JSON line (for `ringhub-bench run`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What one fan-out run measured.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct LoadReport {
+    pub protocol: String,
+    pub connections: usize,
+    pub joined: usize,
+    pub groups: usize,
+    pub publishers: usize,
+    pub payload: usize,
+    pub rate: Option<u64>,
+    pub secs: f64,
+    pub sent_per_sec: f64,
+    pub deliveries_per_sec: f64,
+    /// Over the whole run, after publishers stopped and in-flight messages drained.
+    pub expected: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub reordered: u64,
+    pub latency_us_p50: u64,
+    pub latency_us_p99: u64,
+    pub latency_us_p999: u64,
+    pub latency_us_max: u64,
+    pub loadgen_cpu_ns_per_delivery: f64,
+    pub loadgen_cpu_busy: f64,
+}
+
+impl LoadReport {
+    pub fn line(&self) -> String {
+        format!(
+            "protocol={} connections={} joined={} deliveries_per_sec={:.0} sent_per_sec={:.0} lost={} duplicated={} reordered={} latency_us p50={} p99={} p999={} max={} loadgen_cpu_ns_per_delivery={:.0} loadgen_cpu_busy={:.0}%",
+            self.protocol,
+            self.connections,
+            self.joined,
+            self.deliveries_per_sec,
+            self.sent_per_sec,
+            self.lost,
+            self.duplicated,
+            self.reordered,
+            self.latency_us_p50,
+            self.latency_us_p99,
+            self.latency_us_p999,
+            self.latency_us_max,
+            self.loadgen_cpu_ns_per_delivery,
+            self.loadgen_cpu_busy,
+        )
+    }
+
+    /// Sound: everyone joined, something arrived, nothing lost, duplicated or reordered.
+    pub fn is_sound(&self) -> bool {
+        self.joined == self.connections
+            && self.delivered > 0
+            && self.lost == 0
+            && self.duplicated == 0
+            && self.reordered == 0
+    }
+}
+
+/// Counters shared by the tasks of one run (one thread: `Cell`s suffice).
+struct Shared {
+    epoch: Instant,
+    delivered: Cell<u64>,
+    duplicated: Cell<u64>,
+    reordered: Cell<u64>,
+    joined: Cell<usize>,
+    measuring: Cell<bool>,
+    stop: Cell<bool>,
+    latency: RefCell<Histogram<u64>>,
+    /// Messages sent to each group (written to the socket).
+    sent_to_group: RefCell<Vec<u64>>,
+    sent: Cell<u64>,
+    in_flight: Cell<u64>,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+}
+
+async fn receiver(args: Rc<LoadArgs>, wire: Wire, group: usize, shared: Rc<Shared>) {
+    let (mut stream, mut buf) = match client::open(args.addr, &args.hub, wire).await {
+        Ok(opened) => opened,
+        Err(error) => {
+            eprintln!("receiver could not connect: {error}");
+            return;
+        }
+    };
+    if stream
+        .write_all(wire.join(&format!("g{group}")))
+        .await
+        .0
+        .is_err()
+    {
+        return;
+    }
+    let mut joined = false;
+    // Next expected sequence number per publisher.
+    let mut next = vec![0u64; args.publishers];
+    loop {
+        if client::read(&mut stream, &mut buf).await.is_err() {
+            return;
+        }
+        let replies = client::drain_frames(&mut buf, wire, |payload| {
+            if let Some((publisher, seq, sent_ns)) = wire.delivery(payload) {
+                shared.delivered.set(shared.delivered.get() + 1);
+                let Some(expected) = next.get_mut(publisher as usize) else {
+                    return;
+                };
+                if seq == *expected {
+                    *expected += 1;
+                } else if seq > *expected {
+                    shared.reordered.set(shared.reordered.get() + 1);
+                    *expected = seq + 1;
+                } else {
+                    shared.duplicated.set(shared.duplicated.get() + 1);
+                }
+                if shared.measuring.get() {
+                    let micros = shared.now_ns().saturating_sub(sent_ns) / 1000;
+                    let _ = shared.latency.borrow_mut().record(micros.max(1));
+                }
+            } else if !joined && wire.is_completion(payload) {
+                joined = true;
+                shared.joined.set(shared.joined.get() + 1);
+            }
+        });
+        if !replies.is_empty() && stream.write_all(replies).await.0.is_err() {
+            return;
+        }
+    }
+}
+
+/// Wakes the publisher's writer when completions free room in its window.
+#[derive(Default)]
+struct Room {
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Room {
+    fn notify(&self) {
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
+    async fn wait(&self, ready: impl Fn() -> bool) {
+        std::future::poll_fn(|cx| {
+            if ready() {
+                Poll::Ready(())
+            } else {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+async fn publisher(args: Rc<LoadArgs>, wire: Wire, index: usize, shared: Rc<Shared>) {
+    let (stream, buf) = match client::open(args.addr, &args.hub, wire).await {
+        Ok(opened) => opened,
+        Err(error) => {
+            eprintln!("publisher could not connect: {error}");
+            return;
+        }
+    };
+    let (reader, mut writer) = monoio::io::Splitable::into_split(stream);
+    let in_flight = Rc::new(Cell::new(0usize));
+    let room = Rc::new(Room::default());
+    let pongs: Rc<RefCell<Vec<u8>>> = Rc::default();
+    monoio::spawn(completions(
+        reader,
+        buf,
+        wire,
+        in_flight.clone(),
+        room.clone(),
+        shared.clone(),
+        pongs.clone(),
+    ));
+    let payload = "x".repeat(args.payload);
+    let groups: Vec<String> = (0..args.groups).map(|g| format!("g{g}")).collect();
+    let per_publisher_rate = args.rate.map(|r| r as f64 / args.publishers as f64);
+    let started = Instant::now();
+    // Numbered per (publisher, group): each receiver sees one group, so it expects
+    // every publisher's numbers for that group without gaps.
+    let mut seq = vec![0u64; args.groups];
+    let (mut sent, mut next_group) = (0u64, index);
+    while !shared.stop.get() {
+        let room_left = args.window - in_flight.get();
+        let due = match per_publisher_rate {
+            Some(rate) => {
+                let owed = (started.elapsed().as_secs_f64() * rate) as u64;
+                let due = owed.saturating_sub(sent) as usize;
+                if due == 0 {
+                    monoio::time::sleep(Duration::from_micros(500)).await;
+                    continue;
+                }
+                due.min(room_left)
+            }
+            None => room_left,
+        };
+        if due == 0 {
+            let window = args.window;
+            let in_flight = in_flight.clone();
+            room.wait(move || in_flight.get() < window).await;
+            continue;
+        }
+        let mut batch = std::mem::take(&mut *pongs.borrow_mut());
+        for _ in 0..due {
+            let group = next_group % args.groups;
+            next_group += 1;
+            batch.extend_from_slice(&wire.publish(
+                &groups[group],
+                index as u32,
+                seq[group],
+                shared.now_ns(),
+                &payload,
+            ));
+            seq[group] += 1;
+            sent += 1;
+            shared.sent_to_group.borrow_mut()[group] += 1;
+        }
+        in_flight.set(in_flight.get() + due);
+        shared.sent.set(shared.sent.get() + due as u64);
+        shared.in_flight.set(shared.in_flight.get() + due as u64);
+        if writer.write_all(batch).await.0.is_err() {
+            return;
+        }
+    }
+}
+
+async fn completions(
+    mut reader: monoio::io::OwnedReadHalf<monoio::net::TcpStream>,
+    mut buf: BytesMut,
+    wire: Wire,
+    in_flight: Rc<Cell<usize>>,
+    room: Rc<Room>,
+    shared: Rc<Shared>,
+    pongs: Rc<RefCell<Vec<u8>>>,
+) {
+    loop {
+        if client::read(&mut reader, &mut buf).await.is_err() {
+            return;
+        }
+        let mut done = 0;
+        let replies = client::drain_frames(&mut buf, wire, |payload| {
+            if wire.is_completion(payload) {
+                done += 1;
+            }
+        });
+        pongs.borrow_mut().extend_from_slice(&replies);
+        in_flight.set(in_flight.get().saturating_sub(done));
+        shared
+            .in_flight
+            .set(shared.in_flight.get().saturating_sub(done as u64));
+        room.notify();
+    }
+}
+
+/// This process's CPU time (user + system), from /proc/self/stat in clock ticks
+/// (100 per second on Linux).
+pub fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the ")" that ends the command name: utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// Opens `count` connections gently (a pause every 100) so the accept queue keeps up.
+pub async fn spawn_paced(count: usize, mut spawn: impl FnMut(usize)) {
+    for i in 0..count {
+        spawn(i);
+        if i % 100 == 99 {
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+pub async fn run(args: LoadArgs, wire: Wire) -> LoadReport {
+    let args = Rc::new(args);
+    let shared = Rc::new(Shared {
+        epoch: Instant::now(),
+        delivered: Cell::new(0),
+        duplicated: Cell::new(0),
+        reordered: Cell::new(0),
+        joined: Cell::new(0),
+        measuring: Cell::new(false),
+        stop: Cell::new(false),
+        latency: RefCell::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram")),
+        sent_to_group: RefCell::new(vec![0; args.groups]),
+        sent: Cell::new(0),
+        in_flight: Cell::new(0),
+    });
+    spawn_paced(args.connections, |i| {
+        monoio::spawn(receiver(
+            args.clone(),
+            wire,
+            i % args.groups,
+            shared.clone(),
+        ));
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while shared.joined.get() < args.connections && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for p in 0..args.publishers {
+        monoio::spawn(publisher(args.clone(), wire, p, shared.clone()));
+    }
+    monoio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
+    shared.measuring.set(true);
+    let (d0, s0, c0, t0) = (
+        shared.delivered.get(),
+        shared.sent.get(),
+        cpu_time(),
+        Instant::now(),
+    );
+    monoio::time::sleep(Duration::from_secs(args.duration_secs)).await;
+    let (d1, s1, c1, t1) = (
+        shared.delivered.get(),
+        shared.sent.get(),
+        cpu_time(),
+        Instant::now(),
+    );
+    shared.measuring.set(false);
+    // Stop sending, let what was sent arrive, then count what is missing.
+    shared.stop.set(true);
+    let drain_deadline = Instant::now() + Duration::from_secs(5);
+    let members = |group: usize| (args.connections + args.groups - 1 - group) / args.groups;
+    let expected = || -> u64 {
+        shared
+            .sent_to_group
+            .borrow()
+            .iter()
+            .enumerate()
+            .map(|(g, sent)| sent * members(g) as u64)
+            .sum()
+    };
+    let mut quiet_since = Instant::now();
+    let mut last = shared.delivered.get();
+    while Instant::now() < drain_deadline {
+        monoio::time::sleep(Duration::from_millis(50)).await;
+        let now = shared.delivered.get();
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+        let settled = shared.in_flight.get() == 0 && now - shared.duplicated.get() >= expected();
+        if settled || quiet_since.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+    }
+    let secs = (t1 - t0).as_secs_f64();
+    let deliveries = d1 - d0;
+    let delivered = shared.delivered.get();
+    let expected = expected();
+    let unique = delivered - shared.duplicated.get();
+    let latency = shared.latency.borrow();
+    LoadReport {
+        protocol: wire.name().to_owned(),
+        connections: args.connections,
+        joined: shared.joined.get(),
+        groups: args.groups,
+        publishers: args.publishers,
+        payload: args.payload,
+        rate: args.rate,
+        secs,
+        sent_per_sec: (s1 - s0) as f64 / secs,
+        deliveries_per_sec: deliveries as f64 / secs,
+        expected,
+        delivered,
+        lost: expected.saturating_sub(unique),
+        duplicated: shared.duplicated.get(),
+        reordered: shared.reordered.get(),
+        latency_us_p50: latency.value_at_quantile(0.5),
+        latency_us_p99: latency.value_at_quantile(0.99),
+        latency_us_p999: latency.value_at_quantile(0.999),
+        latency_us_max: latency.max(),
+        loadgen_cpu_ns_per_delivery: if deliveries > 0 {
+            (c1 - c0).as_nanos() as f64 / deliveries as f64
+        } else {
+            0.0
+        },
+        loadgen_cpu_busy: 100.0 * (c1 - c0).as_secs_f64() / secs,
+    }
+}

@@ -1,0 +1,658 @@
+//! `ringhub-bench run`: starts each server under test pinned to its own core
+//! (`taskset`), runs the load generator pinned to another, one workload at a time, and
+//! writes `bench/results/<date>/`: `results.jsonl` (one JSON object per measurement),
+//! `README.md` (the tables) and SVG plots. Every process it starts is stopped when it
+//! ends, also on failure.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::{json, Value};
+
+use crate::plot;
+
+#[derive(Parser, Clone, Debug)]
+pub struct RunArgs {
+    /// Comma-separated workloads, or `all`: fanout-1k, fanout-10k, broadcast-big,
+    /// latency, idle-100k, churn.
+    #[arg(long, default_value = "all")]
+    pub workloads: String,
+    /// Comma-separated servers, or `all`: ringhub, ceiling, socketioxide, naive,
+    /// ringhub-2t (two shards, load generator sharing both cores).
+    #[arg(long, default_value = "all")]
+    pub servers: String,
+    #[arg(long, default_value_t = 2)]
+    pub warmup_secs: u64,
+    #[arg(long, default_value_t = 8)]
+    pub duration_secs: u64,
+    /// Multiplies every connection count (a smoke run uses a small fraction).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// Where to write the results [default: bench/results/<UTC date>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The core the server runs on; the load generator gets the next one.
+    #[arg(long, default_value_t = 0)]
+    pub server_core: usize,
+}
+
+const WORKLOADS: [&str; 6] = [
+    "fanout-1k",
+    "fanout-10k",
+    "broadcast-big",
+    "latency",
+    "idle-100k",
+    "churn",
+];
+const SERVERS: [&str; 5] = ["ringhub", "ceiling", "socketioxide", "naive", "ringhub-2t"];
+
+/// A server under test.
+struct Server {
+    name: &'static str,
+    /// `json` (SignalR) or `socketio`.
+    protocol: &'static str,
+    /// Both cores, unpinned (the scaling comparison).
+    two_shards: bool,
+}
+
+impl Server {
+    fn of(name: &str) -> Option<Server> {
+        let (protocol, two_shards) = match name {
+            "ringhub" | "ceiling" | "naive" => ("json", false),
+            "ringhub-2t" => ("json", true),
+            "socketioxide" => ("socketio", false),
+            _ => return None,
+        };
+        let name = SERVERS.into_iter().find(|s| *s == name)?;
+        Some(Server {
+            name,
+            protocol,
+            two_shards,
+        })
+    }
+
+    fn command(&self, bin: &Path, addr: SocketAddr, data: &Path) -> Vec<String> {
+        let addr = addr.to_string();
+        match self.name {
+            "ringhub" | "ringhub-2t" => vec![
+                bin.join("ringhub").display().to_string(),
+                "serve".into(),
+                "--listen".into(),
+                addr,
+                "--threads".into(),
+                if self.two_shards { "2" } else { "1" }.into(),
+                "--data".into(),
+                data.display().to_string(),
+            ],
+            "ceiling" => vec![bin.join("ceiling-peer").display().to_string(), addr],
+            "naive" => vec![bin.join("naive-peer").display().to_string(), addr],
+            _ => vec![bin.join("socketio-peer").display().to_string(), addr],
+        }
+    }
+
+    /// Whether the server can run a workload (churn needs JoinGroup/LeaveGroup with
+    /// real membership, which only ringhub implements among the peers).
+    fn runs(&self, workload: &str) -> bool {
+        workload != "churn" || self.name.starts_with("ringhub")
+    }
+}
+
+/// Kills its process (and waits) when dropped, so nothing is left behind.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // The child is not reaped before `wait` below, so its pid cannot be reused meanwhile.
+        terminate(self.0.id());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn terminate(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn pinned(core: Option<usize>, argv: &[String]) -> Command {
+    let mut command = match core {
+        Some(core) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &core.to_string()]).args(argv);
+            c
+        }
+        None => {
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..]);
+            c
+        }
+    };
+    command.stdin(Stdio::null());
+    command
+}
+
+fn wait_for_port(addr: SocketAddr) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Resident memory of a process in bytes (VmRSS).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The most connections one load generator and one server process can hold here: each
+/// needs a descriptor per connection, and both are capped by RLIMIT_NOFILE.
+fn connection_cap() -> usize {
+    // "Max open files            20000                20000                files"
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1024);
+    soft.saturating_sub(200).min(100_000)
+}
+
+struct Context {
+    args: RunArgs,
+    bin: PathBuf,
+    out: PathBuf,
+    port: u16,
+    results: Vec<Value>,
+}
+
+impl Context {
+    fn scaled(&self, connections: usize) -> usize {
+        ((connections as f64 * self.args.scale).round() as usize).max(10)
+    }
+
+    fn start(&mut self, server: &Server) -> Result<(Guard, SocketAddr), String> {
+        self.port += 1;
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        let data = std::env::temp_dir().join(format!("ringhub-bench-data-{}", self.port));
+        let argv = server.command(&self.bin, addr, &data);
+        let core = (!server.two_shards).then_some(self.args.server_core);
+        let child = pinned(core, &argv)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", argv[0]))?;
+        let guard = Guard(child);
+        if !wait_for_port(addr) {
+            return Err(format!("{} did not listen on {addr}", server.name));
+        }
+        Ok((guard, addr))
+    }
+
+    fn loadgen_core(&self, server: &Server) -> Option<usize> {
+        (!server.two_shards).then_some(self.args.server_core + 1)
+    }
+
+    /// Runs `ringhub-bench <args>` and returns its last stdout line as JSON.
+    fn bench(&self, server: &Server, args: &[String]) -> Result<Value, String> {
+        let mut argv = vec![std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .display()
+            .to_string()];
+        argv.extend(args.iter().cloned());
+        let output = pinned(self.loadgen_core(server), &argv)
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("cannot run the load generator: {e}"))?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        let line = text.lines().last().unwrap_or("");
+        serde_json::from_str(line).map_err(|_| format!("no report from the load generator: {text}"))
+    }
+
+    fn fanout(&mut self, workload: &str, server: &Server) -> Result<Value, String> {
+        let (connections, groups, publishers, payload, window, rate) = match workload {
+            "fanout-1k" => (1000, 10, 4, 64, 16, None),
+            "fanout-10k" => (10_000, 100, 4, 64, 16, None),
+            "broadcast-big" => (1000, 1, 4, 4096, 4, None),
+            _ => (1000, 10, 4, 64, 16, Some(2000)),
+        };
+        let connections = self.scaled(connections);
+        let groups = groups.min(connections);
+        let (_server, addr) = self.start(server)?;
+        let mut args: Vec<String> = vec![
+            "loadgen".into(),
+            "--json".into(),
+            format!("--addr={addr}"),
+            format!("--protocol={}", server.protocol),
+            format!("--connections={connections}"),
+            format!("--groups={groups}"),
+            format!("--publishers={publishers}"),
+            format!("--payload={payload}"),
+            format!("--window={window}"),
+            format!("--warmup-secs={}", self.args.warmup_secs),
+            format!("--duration-secs={}", self.args.duration_secs),
+        ];
+        if let Some(rate) = rate {
+            args.push(format!("--rate={rate}"));
+        }
+        self.bench(server, &args)
+    }
+
+    fn churn(&mut self, server: &Server) -> Result<Value, String> {
+        let (_server, addr) = self.start(server)?;
+        self.bench(
+            server,
+            &[
+                "churn".into(),
+                "--json".into(),
+                format!("--addr={addr}"),
+                format!("--connections={}", self.scaled(200)),
+                "--groups=50".into(),
+                format!("--warmup-secs={}", self.args.warmup_secs.min(1)),
+                format!("--duration-secs={}", self.args.duration_secs),
+            ],
+        )
+    }
+
+    /// Memory per idle connection at several counts, up to what the machine allows.
+    fn idle(&mut self, server: &Server) -> Result<Value, String> {
+        let cap = connection_cap();
+        let top = self.scaled(100_000).min(cap);
+        let mut counts: Vec<usize> = [1000, 5000, 10_000]
+            .into_iter()
+            .map(|c| self.scaled(c))
+            .filter(|c| *c < top)
+            .collect();
+        counts.push(top);
+        let mut points = Vec::new();
+        for count in counts {
+            let (server_process, addr) = self.start(server)?;
+            std::thread::sleep(Duration::from_millis(300));
+            let before = rss_bytes(server_process.0.id());
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let argv = vec![
+                exe.display().to_string(),
+                "idle".into(),
+                format!("--addr={addr}"),
+                format!("--protocol={}", server.protocol),
+                format!("--connections={count}"),
+            ];
+            let mut child = pinned(self.loadgen_core(server), &argv)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| e.to_string())?;
+            let stdout = child.stdout.take().ok_or("no stdout")?;
+            let _loadgen = Guard(child);
+            let mut line = String::new();
+            BufReader::new(stdout)
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?;
+            let report: Value =
+                serde_json::from_str(&line).map_err(|_| format!("no idle report: {line}"))?;
+            // Let the server settle (tasks parked, buffers allocated), then measure.
+            std::thread::sleep(Duration::from_millis(1500));
+            let after = rss_bytes(server_process.0.id());
+            let connected = report["connected"].as_u64().unwrap_or(0);
+            points.push(json!({
+                "connections": count,
+                "connected": connected,
+                "connect_secs": report["connect_secs"],
+                "rss_before": before,
+                "rss_after": after,
+                "bytes_per_connection": after.saturating_sub(before).checked_div(connected).unwrap_or(0),
+            }));
+        }
+        Ok(json!({ "points": points, "connection_cap": cap }))
+    }
+
+    fn measure(&mut self, workload: &str, server: &Server) {
+        eprintln!("-- {workload} / {}", server.name);
+        let started = Instant::now();
+        let result = match workload {
+            "idle-100k" => self.idle(server),
+            "churn" => self.churn(server),
+            _ => self.fanout(workload, server),
+        };
+        let record = match result {
+            Ok(report) => json!({ "workload": workload, "server": server.name, "report": report }),
+            Err(error) => {
+                eprintln!("   failed: {error}");
+                json!({ "workload": workload, "server": server.name, "error": error })
+            }
+        };
+        eprintln!(
+            "   {} ({:.0} s)",
+            summary(&record),
+            started.elapsed().as_secs_f64()
+        );
+        self.results.push(record);
+    }
+}
+
+fn summary(record: &Value) -> String {
+    let report = &record["report"];
+    if let Some(d) = report["deliveries_per_sec"].as_f64() {
+        format!(
+            "{} deliveries/s, lost {}, dup {}, reordered {}, p99 {} µs",
+            plot::human(d),
+            report["lost"],
+            report["duplicated"],
+            report["reordered"],
+            report["latency_us_p99"]
+        )
+    } else if let Some(ops) = report["ops_per_sec"].as_f64() {
+        format!("{} ops/s", plot::human(ops))
+    } else if let Some(points) = report["points"].as_array() {
+        points
+            .iter()
+            .map(|p| format!("{}: {} B/conn", p["connections"], p["bytes_per_connection"]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    } else {
+        record["error"].to_string()
+    }
+}
+
+fn pick<'a>(list: &'a str, all: &[&'a str]) -> Result<Vec<&'a str>, String> {
+    if list == "all" {
+        return Ok(all.to_vec());
+    }
+    list.split(',')
+        .map(|item| {
+            all.iter()
+                .find(|known| **known == item)
+                .copied()
+                .ok_or_else(|| format!("unknown `{item}` (known: {})", all.join(", ")))
+        })
+        .collect()
+}
+
+fn utc_date() -> String {
+    let output = Command::new("date").args(["-u", "+%Y-%m-%d"]).output();
+    output
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| "undated".into())
+}
+
+pub fn main(args: RunArgs) -> i32 {
+    let (workload_list, server_list) = (args.workloads.clone(), args.servers.clone());
+    let (workloads, servers) = match (
+        pick(&workload_list, &WORKLOADS),
+        pick(&server_list, &SERVERS),
+    ) {
+        (Ok(w), Ok(s)) => (w, s),
+        (Err(e), _) => {
+            eprintln!("ringhub-bench run: --workloads: {e}");
+            return 2;
+        }
+        (_, Err(e)) => {
+            eprintln!("ringhub-bench run: --servers: {e}");
+            return 2;
+        }
+    };
+    let bin = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("bench/results").join(utc_date()));
+    if let Err(e) = std::fs::create_dir_all(&out) {
+        eprintln!("ringhub-bench run: cannot create {}: {e}", out.display());
+        return 1;
+    }
+    let started = Instant::now();
+    let mut context = Context {
+        args,
+        bin,
+        out,
+        port: 24000 + (std::process::id() % 1000) as u16 * 10,
+        results: Vec::new(),
+    };
+    for workload in &workloads {
+        for name in &servers {
+            let server = Server::of(name).expect("known server");
+            if server.runs(workload) {
+                context.measure(workload, &server);
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    match write_results(&context, &workloads, &servers, elapsed) {
+        Ok(()) => {
+            eprintln!(
+                "ringhub-bench run: {} measurements in {:.0} s, written to {}",
+                context.results.len(),
+                elapsed.as_secs_f64(),
+                context.out.display()
+            );
+            if context.results.iter().any(|r| r.get("error").is_some()) {
+                1
+            } else {
+                0
+            }
+        }
+        Err(e) => {
+            eprintln!("ringhub-bench run: cannot write the results: {e}");
+            1
+        }
+    }
+}
+
+fn find<'a>(results: &'a [Value], workload: &str, server: &str) -> Option<&'a Value> {
+    results
+        .iter()
+        .find(|r| r["workload"] == workload && r["server"] == server)
+        .map(|r| &r["report"])
+        .filter(|r| !r.is_null())
+}
+
+fn write_results(
+    context: &Context,
+    workloads: &[&str],
+    servers: &[&str],
+    elapsed: Duration,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let out = &context.out;
+    let results = &context.results;
+    let mut lines = String::new();
+    for r in results {
+        writeln!(lines, "{r}")?;
+    }
+    std::fs::write(out.join("results.jsonl"), lines)?;
+
+    let args = &context.args;
+    let mut md = String::new();
+    writeln!(md, "# ringhub-bench run, {}\n", utc_date())?;
+    writeln!(
+        md,
+        "`ringhub-bench run --workloads {} --servers {} --warmup-secs {} --duration-secs {} --scale {}` \
+         took {:.0} s on {} cores. Servers pinned to core {}, the load generator to core {} \
+         (`ringhub-2t`: two shards, nothing pinned). Raw data: `results.jsonl`.\n",
+        args.workloads,
+        args.servers,
+        args.warmup_secs,
+        args.duration_secs,
+        args.scale,
+        elapsed.as_secs_f64(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.server_core,
+        args.server_core + 1,
+    )?;
+    for workload in workloads {
+        match *workload {
+            "idle-100k" => {
+                writeln!(md, "## idle-100k\n")?;
+                writeln!(md, "| server | connections | connect time | RSS per connection |\n|---|---|---|---|")?;
+                for server in servers {
+                    let Some(report) = find(results, workload, server) else {
+                        continue;
+                    };
+                    for p in report["points"].as_array().into_iter().flatten() {
+                        writeln!(
+                            md,
+                            "| {server} | {} of {} | {:.2} s | {} B |",
+                            p["connected"],
+                            p["connections"],
+                            p["connect_secs"].as_f64().unwrap_or(0.0),
+                            p["bytes_per_connection"]
+                        )?;
+                    }
+                }
+                writeln!(md)?;
+            }
+            "churn" => {
+                writeln!(md, "## churn\n\n| server | join/leave ops/s | load generator busy |\n|---|---|---|")?;
+                for server in servers {
+                    let Some(report) = find(results, workload, server) else {
+                        continue;
+                    };
+                    writeln!(
+                        md,
+                        "| {server} | {} | {:.0} % |",
+                        plot::human(report["ops_per_sec"].as_f64().unwrap_or(0.0)),
+                        report["loadgen_cpu_busy"].as_f64().unwrap_or(0.0)
+                    )?;
+                }
+                writeln!(md)?;
+            }
+            _ => {
+                let ceiling = find(results, workload, "ceiling")
+                    .and_then(|r| r["deliveries_per_sec"].as_f64());
+                writeln!(md, "## {workload}\n")?;
+                writeln!(
+                    md,
+                    "| server | deliveries/s | vs ceiling | lost | duplicated | reordered | p50 µs | p99 µs | p99.9 µs | load generator busy |\n|---|---|---|---|---|---|---|---|---|---|"
+                )?;
+                for server in servers {
+                    let Some(report) = find(results, workload, server) else {
+                        if let Some(error) = results
+                            .iter()
+                            .find(|r| r["workload"] == *workload && r["server"] == *server)
+                            .and_then(|r| r["error"].as_str())
+                        {
+                            writeln!(md, "| {server} | failed: {error} | | | | | | | | |")?;
+                        }
+                        continue;
+                    };
+                    let deliveries = report["deliveries_per_sec"].as_f64().unwrap_or(0.0);
+                    let ratio = ceiling
+                        .filter(|c| *c > 0.0)
+                        .map_or("-".to_owned(), |c| format!("{:.2}x", deliveries / c));
+                    writeln!(
+                        md,
+                        "| {server} | {} | {ratio} | {} | {} | {} | {} | {} | {} | {:.0} % |",
+                        plot::human(deliveries),
+                        report["lost"],
+                        report["duplicated"],
+                        report["reordered"],
+                        report["latency_us_p50"],
+                        report["latency_us_p99"],
+                        report["latency_us_p999"],
+                        report["loadgen_cpu_busy"].as_f64().unwrap_or(0.0)
+                    )?;
+                }
+                writeln!(md)?;
+            }
+        }
+    }
+    writeln!(md, "Plots: `deliveries.svg`, `latency.svg`, `memory.svg`.")?;
+    std::fs::write(out.join("README.md"), md)?;
+
+    let series: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
+    let fanouts: Vec<plot::BarGroup> = workloads
+        .iter()
+        .filter(|w| matches!(**w, "fanout-1k" | "fanout-10k" | "broadcast-big"))
+        .map(|w| plot::BarGroup {
+            label: w.to_string(),
+            values: servers
+                .iter()
+                .map(|s| find(results, w, s).and_then(|r| r["deliveries_per_sec"].as_f64()))
+                .collect(),
+        })
+        .collect();
+    if !fanouts.is_empty() {
+        plot::bars(
+            &out.join("deliveries.svg"),
+            "Fan-out: deliveries per second",
+            "deliveries/s",
+            &series,
+            &fanouts,
+        )?;
+    }
+    if workloads.contains(&"latency") {
+        let groups: Vec<plot::BarGroup> = [
+            ("p50", "latency_us_p50"),
+            ("p99", "latency_us_p99"),
+            ("p99.9", "latency_us_p999"),
+        ]
+        .iter()
+        .map(|(label, key)| plot::BarGroup {
+            label: label.to_string(),
+            values: servers
+                .iter()
+                .map(|s| find(results, "latency", s).and_then(|r| r[*key].as_f64()))
+                .collect(),
+        })
+        .collect();
+        plot::bars(
+            &out.join("latency.svg"),
+            "Latency at 2,000 sends/s (1,000 connections)",
+            "µs",
+            &series,
+            &groups,
+        )?;
+    }
+    if workloads.contains(&"idle-100k") {
+        let lines: Vec<(String, Vec<(f64, f64)>)> = servers
+            .iter()
+            .filter_map(|s| {
+                let points = find(results, "idle-100k", s)?["points"].as_array()?;
+                let xy = points
+                    .iter()
+                    .filter_map(|p| {
+                        Some((
+                            p["connected"].as_f64()?,
+                            p["bytes_per_connection"].as_f64()?,
+                        ))
+                    })
+                    .collect();
+                Some((s.to_string(), xy))
+            })
+            .collect();
+        plot::lines(
+            &out.join("memory.svg"),
+            "Resident memory per idle connection",
+            "connections",
+            "bytes per connection",
+            &lines,
+        )?;
+    }
+    Ok(())
+}
