@@ -38,21 +38,16 @@ RINGHUB_BIN="$root/target/debug/ringhub" \
   RINGHUB_WARD_MONITOR_BIN="$root/target/debug/examples/ward_monitor" \
   node --test --test-concurrency=1 tests/js/e2e/
 
-step "load generator smoke (so the benchmark cannot rot)"
-cargo build -p ringhub-bench --bin ringhub-bench --locked
-"$root/target/debug/ringhub" serve --listen 127.0.0.1:23457 --threads 1 2> "$root/target/smoke-server.log" &
-server_pid=$!
-trap 'kill $server_pid 2>/dev/null || true' EXIT
-for _ in $(seq 100); do curl -sf http://127.0.0.1:23457/healthz > /dev/null && break; sleep 0.1; done
-for protocol in json messagepack; do
-  "$root/target/debug/ringhub-bench" loadgen --addr 127.0.0.1:23457 --connections 50 --groups 5 \
-    --publishers 2 --warmup-secs 1 --duration-secs 2 --protocol "$protocol"
-done
-"$root/target/debug/ringhub-bench" churn --addr 127.0.0.1:23457 --connections 20 --groups 5 \
-  --warmup-secs 1 --duration-secs 1
-kill $server_pid
-wait $server_pid || true
-trap - EXIT
+step "benchmark smoke: every workload against every server, briefly (so it cannot rot)"
+cargo build -p ringhub-engine -p ringhub-bench --bins --locked
+"$root/target/debug/ringhub-bench" run --workloads all --servers all --scale 0.02 \
+  --warmup-secs 1 --duration-secs 1 --out "$root/target/bench-smoke"
+grep -q "^| ringhub | " "$root/target/bench-smoke/README.md"
+for plot in deliveries latency memory; do test -s "$root/target/bench-smoke/$plot.svg"; done
+if pgrep -f "ceiling-peer|naive-peer|socketio-peer|ringhub-bench idle" > /dev/null; then
+  echo "the benchmark left processes behind:"; pgrep -af "ceiling-peer|naive-peer|socketio-peer|ringhub-bench idle"
+  exit 1
+fi
 
 fuzz_seconds=${FUZZ_SECONDS:-15}
 if [ "$fuzz_seconds" -gt 0 ]; then

@@ -231,10 +231,19 @@ pub async fn open(
             next_frame(&mut stream, &mut buf).await?;
         }
         Wire::SocketIo => {
-            // Engine.IO open packet, then connect to the main namespace.
+            // Engine.IO open packet, then connect to the main namespace and wait for its
+            // answer (events sent before it are dropped), answering pings meanwhile.
             next_frame(&mut stream, &mut buf).await?;
             write(&mut stream, text_frame(b"40")).await?;
-            next_frame(&mut stream, &mut buf).await?;
+            loop {
+                let payload = next_frame(&mut stream, &mut buf).await?;
+                if payload.starts_with(b"40") {
+                    break;
+                }
+                if payload[..] == b"2"[..] {
+                    write(&mut stream, text_frame(b"3")).await?;
+                }
+            }
         }
     }
     Ok((stream, buf))
@@ -244,13 +253,13 @@ async fn write(stream: &mut TcpStream, bytes: Vec<u8>) -> std::io::Result<()> {
     stream.write_all(bytes).await.0.map(drop)
 }
 
-/// Reads until one whole frame is there and drops it.
-async fn next_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<()> {
+/// Reads until one whole frame is there; takes it out and returns its payload.
+async fn next_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<BytesMut> {
     loop {
         if let Some((_, _, header, len)) = parse_server_frame_header(buf) {
             if buf.len() >= header + len {
-                buf.advance(header + len);
-                return Ok(());
+                let mut frame = buf.split_to(header + len);
+                return Ok(frame.split_off(header));
             }
         }
         read(stream, buf).await?;
