@@ -292,17 +292,9 @@ fn main() -> std::process::ExitCode {
     let context = server.context();
     std::thread::spawn(move || run_backend(admissions, wards, context));
 
-    let mut signals = match signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ]) {
-        Ok(signals) => signals,
-        Err(e) => {
-            eprintln!("ward_monitor: cannot watch signals: {e}");
-            return std::process::ExitCode::from(1);
-        }
-    };
-    signals.forever().next();
-    server.shutdown();
+    if let Err(e) = server.run_until_signal() {
+        eprintln!("ward_monitor: cannot watch signals: {e}");
+        return std::process::ExitCode::from(1);
+    }
     std::process::ExitCode::SUCCESS
 }

@@ -249,6 +249,22 @@ impl Server {
         self.shared.is_ready()
     }
 
+    /// Blocks until SIGINT or SIGTERM, then shuts down as [`Server::shutdown`] does;
+    /// returns the signal. What `ringhub serve` does after starting.
+    pub fn run_until_signal(self) -> std::io::Result<i32> {
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])?;
+        let signal = signals
+            .forever()
+            .next()
+            .unwrap_or(signal_hook::consts::SIGTERM);
+        tracing::info!(signal, "shutting down: telling clients, then exiting");
+        self.shutdown();
+        Ok(signal)
+    }
+
     /// Tells every client (Close message, reconnect allowed), then stops the shards.
     /// Returns once all shard threads ended (a few seconds at most).
     pub fn shutdown(self) {

@@ -351,14 +351,45 @@ async fn read_more(
     reader: &mut OwnedReadHalf<TcpStream>,
     buf: &mut BytesMut,
 ) -> std::io::Result<bool> {
-    buf.reserve(READ_CHUNK);
+    read_up_to(reader, buf, READ_CHUNK).await.map(|n| n > 0)
+}
+
+/// Reads at most about `want` more bytes into `buf`; returns how many (0 at end of stream).
+async fn read_up_to(
+    reader: &mut OwnedReadHalf<TcpStream>,
+    buf: &mut BytesMut,
+    want: usize,
+) -> std::io::Result<usize> {
+    buf.reserve(want);
     // monoio reads into the start of a buffer; a slice over the spare capacity makes it
     // append after the bytes already there.
     let (start, end) = (buf.len(), buf.capacity());
     let spare = std::mem::take(buf).slice_mut(start..end);
     let (result, spare) = reader.read(spare).await;
     *buf = spare.into_inner();
-    result.map(|n| n > 0)
+    result
+}
+
+/// How much a WebSocket session asks of one read: it starts small (an idle connection
+/// keeps a small buffer) and doubles while reads come back full, so a busy publisher's
+/// messages are taken many at a time and the writers they wake flush once for all of
+/// them instead of once per message.
+#[derive(Clone, Copy)]
+struct ReadSize(usize);
+
+/// The most one session read asks for.
+const MAX_READ_CHUNK: usize = 64 << 10;
+
+impl ReadSize {
+    fn adapt(&mut self, got: usize) {
+        self.0 = if got >= self.0 {
+            (self.0 * 2).min(MAX_READ_CHUNK)
+        } else if got < self.0 / 4 {
+            (self.0 / 2).max(READ_CHUNK)
+        } else {
+            self.0
+        };
+    }
 }
 
 fn text_response(status: u16, body: &str, keep_alive: bool) -> Vec<u8> {
@@ -869,6 +900,7 @@ async fn session(
 ) -> SessionEnd {
     let protocol = conn.protocol;
     let max_message = state.shared.config.max_message_bytes;
+    let mut read_size = ReadSize(READ_CHUNK);
     loop {
         loop {
             let (message, used) = match protocol.split_record(&hub_bytes, max_message) {
@@ -894,11 +926,14 @@ async fn session(
             return SessionEnd::Stopped;
         }
         let read = monoio::select! {
-            r = read_more(reader, &mut input) => r,
+            r = read_up_to(reader, &mut input, read_size.0) => r,
             _ = conn.stop.fired() => return SessionEnd::Stopped,
         };
         match read {
-            Ok(true) => conn.last_received.set(Instant::now()),
+            Ok(got) if got > 0 => {
+                read_size.adapt(got);
+                conn.last_received.set(Instant::now());
+            }
             _ => return SessionEnd::ClientLeft,
         }
         let pumped = pump(&mut decoder, &mut input, &mut hub_bytes);

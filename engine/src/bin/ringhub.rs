@@ -54,20 +54,10 @@ fn main() -> ExitCode {
         }
     };
     tracing::info!(address = %server.local_addr(), threads, requested = %listen, "ringhub listening");
-    let mut signals = match signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("ringhub: cannot watch signals: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    if let Some(signal) = signals.forever().next() {
-        tracing::info!(signal, "shutting down: telling clients, then exiting");
+    if let Err(e) = server.run_until_signal() {
+        eprintln!("ringhub: cannot watch signals: {e}");
+        return ExitCode::from(1);
     }
-    server.shutdown();
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

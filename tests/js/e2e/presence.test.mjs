@@ -33,6 +33,19 @@ after(async () => {
   strictEqual(await server.stop(), 0);
 });
 
+/** Asks GroupCount until the group has `connections` (or `ms` pass); returns the last
+ *  counts and how long it took. */
+async function pollCount(watcher, group, connections, ms) {
+  const started = Date.now();
+  let counts;
+  while (Date.now() - started < ms) {
+    counts = await watcher.invoke("GroupCount", group);
+    if (counts.connections === connections) break;
+    await sleep(20);
+  }
+  return { counts, took: Date.now() - started };
+}
+
 describe("GroupCount and IsUserOnline", () => {
   test("count connections and distinct users over both shards, and drop at once on stop", async () => {
     const ann1 = await client({ accessToken: user("ann") });
@@ -73,13 +86,7 @@ describe("GroupCount and IsUserOnline", () => {
     });
     deepStrictEqual(await watcher.invoke("GroupCount", "kill-room"), { connections: 1, users: 1 });
     child.kill("SIGKILL");
-    const killed = Date.now();
-    let counts;
-    while (Date.now() - killed < 1500) {
-      counts = await watcher.invoke("GroupCount", "kill-room");
-      if (counts.connections === 0) break;
-      await sleep(20);
-    }
+    const { counts } = await pollCount(watcher, "kill-room", 0, 1500);
     deepStrictEqual(counts, { connections: 0, users: 0 }, "the kernel's FIN/RST ends the connection");
     strictEqual(await watcher.invoke("IsUserOnline", "dave"), false);
   });
@@ -93,23 +100,12 @@ describe("GroupCount and IsUserOnline", () => {
     await sleep(100);
     socket.write(clientFrame('{"protocol":"json","version":1}\u001e'));
     socket.write(clientFrame('{"type":1,"invocationId":"1","target":"JoinGroup","arguments":["silent-room"]}\u001e'));
-    let joined = false;
-    for (let i = 0; i < 100 && !joined; i++) {
-      joined = (await watcher.invoke("GroupCount", "silent-room")).connections === 1;
-      if (!joined) await sleep(20);
-    }
-    ok(joined, "the raw client joined");
+    const joined = await pollCount(watcher, "silent-room", 1, 2000);
+    strictEqual(joined.counts.connections, 1, "the raw client joined");
     // From now on it reads nothing and sends nothing, like a host that vanished.
     socket.pause();
-    const silentSince = Date.now();
-    let counts;
-    while (Date.now() - silentSince < 5000) {
-      counts = await watcher.invoke("GroupCount", "silent-room");
-      if (counts.connections === 0) break;
-      await sleep(100);
-    }
+    const { counts, took } = await pollCount(watcher, "silent-room", 0, 5000);
     deepStrictEqual(counts, { connections: 0, users: 0 });
-    const took = Date.now() - silentSince;
     ok(took >= 1500 && took < 4000, `dropped after ${took} ms with --client-timeout-secs 2`);
     strictEqual(await watcher.invoke("IsUserOnline", "erin"), false);
     socket.destroy();
