@@ -73,6 +73,9 @@ pub struct LoadReport {
     pub lost: u64,
     pub duplicated: u64,
     pub reordered: u64,
+    /// Receivers the server closed (or that failed) before the end: a server that drops
+    /// slow readers shows it here; their missing messages count as lost.
+    pub disconnected: usize,
     pub latency_us_p50: u64,
     pub latency_us_p99: u64,
     pub latency_us_p999: u64,
@@ -84,10 +87,11 @@ pub struct LoadReport {
 impl LoadReport {
     pub fn line(&self) -> String {
         format!(
-            "protocol={} connections={} joined={} deliveries_per_sec={:.0} sent_per_sec={:.0} lost={} duplicated={} reordered={} latency_us p50={} p99={} p999={} max={} loadgen_cpu_ns_per_delivery={:.0} loadgen_cpu_busy={:.0}%",
+            "protocol={} connections={} joined={} disconnected={} deliveries_per_sec={:.0} sent_per_sec={:.0} lost={} duplicated={} reordered={} latency_us p50={} p99={} p999={} max={} loadgen_cpu_ns_per_delivery={:.0} loadgen_cpu_busy={:.0}%",
             self.protocol,
             self.connections,
             self.joined,
+            self.disconnected,
             self.deliveries_per_sec,
             self.sent_per_sec,
             self.lost,
@@ -109,6 +113,7 @@ impl LoadReport {
             && self.lost == 0
             && self.duplicated == 0
             && self.reordered == 0
+            && self.disconnected == 0
     }
 }
 
@@ -119,6 +124,7 @@ struct Shared {
     duplicated: Cell<u64>,
     reordered: Cell<u64>,
     joined: Cell<usize>,
+    disconnected: Cell<usize>,
     measuring: Cell<bool>,
     stop: Cell<bool>,
     latency: RefCell<Histogram<u64>>,
@@ -155,6 +161,9 @@ async fn receiver(args: Rc<LoadArgs>, wire: Wire, group: usize, shared: Rc<Share
     let mut next = vec![0u64; args.publishers];
     loop {
         if client::read(&mut stream, &mut buf).await.is_err() {
+            if !shared.stop.get() {
+                shared.disconnected.set(shared.disconnected.get() + 1);
+            }
             return;
         }
         let replies = client::drain_frames(&mut buf, wire, |payload| {
@@ -313,6 +322,13 @@ async fn completions(
     }
 }
 
+fn announce(event: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{{\"event\":\"{event}\"}}");
+    let _ = out.flush();
+}
+
 /// This process's CPU time (user + system), from /proc/self/stat in clock ticks
 /// (100 per second on Linux).
 pub fn cpu_time() -> Duration {
@@ -351,6 +367,7 @@ pub async fn run(args: LoadArgs, wire: Wire) -> LoadReport {
         duplicated: Cell::new(0),
         reordered: Cell::new(0),
         joined: Cell::new(0),
+        disconnected: Cell::new(0),
         measuring: Cell::new(false),
         stop: Cell::new(false),
         latency: RefCell::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram")),
@@ -376,6 +393,10 @@ pub async fn run(args: LoadArgs, wire: Wire) -> LoadReport {
     }
     monoio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
     shared.measuring.set(true);
+    // `run` samples the server's CPU time at these two marks.
+    if args.json {
+        announce("measuring");
+    }
     let (d0, s0, c0, t0) = (
         shared.delivered.get(),
         shared.sent.get(),
@@ -390,6 +411,9 @@ pub async fn run(args: LoadArgs, wire: Wire) -> LoadReport {
         Instant::now(),
     );
     shared.measuring.set(false);
+    if args.json {
+        announce("measured");
+    }
     // Stop sending, let what was sent arrive, then count what is missing.
     shared.stop.set(true);
     let drain_deadline = Instant::now() + Duration::from_secs(5);
@@ -439,6 +463,7 @@ pub async fn run(args: LoadArgs, wire: Wire) -> LoadReport {
         lost: expected.saturating_sub(unique),
         duplicated: shared.duplicated.get(),
         reordered: shared.reordered.get(),
+        disconnected: shared.disconnected.get(),
         latency_us_p50: latency.value_at_quantile(0.5),
         latency_us_p99: latency.value_at_quantile(0.99),
         latency_us_p999: latency.value_at_quantile(0.999),

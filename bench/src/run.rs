@@ -145,15 +145,37 @@ fn pinned(core: Option<usize>, argv: &[String]) -> Command {
     command
 }
 
-fn wait_for_port(addr: SocketAddr) -> bool {
+/// Whether the server listens; false at once if it exited (its port was taken).
+fn wait_for_port(addr: SocketAddr, server: &mut Child) -> bool {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
+        if let Ok(Some(_)) = server.try_wait() {
+            return false;
+        }
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             return true;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+/// CPU time (user + system) of a process in clock ticks (100 per second).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
 }
 
 /// Resident memory of a process in bytes (VmRSS).
@@ -193,42 +215,73 @@ impl Context {
         ((connections as f64 * self.args.scale).round() as usize).max(10)
     }
 
+    /// Starts the server on the next free port (a port the load generator's own
+    /// connections hold makes the server exit at once; then the next one is tried).
     fn start(&mut self, server: &Server) -> Result<(Guard, SocketAddr), String> {
-        self.port += 1;
-        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        let data = std::env::temp_dir().join(format!("ringhub-bench-data-{}", self.port));
-        let argv = server.command(&self.bin, addr, &data);
         let core = (!server.two_shards).then_some(self.args.server_core);
-        let child = pinned(core, &argv)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", argv[0]))?;
-        let guard = Guard(child);
-        if !wait_for_port(addr) {
-            return Err(format!("{} did not listen on {addr}", server.name));
+        for _ in 0..10 {
+            self.port += 1;
+            let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+            let data = std::env::temp_dir().join(format!("ringhub-bench-data-{}", self.port));
+            let argv = server.command(&self.bin, addr, &data);
+            let child = pinned(core, &argv)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start {}: {e}", argv[0]))?;
+            let mut guard = Guard(child);
+            if wait_for_port(addr, &mut guard.0) {
+                return Ok((guard, addr));
+            }
         }
-        Ok((guard, addr))
+        Err(format!("{} did not listen on any of 10 ports", server.name))
     }
 
     fn loadgen_core(&self, server: &Server) -> Option<usize> {
         (!server.two_shards).then_some(self.args.server_core + 1)
     }
 
-    /// Runs `ringhub-bench <args>` and returns its last stdout line as JSON.
-    fn bench(&self, server: &Server, args: &[String]) -> Result<Value, String> {
+    /// Runs `ringhub-bench <args>` and returns its last stdout line as JSON. When the
+    /// load generator announces its measuring window, the server's CPU time over that
+    /// window is added to the report (`server_cpu_busy`, `server_cpu_ns_per_delivery`).
+    fn bench(&self, server: &Server, server_pid: u32, args: &[String]) -> Result<Value, String> {
         let mut argv = vec![std::env::current_exe()
             .map_err(|e| e.to_string())?
             .display()
             .to_string()];
         argv.extend(args.iter().cloned());
-        let output = pinned(self.loadgen_core(server), &argv)
+        let mut child = pinned(self.loadgen_core(server), &argv)
+            .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .output()
+            .spawn()
             .map_err(|e| format!("cannot run the load generator: {e}"))?;
-        let text = String::from_utf8_lossy(&output.stdout);
-        let line = text.lines().last().unwrap_or("");
-        serde_json::from_str(line).map_err(|_| format!("no report from the load generator: {text}"))
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut window = (None, None);
+        let mut last = String::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.map_err(|e| e.to_string())?;
+            if line.contains("\"event\":\"measuring\"") {
+                window.0 = Some((cpu_ticks(server_pid), Instant::now()));
+            } else if line.contains("\"event\":\"measured\"") {
+                window.1 = Some((cpu_ticks(server_pid), Instant::now()));
+            } else if !line.trim().is_empty() {
+                last = line;
+            }
+        }
+        let _ = child.wait();
+        let mut report: Value = serde_json::from_str(&last)
+            .map_err(|_| format!("no report from the load generator: {last}"))?;
+        if let (Some((cpu0, t0)), Some((cpu1, t1))) = window {
+            let cpu_secs = cpu1.saturating_sub(cpu0) as f64 / 100.0;
+            let wall = (t1 - t0).as_secs_f64();
+            let deliveries = report["deliveries_per_sec"].as_f64().unwrap_or(0.0)
+                * report["secs"].as_f64().unwrap_or(0.0);
+            report["server_cpu_busy"] = json!(100.0 * cpu_secs / wall);
+            if deliveries > 0.0 {
+                report["server_cpu_ns_per_delivery"] = json!(cpu_secs * 1e9 / deliveries);
+            }
+        }
+        Ok(report)
     }
 
     fn fanout(&mut self, workload: &str, server: &Server) -> Result<Value, String> {
@@ -240,7 +293,7 @@ impl Context {
         };
         let connections = self.scaled(connections);
         let groups = groups.min(connections);
-        let (_server, addr) = self.start(server)?;
+        let (server_process, addr) = self.start(server)?;
         let mut args: Vec<String> = vec![
             "loadgen".into(),
             "--json".into(),
@@ -257,13 +310,14 @@ impl Context {
         if let Some(rate) = rate {
             args.push(format!("--rate={rate}"));
         }
-        self.bench(server, &args)
+        self.bench(server, server_process.0.id(), &args)
     }
 
     fn churn(&mut self, server: &Server) -> Result<Value, String> {
-        let (_server, addr) = self.start(server)?;
+        let (server_process, addr) = self.start(server)?;
         self.bench(
             server,
+            server_process.0.id(),
             &[
                 "churn".into(),
                 "--json".into(),
@@ -356,12 +410,15 @@ fn summary(record: &Value) -> String {
     let report = &record["report"];
     if let Some(d) = report["deliveries_per_sec"].as_f64() {
         format!(
-            "{} deliveries/s, lost {}, dup {}, reordered {}, p99 {} µs",
+            "{} deliveries/s, lost {}, dup {}, reordered {}, closed {}, p99 {} µs, server busy {:.0} %, load generator busy {:.0} %",
             plot::human(d),
             report["lost"],
             report["duplicated"],
             report["reordered"],
-            report["latency_us_p99"]
+            report["disconnected"],
+            report["latency_us_p99"],
+            report["server_cpu_busy"].as_f64().unwrap_or(0.0),
+            report["loadgen_cpu_busy"].as_f64().unwrap_or(0.0)
         )
     } else if let Some(ops) = report["ops_per_sec"].as_f64() {
         format!("{} ops/s", plot::human(ops))
@@ -432,7 +489,9 @@ pub fn main(args: RunArgs) -> i32 {
         args,
         bin,
         out,
-        port: 24000 + (std::process::id() % 1000) as u16 * 10,
+        // Below the usual ephemeral range (32768-60999), where the load generator's own
+        // connections take their ports.
+        port: 20000 + (std::process::id() % 400) as u16 * 25,
         results: Vec::new(),
     };
     for workload in &workloads {
@@ -548,7 +607,7 @@ fn write_results(
                 writeln!(md, "## {workload}\n")?;
                 writeln!(
                     md,
-                    "| server | deliveries/s | vs ceiling | lost | duplicated | reordered | p50 µs | p99 µs | p99.9 µs | load generator busy |\n|---|---|---|---|---|---|---|---|---|---|"
+                    "| server | deliveries/s | vs ceiling | lost | duplicated | reordered | receivers closed | p50 µs | p99 µs | p99.9 µs | server busy | server CPU per delivery | load generator busy |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
                 )?;
                 for server in servers {
                     let Some(report) = find(results, workload, server) else {
@@ -557,7 +616,7 @@ fn write_results(
                             .find(|r| r["workload"] == *workload && r["server"] == *server)
                             .and_then(|r| r["error"].as_str())
                         {
-                            writeln!(md, "| {server} | failed: {error} | | | | | | | | |")?;
+                            writeln!(md, "| {server} | failed: {error} | | | | | | | | | | | |")?;
                         }
                         continue;
                     };
@@ -567,14 +626,17 @@ fn write_results(
                         .map_or("-".to_owned(), |c| format!("{:.2}x", deliveries / c));
                     writeln!(
                         md,
-                        "| {server} | {} | {ratio} | {} | {} | {} | {} | {} | {} | {:.0} % |",
+                        "| {server} | {} | {ratio} | {} | {} | {} | {} | {} | {} | {} | {:.0} % | {:.2} µs | {:.0} % |",
                         plot::human(deliveries),
                         report["lost"],
                         report["duplicated"],
                         report["reordered"],
+                        report["disconnected"],
                         report["latency_us_p50"],
                         report["latency_us_p99"],
                         report["latency_us_p999"],
+                        report["server_cpu_busy"].as_f64().unwrap_or(0.0),
+                        report["server_cpu_ns_per_delivery"].as_f64().unwrap_or(0.0) / 1000.0,
                         report["loadgen_cpu_busy"].as_f64().unwrap_or(0.0)
                     )?;
                 }
