@@ -329,10 +329,14 @@ fn announce(event: &str) {
     let _ = out.flush();
 }
 
-/// This process's CPU time (user + system), from /proc/self/stat in clock ticks
-/// (100 per second on Linux).
-pub fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+/// CPU time (user + system) of a process in clock ticks (100 per second on Linux), from
+/// `/proc/<pid>/stat`; this process when `pid` is `None`.
+pub fn cpu_ticks(pid: Option<u32>) -> u64 {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the ")" that ends the command name: utime and stime are the 12th and 13th.
     let fields: Vec<&str> = stat
         .rsplit(')')
@@ -346,7 +350,12 @@ pub fn cpu_time() -> Duration {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    ticks(11) + ticks(12)
+}
+
+/// This process's CPU time.
+pub fn cpu_time() -> Duration {
+    Duration::from_millis(cpu_ticks(None) * 10)
 }
 
 /// Opens `count` connections gently (a pause every 100) so the accept queue keeps up.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde_json::{json, Value};
 
+use crate::loadgen::cpu_ticks;
 use crate::plot;
 
 #[derive(Parser, Clone, Debug)]
@@ -160,24 +161,6 @@ fn wait_for_port(addr: SocketAddr, server: &mut Child) -> bool {
     false
 }
 
-/// CPU time (user + system) of a process in clock ticks (100 per second).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
-}
-
 /// Resident memory of a process in bytes (VmRSS).
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -261,9 +244,9 @@ impl Context {
         for line in BufReader::new(stdout).lines() {
             let line = line.map_err(|e| e.to_string())?;
             if line.contains("\"event\":\"measuring\"") {
-                window.0 = Some((cpu_ticks(server_pid), Instant::now()));
+                window.0 = Some((cpu_ticks(Some(server_pid)), Instant::now()));
             } else if line.contains("\"event\":\"measured\"") {
-                window.1 = Some((cpu_ticks(server_pid), Instant::now()));
+                window.1 = Some((cpu_ticks(Some(server_pid)), Instant::now()));
             } else if !line.trim().is_empty() {
                 last = line;
             }
