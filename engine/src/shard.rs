@@ -370,8 +370,8 @@ async fn read_up_to(
     result
 }
 
-/// How much a WebSocket session asks of one read: it starts small (an idle connection
-/// keeps a small buffer) and doubles while reads come back full, so a busy publisher's
+/// How much a WebSocket session asks of one read: it starts at 512 bytes (an idle
+/// connection keeps a small buffer) and doubles while reads come back full, so a busy publisher's
 /// messages are taken many at a time and the writers they wake flush once for all of
 /// them instead of once per message.
 #[derive(Clone, Copy)]
@@ -379,13 +379,16 @@ struct ReadSize(usize);
 
 /// The most one session read asks for.
 const MAX_READ_CHUNK: usize = 64 << 10;
+/// The least: what an idle connection's pending read holds (its buffer is the largest
+/// part of an idle connection's memory).
+const MIN_READ_CHUNK: usize = 512;
 
 impl ReadSize {
     fn adapt(&mut self, got: usize) {
         self.0 = if got >= self.0 {
             (self.0 * 2).min(MAX_READ_CHUNK)
         } else if got < self.0 / 4 {
-            (self.0 / 2).max(READ_CHUNK)
+            (self.0 / 2).max(MIN_READ_CHUNK)
         } else {
             self.0
         };
@@ -900,7 +903,7 @@ async fn session(
 ) -> SessionEnd {
     let protocol = conn.protocol;
     let max_message = state.shared.config.max_message_bytes;
-    let mut read_size = ReadSize(READ_CHUNK);
+    let mut read_size = ReadSize(MIN_READ_CHUNK);
     loop {
         loop {
             let (message, used) = match protocol.split_record(&hub_bytes, max_message) {
@@ -924,6 +927,11 @@ async fn session(
         }
         if conn.closing_since().is_some() || conn.stop.is_fired() {
             return SessionEnd::Stopped;
+        }
+        // Everything read was used: after a burst, give the large buffer back, so that
+        // a quiet connection waits with a small one.
+        if input.is_empty() && input.capacity() > 2 * read_size.0 {
+            input = BytesMut::new();
         }
         let read = monoio::select! {
             r = read_up_to(reader, &mut input, read_size.0) => r,
