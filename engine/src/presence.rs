@@ -69,6 +69,15 @@ struct GroupEntry {
 }
 
 impl GroupEntry {
+    fn presence(&self) -> GroupPresence {
+        let mut user_ids: Vec<String> = self.users.keys().cloned().collect();
+        user_ids.sort_unstable();
+        GroupPresence {
+            connections: self.connections,
+            user_ids,
+        }
+    }
+
     fn is_unused(&self) -> bool {
         self.connections == 0 && self.watchers.is_empty()
     }
@@ -186,7 +195,12 @@ impl Presence {
         let Some(entry) = hub_entry.groups.get_mut(group) else {
             return;
         };
-        entry.connections = entry.connections.saturating_sub(1);
+        // Only a member leaves (the shard tables say so); an entry kept alive by its
+        // watchers alone has no connection to take away.
+        if entry.connections == 0 {
+            return;
+        }
+        entry.connections -= 1;
         if entry.connections == 0 {
             registry.nonempty_groups -= 1;
         }
@@ -224,15 +238,11 @@ impl Presence {
 
     pub fn group(&self, hub: &str, group: &str) -> GroupPresence {
         let registry = self.lock();
-        let Some(entry) = registry.hubs.get(hub).and_then(|h| h.groups.get(group)) else {
-            return GroupPresence::default();
-        };
-        let mut user_ids: Vec<String> = entry.users.keys().cloned().collect();
-        user_ids.sort_unstable();
-        GroupPresence {
-            connections: entry.connections,
-            user_ids,
-        }
+        registry
+            .hubs
+            .get(hub)
+            .and_then(|h| h.groups.get(group))
+            .map_or_else(GroupPresence::default, GroupEntry::presence)
     }
 
     /// The user's connection ids (empty when offline), sorted.
@@ -282,17 +292,11 @@ impl Presence {
         changed
             .into_iter()
             .map(|(hub, group)| {
-                let presence = match registry.hubs.get(&hub).and_then(|h| h.groups.get(&group)) {
-                    Some(entry) => {
-                        let mut user_ids: Vec<String> = entry.users.keys().cloned().collect();
-                        user_ids.sort_unstable();
-                        GroupPresence {
-                            connections: entry.connections,
-                            user_ids,
-                        }
-                    }
-                    None => GroupPresence::default(),
-                };
+                let presence = registry
+                    .hubs
+                    .get(&hub)
+                    .and_then(|h| h.groups.get(&group))
+                    .map_or_else(GroupPresence::default, GroupEntry::presence);
                 (hub, group, presence)
             })
             .collect()
