@@ -41,12 +41,8 @@ enum Command {
     Run(run::RunArgs),
 }
 
-fn runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>> {
-    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .with_entries(4096)
-        .enable_timer()
-        .build()
-        .expect("io_uring runtime")
+fn runtime() -> ringhub_engine::runtime::Runtime {
+    ringhub_engine::runtime::io_uring_runtime(4096).expect("io_uring runtime")
 }
 
 fn pin(core: Option<usize>) {

@@ -11,6 +11,7 @@
 //! - [`presence`]: connections, users and group counts across shards;
 //! - [`store`]: durable user -> group membership ([`MembershipStore`], redb by default);
 //! - `rest`: the REST API for backends (contract section 5);
+//! - [`runtime`]: the io_uring runtime every thread runs on;
 //! - [`auth`], [`config`], [`metrics`].
 
 pub mod auth;
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod presence;
 mod rest;
 mod router;
+pub mod runtime;
 pub mod server;
 mod shard;
 pub mod store;

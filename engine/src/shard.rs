@@ -227,11 +227,7 @@ pub(crate) fn run(index: usize, core: usize, listener: std::net::TcpListener, sh
     if let Err(e) = monoio::utils::bind_to_cpu_set([core]) {
         tracing::warn!(shard = index, core, "could not pin the shard thread: {e:?}");
     }
-    let runtime = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .with_entries(1024)
-        .enable_timer()
-        .build();
-    let mut runtime = match runtime {
+    let mut runtime = match crate::runtime::io_uring_runtime(1024) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(shard = index, "cannot start io_uring: {e}");

@@ -214,10 +214,7 @@ fn main() {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:5092".into());
-    let mut runtime = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .with_entries(4096)
-        .build()
-        .expect("io_uring runtime");
+    let mut runtime = ringhub_engine::runtime::io_uring_runtime(4096).expect("io_uring runtime");
     runtime.block_on(async move {
         let listener = TcpListener::bind(&addr).expect("bind");
         eprintln!("ceiling peer on {addr}");
