@@ -350,12 +350,11 @@ impl<'a> FrameCache<'a> {
         }
     }
 
-    fn get(&mut self, protocol: HubProtocol) -> Bytes {
+    fn get(&mut self, protocol: HubProtocol) -> &Bytes {
         let slot = match protocol {
             HubProtocol::Json => &mut self.json,
             HubProtocol::MessagePack => &mut self.msgpack,
         };
         slot.get_or_insert_with(|| self.broadcast.frame(protocol))
-            .clone()
     }
 }

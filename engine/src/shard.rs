@@ -327,7 +327,7 @@ async fn tick(state: Rc<ShardState>) {
             } else if now - conn.last_sent.get() >= config.keepalive && conn.queued_bytes() == 0 {
                 let ping = &pings[usize::from(conn.protocol == HubProtocol::MessagePack)];
                 conn.last_sent.set(now);
-                conn.enqueue(ping.clone());
+                conn.enqueue(ping);
             }
         }
     }
@@ -942,7 +942,7 @@ async fn session(
         }
         let pumped = pump(&mut decoder, &mut input, &mut hub_bytes);
         for pong in pumped.pongs {
-            conn.enqueue(pong);
+            conn.enqueue(&pong);
         }
         framing_error = pumped.error;
         if pumped.closed && framing_error.is_none() {
@@ -1005,5 +1005,5 @@ async fn invoke(state: &Rc<ShardState>, conn: &Rc<Conn>, invocation: Invocation)
 
 fn complete(conn: &Conn, invocation_id: String, outcome: CompletionOutcome) {
     let completion = HubMessage::completion(invocation_id, outcome);
-    conn.enqueue(frame::encode_message(conn.protocol, &completion));
+    conn.enqueue(&frame::encode_message(conn.protocol, &completion));
 }
