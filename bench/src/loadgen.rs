@@ -244,23 +244,39 @@ async fn publisher(args: Rc<LoadArgs>, wire: Wire, index: usize, shared: Rc<Shar
     ));
     let payload = "x".repeat(args.payload);
     let groups: Vec<String> = (0..args.groups).map(|g| format!("g{g}")).collect();
-    let per_publisher_rate = args.rate.map(|r| r as f64 / args.publishers as f64);
-    let started = Instant::now();
+    // At a fixed rate the publishers take turns: each fires every `publishers / rate`
+    // seconds, shifted by its index, so sends are spread evenly instead of coming in
+    // bursts on timer ticks.
+    let pacer = match args.rate {
+        Some(rate) => {
+            let rate = rate.max(1) as f64;
+            let interval = Duration::from_secs_f64(args.publishers as f64 / rate);
+            let first = Duration::from_secs_f64((index + 1) as f64 / rate);
+            match Pacer::new(interval, first) {
+                Ok(pacer) => Some(pacer),
+                Err(error) => {
+                    eprintln!("publisher could not create its timer: {error}");
+                    return;
+                }
+            }
+        }
+        None => None,
+    };
     // Numbered per (publisher, group): each receiver sees one group, so it expects
     // every publisher's numbers for that group without gaps.
     let mut seq = vec![0u64; args.groups];
-    let (mut sent, mut next_group) = (0u64, index);
+    let (mut owed, mut sent, mut next_group) = (0u64, 0u64, index);
     while !shared.stop.get() {
         let room_left = args.window - in_flight.get();
-        let due = match per_publisher_rate {
-            Some(rate) => {
-                let owed = (started.elapsed().as_secs_f64() * rate) as u64;
-                let due = owed.saturating_sub(sent) as usize;
-                if due == 0 {
-                    monoio::time::sleep(Duration::from_micros(500)).await;
-                    continue;
+        let due = match &pacer {
+            Some(pacer) => {
+                if owed == sent {
+                    match pacer.tick().await {
+                        Ok(fired) => owed += fired,
+                        Err(_) => return,
+                    }
                 }
-                due.min(room_left)
+                (owed - sent).min(room_left as u64) as usize
             }
             None => room_left,
         };
@@ -291,6 +307,44 @@ async fn publisher(args: Rc<LoadArgs>, wire: Wire, index: usize, shared: Rc<Shar
         if writer.write_all(batch).await.0.is_err() {
             return;
         }
+    }
+}
+
+/// A timer with microsecond precision (monoio's own has 1 ms ticks): a timerfd read
+/// through the ring.
+struct Pacer {
+    timer: monoio::fs::File,
+}
+
+impl Pacer {
+    fn new(interval: Duration, first: Duration) -> std::io::Result<Pacer> {
+        use rustix::time::{
+            timerfd_create, timerfd_settime, Itimerspec, TimerfdClockId, TimerfdFlags,
+            TimerfdTimerFlags, Timespec,
+        };
+        let timespec = |d: Duration| Timespec {
+            tv_sec: d.as_secs() as _,
+            tv_nsec: d.subsec_nanos() as _,
+        };
+        let fd = timerfd_create(TimerfdClockId::Monotonic, TimerfdFlags::CLOEXEC)?;
+        timerfd_settime(
+            &fd,
+            TimerfdTimerFlags::empty(),
+            &Itimerspec {
+                it_interval: timespec(interval),
+                it_value: timespec(first.max(Duration::from_nanos(1))),
+            },
+        )?;
+        let timer = monoio::fs::File::from_std(std::fs::File::from(fd))?;
+        Ok(Pacer { timer })
+    }
+
+    /// Waits for the next expiry; how many intervals passed since the last call.
+    async fn tick(&self) -> std::io::Result<u64> {
+        let (result, buf) = self.timer.read_at(vec![0u8; 8], 0).await;
+        result?;
+        let expirations = u64::from_ne_bytes(buf[..8].try_into().unwrap_or_default());
+        Ok(expirations)
     }
 }
 
