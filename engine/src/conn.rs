@@ -65,9 +65,53 @@ impl Signal {
             if self.0.fired.get() {
                 return Poll::Ready(());
             }
-            let mut waiters = self.0.waiters.borrow_mut();
-            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                waiters.push(cx.waker().clone());
+            self.register(cx.waker());
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn register(&self, waker: &Waker) {
+        let mut waiters = self.0.waiters.borrow_mut();
+        if !waiters.iter().any(|w| w.will_wake(waker)) {
+            waiters.push(waker.clone());
+        }
+    }
+
+    /// For a task that runs many operations, each to be abandoned if the signal fires
+    /// (a connection's reader and writer, once per read or write).
+    pub fn watch(&self) -> SignalWatch<'_> {
+        SignalWatch {
+            signal: self,
+            registered: RefCell::new(None),
+        }
+    }
+}
+
+/// Runs operations unless a [`Signal`] fires first. It registers the task with the
+/// signal once and afterwards only compares wakers: registering on every operation
+/// (what `select!` with [`Signal::fired`] does) cost 6 % of a shard's time with
+/// 10,000 connections, mostly cache misses on the signal's waiter list.
+pub struct SignalWatch<'a> {
+    signal: &'a Signal,
+    registered: RefCell<Option<Waker>>,
+}
+
+impl SignalWatch<'_> {
+    /// `work`'s output, or `None` if the signal fired first (`work` is then dropped).
+    pub async fn run<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
+        let mut work = std::pin::pin!(work);
+        std::future::poll_fn(|cx| {
+            if self.signal.is_fired() {
+                return Poll::Ready(None);
+            }
+            if let Poll::Ready(output) = work.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
+            }
+            let mut registered = self.registered.borrow_mut();
+            if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                self.signal.register(cx.waker());
+                *registered = Some(cx.waker().clone());
             }
             Poll::Pending
         })
@@ -276,6 +320,7 @@ impl Conn {
     pub async fn write_loop(self: Rc<Self>, mut socket: OwnedWriteHalf<TcpStream>) {
         let mut batch = FrameBatch::default();
         let mut copied = Vec::new();
+        let stop = self.stop.watch();
         loop {
             let mut frames = std::mem::take(&mut batch.frames);
             frames.clear();
@@ -283,23 +328,19 @@ impl Conn {
                 break;
             };
             let result = if frames.is_empty() {
-                monoio::select! {
-                    (result, buffer) = socket.write_all(std::mem::take(&mut copied)) => {
-                        copied = buffer;
-                        self.recycle_send_buffer(&mut copied);
-                        Some(result.map(drop))
-                    }
-                    _ = self.stop.fired() => None,
-                }
+                let write = socket.write_all(std::mem::take(&mut copied));
+                stop.run(write).await.map(|(result, buffer)| {
+                    copied = buffer;
+                    self.recycle_send_buffer(&mut copied);
+                    result.map(drop)
+                })
             } else {
                 batch.set(frames);
-                monoio::select! {
-                    (result, written) = write_all(&mut socket, std::mem::take(&mut batch)) => {
-                        batch = written;
-                        Some(result)
-                    }
-                    _ = self.stop.fired() => None,
-                }
+                let write = write_all(&mut socket, std::mem::take(&mut batch));
+                stop.run(write).await.map(|(result, written)| {
+                    batch = written;
+                    result
+                })
             };
             match result {
                 Some(Ok(())) => {}

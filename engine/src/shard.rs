@@ -900,6 +900,7 @@ async fn session(
     let protocol = conn.protocol;
     let max_message = state.shared.config.max_message_bytes;
     let mut read_size = ReadSize(MIN_READ_CHUNK);
+    let stop = conn.stop.watch();
     loop {
         loop {
             let (message, used) = match protocol.split_record(&hub_bytes, max_message) {
@@ -929,9 +930,8 @@ async fn session(
         if input.is_empty() && input.capacity() > 2 * read_size.0 {
             input = BytesMut::new();
         }
-        let read = monoio::select! {
-            r = read_up_to(reader, &mut input, read_size.0) => r,
-            _ = conn.stop.fired() => return SessionEnd::Stopped,
+        let Some(read) = stop.run(read_up_to(reader, &mut input, read_size.0)).await else {
+            return SessionEnd::Stopped;
         };
         match read {
             Ok(got) if got > 0 => {
