@@ -11,7 +11,7 @@ use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
 use hashbrown::HashMap;
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::{TcpListener, TcpStream};
 use ringhub_protocol::frame;
 use ringhub_protocol::handshake;
@@ -391,6 +391,31 @@ impl ReadSize {
     }
 }
 
+/// After answering a request whose body is not read (413): says it is done sending,
+/// then reads and drops what the client is still sending (up to `body_len` bytes, for
+/// at most a few seconds) before closing. Closing with unread bytes would reset the
+/// connection, and a reset can reach the client before it has read the answer.
+async fn discard_then_close(
+    reader: &mut OwnedReadHalf<TcpStream>,
+    writer: &mut OwnedWriteHalf<TcpStream>,
+    body_len: usize,
+) {
+    let _ = writer.shutdown().await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut sink = BytesMut::new();
+    let mut discarded = 0;
+    while discarded < body_len {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match monoio::time::timeout(left, read_up_to(reader, &mut sink, READ_CHUNK)).await {
+            Ok(Ok(n)) if n > 0 => {
+                discarded += n;
+                sink.clear();
+            }
+            _ => return,
+        }
+    }
+}
+
 fn text_response(status: u16, body: &str, keep_alive: bool) -> Vec<u8> {
     http::response(
         status,
@@ -443,7 +468,9 @@ async fn serve_http(state: Rc<ShardState>, stream: TcpStream) {
             } else {
                 text_response(413, "request body too large", false)
             };
-            let _ = write_now(&mut writer, response).await;
+            if write_now(&mut writer, response).await.is_ok() {
+                discard_then_close(&mut reader, &mut writer, body_len).await;
+            }
             return;
         }
         while buf.len() < body_len {
