@@ -40,6 +40,11 @@ pub struct RunArgs {
     /// The core the server runs on; the load generator gets the next one.
     #[arg(long, default_value_t = 0)]
     pub server_core: usize,
+    /// Rounds of every throughput, latency and churn measurement, the servers taking
+    /// turns within a round; the tables show each server's median run and the range.
+    /// (idle-100k is measured once: memory does not vary like throughput.)
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
 }
 
 const WORKLOADS: [&str; 6] = [
@@ -365,8 +370,8 @@ impl Context {
         Ok(json!({ "points": points, "connection_cap": cap }))
     }
 
-    fn measure(&mut self, workload: &str, server: &Server) {
-        eprintln!("-- {workload} / {}", server.name);
+    fn measure(&mut self, workload: &str, server: &Server, round: usize) {
+        eprintln!("-- {workload} / {} (round {})", server.name, round + 1);
         let started = Instant::now();
         let result = match workload {
             "idle-100k" => self.idle(server),
@@ -374,10 +379,12 @@ impl Context {
             _ => self.fanout(workload, server),
         };
         let record = match result {
-            Ok(report) => json!({ "workload": workload, "server": server.name, "report": report }),
+            Ok(report) => {
+                json!({ "workload": workload, "server": server.name, "round": round, "report": report })
+            }
             Err(error) => {
                 eprintln!("   failed: {error}");
-                json!({ "workload": workload, "server": server.name, "error": error })
+                json!({ "workload": workload, "server": server.name, "round": round, "error": error })
             }
         };
         eprintln!(
@@ -478,10 +485,17 @@ pub fn main(args: RunArgs) -> i32 {
         results: Vec::new(),
     };
     for workload in &workloads {
-        for name in &servers {
-            let server = Server::of(name).expect("known server");
-            if server.runs(workload) {
-                context.measure(workload, &server);
+        let rounds = if *workload == "idle-100k" {
+            1
+        } else {
+            context.args.repeat.max(1)
+        };
+        for round in 0..rounds {
+            for name in &servers {
+                let server = Server::of(name).expect("known server");
+                if server.runs(workload) {
+                    context.measure(workload, &server, round);
+                }
             }
         }
     }
@@ -507,12 +521,66 @@ pub fn main(args: RunArgs) -> i32 {
     }
 }
 
-fn find<'a>(results: &'a [Value], workload: &str, server: &str) -> Option<&'a Value> {
+/// What a workload's runs are ranked by to pick the median one.
+fn rank_key(workload: &str) -> &'static str {
+    match workload {
+        "latency" => "latency_us_p99",
+        "churn" => "ops_per_sec",
+        _ => "deliveries_per_sec",
+    }
+}
+
+/// Every successful report of one server in one workload.
+fn reports<'a>(results: &'a [Value], workload: &str, server: &str) -> Vec<&'a Value> {
     results
         .iter()
-        .find(|r| r["workload"] == workload && r["server"] == server)
+        .filter(|r| r["workload"] == workload && r["server"] == server)
         .map(|r| &r["report"])
         .filter(|r| !r.is_null())
+        .collect()
+}
+
+/// The server's median run of the workload (the only one without `--repeat`).
+fn find<'a>(results: &'a [Value], workload: &str, server: &str) -> Option<&'a Value> {
+    let key = rank_key(workload);
+    let mut runs = reports(results, workload, server);
+    runs.sort_by(|a, b| {
+        let (a, b) = (
+            a[key].as_f64().unwrap_or(0.0),
+            b[key].as_f64().unwrap_or(0.0),
+        );
+        a.total_cmp(&b)
+    });
+    runs.get(runs.len().saturating_sub(1) / 2).copied()
+}
+
+/// The sum over all runs: a loss in any run shows, not only in the median one.
+fn total(results: &[Value], workload: &str, server: &str, key: &str) -> u64 {
+    reports(results, workload, server)
+        .iter()
+        .filter_map(|r| r[key].as_u64())
+        .sum()
+}
+
+/// `value`, followed by the range over all runs when there were several.
+fn with_range(results: &[Value], workload: &str, server: &str, key: &str, value: f64) -> String {
+    let values: Vec<f64> = reports(results, workload, server)
+        .iter()
+        .filter_map(|r| r[key].as_f64())
+        .collect();
+    let shown = |v: f64| {
+        if key.starts_with("latency") {
+            format!("{v:.0}")
+        } else {
+            plot::human(v)
+        }
+    };
+    if values.len() < 2 {
+        return shown(value);
+    }
+    let low = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{} ({}-{})", shown(value), shown(low), shown(high))
 }
 
 fn write_results(
@@ -534,14 +602,16 @@ fn write_results(
     writeln!(md, "# ringhub-bench run, {}\n", utc_date())?;
     writeln!(
         md,
-        "`ringhub-bench run --workloads {} --servers {} --warmup-secs {} --duration-secs {} --scale {}` \
+        "`ringhub-bench run --workloads {} --servers {} --warmup-secs {} --duration-secs {} --scale {} --repeat {}` \
          took {:.0} s on {} cores. Servers pinned to core {}, the load generator to core {} \
-         (`ringhub-2t`: two shards, nothing pinned). Raw data: `results.jsonl`.\n",
+         (`ringhub-2t`: two shards, nothing pinned). Each row is the server's median run; \
+         with several rounds, the range over them follows in parentheses and the loss columns add up all rounds. Raw data: `results.jsonl`.\n",
         args.workloads,
         args.servers,
         args.warmup_secs,
         args.duration_secs,
         args.scale,
+        args.repeat,
         elapsed.as_secs_f64(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         args.server_core,
@@ -575,10 +645,11 @@ fn write_results(
                     let Some(report) = find(results, workload, server) else {
                         continue;
                     };
+                    let ops = report["ops_per_sec"].as_f64().unwrap_or(0.0);
                     writeln!(
                         md,
                         "| {server} | {} | {:.0} % |",
-                        plot::human(report["ops_per_sec"].as_f64().unwrap_or(0.0)),
+                        with_range(results, workload, server, "ops_per_sec", ops),
                         report["loadgen_cpu_busy"].as_f64().unwrap_or(0.0)
                     )?;
                 }
@@ -610,13 +681,19 @@ fn write_results(
                     writeln!(
                         md,
                         "| {server} | {} | {ratio} | {} | {} | {} | {} | {} | {} | {} | {:.0} % | {:.2} µs | {:.0} % |",
-                        plot::human(deliveries),
-                        report["lost"],
-                        report["duplicated"],
-                        report["reordered"],
-                        report["disconnected"],
+                        with_range(results, workload, server, "deliveries_per_sec", deliveries),
+                        total(results, workload, server, "lost"),
+                        total(results, workload, server, "duplicated"),
+                        total(results, workload, server, "reordered"),
+                        total(results, workload, server, "disconnected"),
                         report["latency_us_p50"],
-                        report["latency_us_p99"],
+                        with_range(
+                            results,
+                            workload,
+                            server,
+                            "latency_us_p99",
+                            report["latency_us_p99"].as_f64().unwrap_or(0.0)
+                        ),
                         report["latency_us_p999"],
                         report["server_cpu_busy"].as_f64().unwrap_or(0.0),
                         report["server_cpu_ns_per_delivery"].as_f64().unwrap_or(0.0) / 1000.0,
