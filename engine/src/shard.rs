@@ -514,7 +514,9 @@ async fn serve_http(state: Rc<ShardState>, stream: TcpStream) {
                 return;
             }
             Routed::Upgrade(upgrade) => {
-                websocket(state, reader, writer, buf, upgrade).await;
+                // A task of its own: this one's memory (sized for HTTP and REST work) is
+                // freed instead of being held for the connection's lifetime.
+                monoio::spawn(websocket(state, reader, writer, buf, upgrade));
                 return;
             }
         }
@@ -775,36 +777,33 @@ fn pump(decoder: &mut FrameDecoder, input: &mut BytesMut, hub_bytes: &mut BytesM
     pumped
 }
 
-async fn websocket(
-    state: Rc<ShardState>,
-    mut reader: OwnedReadHalf<TcpStream>,
-    mut writer: OwnedWriteHalf<TcpStream>,
-    mut input: BytesMut,
-    upgrade: Box<Upgrade>,
-) {
-    if write_now(&mut writer, http::upgrade_response(&upgrade.accept))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let config = &state.shared.config;
-    let max_message = config.max_message_bytes;
-    let mut decoder = FrameDecoder::new(WsLimits {
-        max_message_bytes: MAX_WS_MESSAGE,
-    });
-    let mut hub_bytes = BytesMut::new();
+/// The negotiated protocol, and a framing error met after the handshake record (the
+/// messages before it still count).
+type Handshaken = (HubProtocol, Option<ws::WsError>);
 
+/// The WebSocket upgrade answer and the SignalR handshake; `None` if the connection
+/// ended there (an error answer was sent when there was one to give).
+async fn take_handshake(
+    state: &ShardState,
+    reader: &mut OwnedReadHalf<TcpStream>,
+    writer: &mut OwnedWriteHalf<TcpStream>,
+    upgrade: &Upgrade,
+    input: &mut BytesMut,
+    decoder: &mut FrameDecoder,
+    hub_bytes: &mut BytesMut,
+) -> Option<Handshaken> {
+    write_now(writer, http::upgrade_response(&upgrade.accept))
+        .await
+        .ok()?;
+    let max_message = state.shared.config.max_message_bytes;
     // The handshake: the first record, JSON for both protocols.
     let handshake = monoio::time::timeout(HANDSHAKE_TIMEOUT, async {
         loop {
-            let pumped = pump(&mut decoder, &mut input, &mut hub_bytes);
+            let pumped = pump(decoder, input, hub_bytes);
             for pong in pumped.pongs {
-                write_now(&mut writer, pong)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                write_now(writer, pong).await.map_err(|e| e.to_string())?;
             }
-            match handshake::parse_request(&hub_bytes, max_message) {
+            match handshake::parse_request(hub_bytes, max_message) {
                 Ok(Some((request, used))) => return Ok((request, used, pumped.error)),
                 Ok(None) => {}
                 Err(e) => return Err(e.response_text().to_owned()),
@@ -815,19 +814,19 @@ async fn websocket(
             if pumped.closed {
                 return Err("closed".to_owned());
             }
-            if !read_more(&mut reader, &mut input).await.unwrap_or(false) {
+            if !read_more(reader, input).await.unwrap_or(false) {
                 return Err("closed".to_owned());
             }
         }
     })
     .await
     .unwrap_or_else(|_| Err(handshake::CANCELED.to_owned()));
-    let (protocol, early_error) = match handshake.and_then(|(request, used, early_error)| {
+    match handshake.and_then(|(request, used, early_error)| {
         let protocol = request.select()?;
         hub_bytes.advance(used);
         Ok((protocol, early_error))
     }) {
-        Ok(p) => p,
+        Ok(handshaken) => Some(handshaken),
         Err(error) => {
             if error != "closed" {
                 ShardMetrics::add(&state.metrics().protocol_errors, 1);
@@ -837,10 +836,39 @@ async fn websocket(
                     &handshake::error_response(&error),
                 ));
                 answer.extend_from_slice(&ws::encode_close(close_code::NORMAL, ""));
-                let _ = write_now(&mut writer, answer.freeze()).await;
+                let _ = write_now(writer, answer.freeze()).await;
             }
-            return;
+            None
         }
+    }
+}
+
+async fn websocket(
+    state: Rc<ShardState>,
+    mut reader: OwnedReadHalf<TcpStream>,
+    mut writer: OwnedWriteHalf<TcpStream>,
+    mut input: BytesMut,
+    upgrade: Box<Upgrade>,
+) {
+    let config = &state.shared.config;
+    let mut decoder = FrameDecoder::new(WsLimits {
+        max_message_bytes: MAX_WS_MESSAGE,
+    });
+    let mut hub_bytes = BytesMut::new();
+    // Boxed: the handshake's state is large and needed once; the task keeps only what a
+    // connected session needs for the rest of its life.
+    let handshaken = Box::pin(take_handshake(
+        &state,
+        &mut reader,
+        &mut writer,
+        &upgrade,
+        &mut input,
+        &mut decoder,
+        &mut hub_bytes,
+    ))
+    .await;
+    let Some((protocol, early_error)) = handshaken else {
+        return;
     };
     let caller = Rc::new(Caller {
         user_id: state.shared.user_ids.user_id(upgrade.claims.as_ref()),
@@ -938,7 +966,10 @@ async fn session(
             hub_bytes.advance(used);
             match message {
                 Ok(Some(message)) => {
-                    if let Some(end) = handle_message(state, conn, message).await {
+                    // Boxed: a connection waits in its read far longer than it handles
+                    // messages, so the task is sized for the read and this is allocated
+                    // per message instead (idle connections hold less memory).
+                    if let Some(end) = Box::pin(handle_message(state, conn, message)).await {
                         return end;
                     }
                 }
