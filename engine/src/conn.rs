@@ -336,7 +336,9 @@ impl Conn {
                 })
             } else {
                 batch.set(frames);
-                let write = write_all(&mut socket, std::mem::take(&mut batch));
+                // Boxed: frames over COPY_MAX are the rare case, and an unboxed second
+                // kind of write would make every connection's writer task larger.
+                let write = Box::pin(write_all(&mut socket, std::mem::take(&mut batch)));
                 stop.run(write).await.map(|(result, written)| {
                     batch = written;
                     result

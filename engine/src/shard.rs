@@ -890,10 +890,10 @@ async fn websocket(
     // sent to it meanwhile wait in its queue until the writer starts.
     state.register(conn.clone());
     state.join_durable_groups(&caller);
-    if write_now(
+    if Box::pin(write_now(
         &mut writer,
         frame::encode_raw(protocol, handshake::OK_RESPONSE),
-    )
+    ))
     .await
     .is_err()
     {
