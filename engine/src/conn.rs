@@ -1,5 +1,5 @@
 //! One connection's state on its shard: the bounded outbound queue, the writer task
-//! that flushes it in one vectored write per turn, and the signal that ends it.
+//! that flushes it in one write per turn, and the signal that ends it.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;

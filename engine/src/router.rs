@@ -4,8 +4,9 @@
 //! and `user -> local connections`. A send is turned into a [`Broadcast`] that every
 //! shard resolves against its own tables; no table is shared, so no lock is taken on
 //! the message path. The frames of a broadcast are encoded at most once per hub
-//! protocol, by whichever shard needs them first, and the same `Bytes` is handed to
-//! every recipient on every shard.
+//! protocol, by whichever shard needs them first, and every recipient on every shard
+//! gets that frame (a reference to the same `Bytes`, or a copy of its bytes in the
+//! connection's send buffer when it is small: see `conn`).
 
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
