@@ -12,8 +12,8 @@ use ringhub_protocol::hub::HubProtocol;
 use ringhub_protocol::Value;
 use serde::Serialize;
 
-use crate::client::{self, invocation_frame, Wire};
 use crate::loadgen::{cpu_time, spawn_paced};
+use ringhub_bench::client::{self, invocation_frame, Wire};
 
 #[derive(Parser, Clone, Debug)]
 pub struct ChurnArgs {

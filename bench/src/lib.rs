@@ -1,7 +1,8 @@
-//! ringhub-bench: shared inputs for the benchmarks.
-//!
-//! The criterion micro-benchmarks live in `benches/`; the fan-out load generator and
-//! the peer servers come with the benchmark issue.
+//! ringhub-bench: what the benchmark binaries share: the typical inputs of the
+//! criterion micro-benchmarks (`benches/`), and the WebSocket client side of the load
+//! generator ([`client`]), which the peer servers reuse for their reads.
+
+pub mod client;
 
 use bytes::BytesMut;
 use ringhub_protocol::hub::{HubMessage, HubProtocol, Invocation};

@@ -16,7 +16,7 @@ use hdrhistogram::Histogram;
 use monoio::io::AsyncWriteRentExt;
 use serde::Serialize;
 
-use crate::client::{self, Wire};
+use ringhub_bench::client::{self, Wire};
 
 #[derive(Parser, Clone, Debug)]
 pub struct LoadArgs {

@@ -10,14 +10,13 @@
 //!   SVG plots).
 
 mod churn;
-mod client;
 mod loadgen;
 mod plot;
 mod run;
 
 use clap::{Parser, Subcommand};
 
-use crate::client::Wire;
+use ringhub_bench::client::Wire;
 
 #[derive(Parser)]
 #[command(

@@ -13,7 +13,6 @@ use std::task::Waker;
 
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
-use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Splitable};
 use monoio::net::{TcpListener, TcpStream};
 use ringhub_protocol::http::accept_key;
@@ -82,12 +81,9 @@ async fn writer(peer: Rc<Peer>, mut socket: monoio::io::OwnedWriteHalf<TcpStream
     }
 }
 
+/// Reads more of the request into `buf`; false at the end of the stream.
 async fn read_more(reader: &mut impl AsyncReadRent, buf: &mut BytesMut) -> bool {
-    buf.reserve(16 * 1024);
-    let (start, end) = (buf.len(), buf.capacity());
-    let (result, slice) = reader.read(std::mem::take(buf).slice_mut(start..end)).await;
-    *buf = slice.into_inner();
-    matches!(result, Ok(n) if n > 0)
+    ringhub_bench::client::read(reader, buf).await.is_ok()
 }
 
 async fn serve(stream: TcpStream, groups: Groups) {
