@@ -366,7 +366,7 @@ async fn read_up_to(
     result
 }
 
-/// How much a WebSocket session asks of one read: it starts at 512 bytes (an idle
+/// How much a WebSocket session asks of one read: it starts at 256 bytes (an idle
 /// connection keeps a small buffer) and doubles while reads come back full, so a busy publisher's
 /// messages are taken many at a time and the writers they wake flush once for all of
 /// them instead of once per message.
@@ -377,7 +377,7 @@ struct ReadSize(usize);
 const MAX_READ_CHUNK: usize = 64 << 10;
 /// The least: what an idle connection's pending read holds (its buffer is the largest
 /// part of an idle connection's memory).
-const MIN_READ_CHUNK: usize = 512;
+const MIN_READ_CHUNK: usize = 256;
 
 impl ReadSize {
     fn adapt(&mut self, got: usize) {
