@@ -273,29 +273,10 @@ impl HubContext {
         let broadcast = Arc::new(Broadcast::new(ringhub_protocol::HubMessage::invocation(
             method, arguments,
         )));
-        // Connections and users are found in the registry, so a send to them reaches
-        // only the shards that hold them; other targets may have members anywhere.
-        let mut holders = vec![true; self.shared.inboxes.len()];
-        let (ids, users): (&[String], &[String]) = match &target {
-            Target::Connection(id) => (std::slice::from_ref(id), &[]),
-            Target::Connections(ids) => (ids, &[]),
-            Target::User(user) => (&[], std::slice::from_ref(user)),
-            Target::Users(users) => (&[], users),
-            _ => (&[], &[]),
-        };
-        if !ids.is_empty() || !users.is_empty() {
-            holders.fill(false);
-            self.shared
-                .presence
-                .mark_shards(hub, ids, users, &mut holders);
-        }
         let hub: Arc<str> = Arc::from(hub);
         let target = Arc::new(target);
         let here = shard::current_index(&self.shared);
         for (index, inbox) in self.shared.inboxes.iter().enumerate() {
-            if !holders[index] {
-                continue;
-            }
             if Some(index) == here {
                 shard::with_current(|state| state.deliver(&hub, &target, &broadcast));
             } else {

@@ -277,32 +277,6 @@ impl Presence {
             .map(|c| c.shard)
     }
 
-    /// Marks in `shards` every shard that holds one of these connections or a
-    /// connection of one of these users (a send to them needs only those shards).
-    pub fn mark_shards(
-        &self,
-        hub: &str,
-        connection_ids: &[String],
-        users: &[String],
-        shards: &mut [bool],
-    ) {
-        let registry = self.lock();
-        let Some(hub) = registry.hubs.get(hub) else {
-            return;
-        };
-        let user_connections = users
-            .iter()
-            .filter_map(|user| hub.users.get(user.as_str()))
-            .flatten();
-        for id in connection_ids.iter().chain(user_connections) {
-            if let Some(shard) = hub.connections.get(id.as_str()).map(|c| c.shard) {
-                if let Some(slot) = shards.get_mut(shard) {
-                    *slot = true;
-                }
-            }
-        }
-    }
-
     /// The groups with members, over all hubs and shards.
     pub fn nonempty_groups(&self) -> usize {
         self.lock().nonempty_groups
@@ -374,26 +348,6 @@ mod tests {
         presence.disconnected("h", "c2");
         assert!(!presence.is_user_online("h", "ann"));
         assert_eq!(presence.shard_of("h", "c2"), None);
-    }
-
-    #[test]
-    fn marks_only_the_shards_holding_the_connections_and_users() {
-        let presence = Presence::new(3);
-        presence.connected("h", "c1", Some("ann"), 0);
-        presence.connected("h", "c2", Some("ann"), 2);
-        presence.connected("h", "c3", Some("bob"), 1);
-        let marked = |ids: &[&str], users: &[&str]| {
-            let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-            let mut shards = [false; 3];
-            presence.mark_shards("h", &owned(ids), &owned(users), &mut shards);
-            shards
-        };
-        assert_eq!(marked(&["c3"], &[]), [false, true, false]);
-        assert_eq!(marked(&[], &["ann"]), [true, false, true]);
-        assert_eq!(marked(&["c3"], &["ann"]), [true, true, true]);
-        assert_eq!(marked(&["gone"], &["nobody"]), [false, false, false]);
-        presence.disconnected("h", "c2");
-        assert_eq!(marked(&[], &["ann"]), [true, false, false]);
     }
 
     #[test]
