@@ -283,19 +283,18 @@ impl HubTables {
         let keys_of = |ids: &[String]| -> HashSet<u64> {
             ids.iter().filter_map(|id| self.key_of(id)).collect()
         };
-        let conns_of = |ids: &[String]| -> Members {
-            keys_of(ids)
-                .into_iter()
-                .filter_map(|key| Some((key, self.conns.get(&key)?.clone())))
-                .collect()
-        };
         match target {
             Target::All => self.conns.values().for_each(&mut send),
             Target::AllExcept(ids) => except(&self.conns, &keys_of(ids)).for_each(&mut send),
-            Target::Connection(id) => conns_of(std::slice::from_ref(id))
-                .values()
+            Target::Connection(id) => self
+                .key_of(id)
+                .and_then(|key| self.conns.get(&key))
+                .into_iter()
                 .for_each(&mut send),
-            Target::Connections(ids) => conns_of(ids).values().for_each(&mut send),
+            Target::Connections(ids) => keys_of(ids)
+                .iter()
+                .filter_map(|key| self.conns.get(key))
+                .for_each(&mut send),
             Target::Group(group) => {
                 if let Some(members) = self.groups.get(group) {
                     members.values().for_each(&mut send);
