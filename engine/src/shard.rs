@@ -366,17 +366,17 @@ async fn read_up_to(
     result
 }
 
-/// How much a WebSocket session asks of one read: it starts at 256 bytes (an idle
-/// connection keeps a small buffer) and doubles while reads come back full, so a busy publisher's
-/// messages are taken many at a time and the writers they wake flush once for all of
-/// them instead of once per message.
+/// How much a WebSocket session asks of one read: it starts at [`MIN_READ_CHUNK`] (an
+/// idle connection keeps a small buffer) and doubles while reads come back full, so a
+/// busy publisher's messages are taken many at a time and the writers they wake flush
+/// once for all of them instead of once per message.
 #[derive(Clone, Copy)]
 struct ReadSize(usize);
 
 /// The most one session read asks for.
 const MAX_READ_CHUNK: usize = 64 << 10;
-/// The least: what an idle connection's pending read holds (its buffer is the largest
-/// part of an idle connection's memory).
+/// The least: what an idle connection's pending read holds (with the reader's and the
+/// writer's tasks, the largest parts of an idle connection's memory).
 const MIN_READ_CHUNK: usize = 256;
 
 impl ReadSize {
