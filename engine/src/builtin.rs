@@ -3,7 +3,7 @@
 
 use ringhub_protocol::Value;
 
-use crate::hub::{Call, Caller, Hub, HubError, LocalBoxFuture, Target};
+use crate::api::{Call, Caller, Hub, HubError, LocalBoxFuture, Target};
 use crate::presence::PRESENCE_CHANGED;
 
 /// The refusal of a join or group send without the right to the group.

@@ -2,37 +2,42 @@
 //! SignalR protocol, as a library (embed it with [`ServerBuilder`] and your own
 //! [`Hub`]) and as the `ringhub` binary.
 //!
-//! - [`server`]: building, starting and stopping a node (one pinned shard per core);
-//! - `shard`: one shard's accept loop, HTTP endpoints and WebSocket sessions;
-//! - `conn`: a connection's bounded outbound queue and its vectored writer;
-//! - `router`: per-shard group/user tables and the messages between shards;
-//! - [`hub`]: the embedding API ([`Hub`], [`HubContext`], [`Target`]);
-//! - [`builtin`]: the contract's built-in hub, written on that API;
-//! - [`presence`]: connections, users and group counts across shards;
-//! - [`store`]: durable user -> group membership ([`MembershipStore`], redb by default);
-//! - `rest`: the REST API for backends (contract section 5);
-//! - [`runtime`]: the io_uring runtime every thread runs on;
-//! - [`auth`], [`config`], [`metrics`].
+//! The layers, each using only those above it:
+//! - `signal`: one-shot shard-local events; [`metrics`], [`config`], [`auth`];
+//! - [`api`] types: [`Target`], [`Caller`], [`HubError`];
+//! - `fanout`: a message encoded once per protocol for all its recipients;
+//! - `session`: one connection apart from its transport (identity, groups, outbox);
+//! - `shard::tables`, `shard::inbox`: a shard's routing tables and its inbox;
+//! - [`presence`], [`store`], `node`: what all shards of a node share;
+//! - [`api`]: [`HubContext`] (reaches shards through their inboxes only) and [`Hub`];
+//! - [`builtin`] and `rest`: the contract's hub and REST API, on that API only;
+//! - `shard::state`, `shard::dispatch`: what a shard owns, hub messages of its clients;
+//! - `transport`: HTTP routing, negotiate, the WebSocket transport, socket I/O;
+//! - `shard::run`: a shard thread's body; [`server`]: building, starting, stopping;
+//! - [`runtime`]: the io_uring runtime every thread runs on.
 
+pub mod api;
 pub mod auth;
 pub mod builtin;
 pub mod config;
-mod conn;
-pub mod hub;
+mod fanout;
 pub mod metrics;
+mod node;
 pub mod presence;
 mod rest;
-mod router;
 pub mod runtime;
 pub mod server;
+mod session;
 mod shard;
+mod signal;
 pub mod store;
+mod transport;
 
-pub use auth::{Claims, GroupAuthorizer, UserIdProvider};
-pub use config::{Config, ServeArgs};
-pub use hub::{
+pub use api::{
     Call, Caller, ContextError, FromValue, Hub, HubContext, HubError, LocalBoxFuture, Target,
 };
+pub use auth::{Claims, GroupAuthorizer, UserIdProvider};
+pub use config::{Config, ServeArgs};
 pub use presence::GroupPresence;
 pub use ringhub_protocol::Value;
 pub use server::{Server, ServerBuilder, ServerError};
@@ -41,5 +46,5 @@ pub use store::{MembershipStore, MemoryStore, RedbStore, StoreError};
 /// Frames encoded for broadcasts since the process started: a fan-out encodes at most
 /// one per hub protocol in use, however many recipients (checked by the tests).
 pub fn broadcast_encodes() -> u64 {
-    router::BROADCAST_ENCODES.load(std::sync::atomic::Ordering::Relaxed)
+    fanout::BROADCAST_ENCODES.load(std::sync::atomic::Ordering::Relaxed)
 }

@@ -23,6 +23,15 @@ impl ShardMetrics {
     }
 }
 
+/// A shard's metrics block, reachable from its sessions.
+pub struct MetricsRef(pub std::sync::Arc<Metrics>, pub usize);
+
+impl MetricsRef {
+    pub fn get(&self) -> &ShardMetrics {
+        &self.0.shards[self.1]
+    }
+}
+
 /// All shards' counters.
 #[derive(Debug)]
 pub struct Metrics {

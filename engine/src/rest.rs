@@ -10,12 +10,12 @@ use ringhub_protocol::Value;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::hub::{HubContext, Target};
+use crate::api::{valid_hub_name, HubContext, Target};
 
 /// The OpenAPI 3 document of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
-use crate::shard::MAX_BODY_BYTES;
+use crate::transport::MAX_BODY_BYTES;
 
 /// A request already read: head and body.
 pub struct Request<'a> {
@@ -127,7 +127,7 @@ async fn route(context: &HubContext, api_key: Option<&str>, request: Request<'_>
     let ["api", "hubs", hub, rest @ ..] = segments.as_slice() else {
         return Reply::error(404, "Not found.");
     };
-    if !crate::shard::valid_hub_name(hub) {
+    if !valid_hub_name(hub) {
         return Reply::error(400, "The hub name must match [A-Za-z0-9_-]{1,64}.");
     }
     let body = request.body;

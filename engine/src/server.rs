@@ -5,20 +5,18 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
 use thiserror::Error;
 
-use crate::auth::{
-    ClaimPatterns, Claims, GroupAuthorizer, JwtVerifier, SubClaimUserId, UserIdProvider,
-};
+use crate::api::hub::HubFactory;
+use crate::api::{Hub, HubContext};
+use crate::auth::{ClaimPatterns, GroupAuthorizer, JwtVerifier, SubClaimUserId, UserIdProvider};
 use crate::config::Config;
-use crate::hub::{Hub, HubContext};
 use crate::metrics::Metrics;
+use crate::node::{Node, StoreJob};
 use crate::presence::Presence;
-use crate::router::{Command, Inbox};
-use crate::shard;
+use crate::shard::inbox::{Command, Inbox};
 use crate::store::{MembershipStore, RedbStore, StoreError};
 
 /// Why a server could not start.
@@ -33,56 +31,6 @@ pub enum ServerError {
     Thread(std::io::Error),
     #[error("--data: {0}")]
     Store(#[from] StoreError),
-}
-
-/// Makes one hub instance per shard.
-pub type HubFactory = Arc<dyn Fn() -> Box<dyn Hub> + Send + Sync>;
-
-/// A connection negotiated but not yet connected.
-pub(crate) struct Negotiated {
-    pub connection_id: String,
-    pub hub: String,
-    pub created: Instant,
-}
-
-/// How long a negotiated connection waits for its transport (SignalR's DisconnectTimeout).
-pub(crate) const NEGOTIATION_TTL: Duration = Duration::from_secs(15);
-
-/// A store write, run on the store thread.
-pub(crate) type StoreJob = Box<dyn FnOnce(&dyn MembershipStore) + Send>;
-
-/// What all shards share: configuration, inboxes, counters. Read-mostly; the only lock
-/// guards negotiate tokens, which are touched once per connection, never per message.
-pub struct Shared {
-    pub(crate) config: Config,
-    pub(crate) inboxes: Vec<Inbox>,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) jwt: Option<JwtVerifier>,
-    pub(crate) user_ids: Arc<dyn UserIdProvider>,
-    pub(crate) authorizer: Arc<dyn GroupAuthorizer>,
-    pub(crate) hub_factory: HubFactory,
-    pub(crate) negotiations: Mutex<HashMap<String, Negotiated>>,
-    pub(crate) presence: Presence,
-    pub(crate) store: Arc<dyn MembershipStore>,
-    /// Store writes run on their own thread (a commit waits for the disk).
-    pub(crate) store_jobs: std::sync::mpsc::Sender<StoreJob>,
-    pub(crate) ready_shards: AtomicUsize,
-    pub(crate) shutting_down: AtomicBool,
-}
-
-impl Shared {
-    pub(crate) fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn is_ready(&self) -> bool {
-        !self.is_shutting_down() && self.ready_shards.load(Ordering::Acquire) == self.inboxes.len()
-    }
-
-    /// May this connection join (and send to) `group`?
-    pub(crate) fn may_join(&self, claims: Option<&Claims>, group: &str) -> bool {
-        self.authorizer.may_join(claims, group)
-    }
 }
 
 /// Configures a server.
@@ -154,7 +102,7 @@ impl ServerBuilder {
                 addr: self.config.listen,
                 source,
             })?;
-        let shared = Arc::new(Shared {
+        let node = Arc::new(Node {
             jwt: self
                 .config
                 .jwt_secret
@@ -165,7 +113,6 @@ impl ServerBuilder {
             metrics: Arc::new(Metrics::new(threads)),
             user_ids: self.user_ids,
             authorizer: self.authorizer,
-            hub_factory: self.hub_factory,
             negotiations: Mutex::new(HashMap::new()),
             presence: Presence::new(threads),
             store,
@@ -176,15 +123,18 @@ impl ServerBuilder {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut handles = Vec::with_capacity(threads);
         for (index, listener) in listeners.into_iter().enumerate() {
-            let shared = shared.clone();
+            let node = node.clone();
+            let hub_factory = self.hub_factory.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("ringhub-shard-{index}"))
-                .spawn(move || shard::run(index, index % cores, listener, shared))
+                .spawn(move || {
+                    crate::shard::run::run(index, index % cores, listener, node, hub_factory)
+                })
                 .map_err(ServerError::Thread)?;
             handles.push(handle);
         }
         Ok(Server {
-            shared,
+            node,
             handles,
             local_addr,
         })
@@ -222,7 +172,7 @@ fn bind_listeners(
 
 /// A running node.
 pub struct Server {
-    shared: Arc<Shared>,
+    node: Arc<Node>,
     handles: Vec<JoinHandle<()>>,
     local_addr: SocketAddr,
 }
@@ -236,17 +186,17 @@ impl Server {
     /// A handle to send and manage groups from anywhere.
     pub fn context(&self) -> HubContext {
         HubContext {
-            shared: self.shared.clone(),
+            node: self.node.clone(),
         }
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
-        self.shared.metrics.clone()
+        self.node.metrics.clone()
     }
 
     /// Whether every shard accepts connections.
     pub fn is_ready(&self) -> bool {
-        self.shared.is_ready()
+        self.node.is_ready()
     }
 
     /// Blocks until SIGINT or SIGTERM, then shuts down as [`Server::shutdown`] does;
@@ -268,8 +218,8 @@ impl Server {
     /// Tells every client (Close message, reconnect allowed), then stops the shards.
     /// Returns once all shard threads ended (a few seconds at most).
     pub fn shutdown(self) {
-        self.shared.shutting_down.store(true, Ordering::Release);
-        for inbox in &self.shared.inboxes {
+        self.node.shutting_down.store(true, Ordering::Release);
+        for inbox in &self.node.inboxes {
             inbox.push(Command::Shutdown);
         }
         for handle in self.handles {

@@ -1,0 +1,68 @@
+//! The plain types of the embedding API: who receives a message, who called, and how
+//! an invocation fails.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use thiserror::Error;
+
+use crate::auth::Claims;
+
+/// A boxed future that stays on its shard's thread.
+pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// Who receives a message (contract section 4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    All,
+    AllExcept(Vec<String>),
+    Connection(String),
+    Connections(Vec<String>),
+    Group(String),
+    GroupExcept(String, Vec<String>),
+    Groups(Vec<String>),
+    User(String),
+    Users(Vec<String>),
+}
+
+/// A failed invocation; the client receives [`HubError::client_message`] as the
+/// Completion error and the connection stays open.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum HubError {
+    /// A refusal meant for the client, sent as is (SignalR's `HubException`).
+    #[error("{0}")]
+    Exception(String),
+    #[error("Unknown hub method '{0}'")]
+    UnknownMethod(String),
+    #[error("Failed to invoke '{method}' due to an error on the server: {detail}")]
+    InvalidArguments { method: String, detail: String },
+}
+
+impl HubError {
+    pub fn exception(message: impl Into<String>) -> HubError {
+        HubError::Exception(message.into())
+    }
+
+    pub fn client_message(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// The connection that invoked a method.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub connection_id: String,
+    pub hub: String,
+    /// From the user-id provider (the JWT `sub` by default); `None` when anonymous.
+    pub user_id: Option<String>,
+    /// `None` when the server runs without `--jwt-secret`.
+    pub claims: Option<Claims>,
+}
+
+/// Hub names as the contract allows them: `[A-Za-z0-9_-]{1,64}`.
+pub fn valid_hub_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}

@@ -1,0 +1,156 @@
+//! A session: one SignalR connection as the hub sees it (identity, hub protocol,
+//! groups, outbound queue, timestamps), apart from the transport that carries it. The
+//! transport takes what is queued with [`Session::next_batch`] and ends when
+//! [`Session::stop`] fires.
+
+pub mod outbox;
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hashbrown::HashSet;
+use ringhub_protocol::hub::Close;
+use ringhub_protocol::ws::{self, close_code};
+use ringhub_protocol::{frame, HubMessage, HubProtocol};
+
+use crate::api::types::Caller;
+use crate::metrics::{MetricsRef, ShardMetrics};
+use crate::signal::Signal;
+use outbox::{Outbox, Pushed, Taken};
+
+/// The error sentence of a slow-consumer close (contract section 6).
+pub const SLOW_CONSUMER: &str = "Connection closed: client too slow.";
+
+/// How long a closing session may take to flush its last frames.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
+pub struct Session {
+    /// The shard-local number that keys it in its shard's tables.
+    pub key: u64,
+    pub caller: Rc<Caller>,
+    pub protocol: HubProtocol,
+    pub groups: RefCell<HashSet<String>>,
+    /// Groups whose presence this session watches.
+    pub watching: RefCell<HashSet<String>>,
+    outbox: RefCell<Outbox>,
+    /// The transport's task waiting for frames.
+    writer: RefCell<Option<Waker>>,
+    pub last_received: Cell<Instant>,
+    pub last_sent: Cell<Instant>,
+    /// Ends the transport's reading and writing at once, whatever they are doing.
+    pub stop: Signal,
+    metrics: Rc<MetricsRef>,
+}
+
+impl Session {
+    pub fn new(
+        key: u64,
+        caller: Rc<Caller>,
+        protocol: HubProtocol,
+        max_buffered_bytes: usize,
+        metrics: Rc<MetricsRef>,
+    ) -> Session {
+        let now = Instant::now();
+        Session {
+            key,
+            caller,
+            protocol,
+            groups: RefCell::default(),
+            watching: RefCell::default(),
+            outbox: RefCell::new(Outbox::new(max_buffered_bytes)),
+            writer: RefCell::new(None),
+            last_received: Cell::new(now),
+            last_sent: Cell::new(now),
+            stop: Signal::default(),
+            metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> &ShardMetrics {
+        self.metrics.get()
+    }
+
+    /// Queues a frame. Returns false if it was not queued: the session is closing, or
+    /// it just fell too far behind and is being closed as a slow consumer.
+    pub fn enqueue(&self, frame: &Bytes) -> bool {
+        let pushed = self.outbox.borrow_mut().push(frame);
+        match pushed {
+            Pushed::Queued => {
+                self.wake_writer();
+                true
+            }
+            Pushed::Closing => false,
+            Pushed::Overflow => {
+                ShardMetrics::add(&self.metrics().slow_consumer_closes, 1);
+                tracing::info!(connection = %self.caller.connection_id, "closing a slow consumer");
+                self.close(Some(SLOW_CONSUMER), false);
+                false
+            }
+        }
+    }
+
+    /// Ends the session: drops what is still queued, sends a Close message and a
+    /// WebSocket close frame, then stops. A no-op if it is already closing.
+    pub fn close(&self, error: Option<&str>, allow_reconnect: bool) {
+        let close = HubMessage::Close(Close {
+            error: error.map(str::to_owned),
+            allow_reconnect,
+        });
+        let last = [
+            frame::encode_message(self.protocol, &close),
+            ws::encode_close(close_code::NORMAL, ""),
+        ];
+        if self.outbox.borrow_mut().close_with(last, Instant::now()) {
+            self.wake_writer();
+        }
+    }
+
+    /// When the session started closing, if it is.
+    pub fn closing_since(&self) -> Option<Instant> {
+        self.outbox.borrow().closing_since()
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.outbox.borrow().bytes()
+    }
+
+    fn wake_writer(&self) {
+        let waker = self.writer.borrow_mut().take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Waits for queued frames and takes them all (see [`Outbox::take`]); `None` once
+    /// the session is done (closed and flushed, or stopped).
+    pub async fn next_batch(&self, copied: &mut Vec<u8>, batch: &mut Vec<Bytes>) -> Option<Taken> {
+        std::future::poll_fn(|cx| {
+            let mut outbox = self.outbox.borrow_mut();
+            if let Some(taken) = outbox.take(copied, batch) {
+                return Poll::Ready(Some(taken));
+            }
+            if outbox.closing_since().is_some() || self.stop.is_fired() {
+                return Poll::Ready(None);
+            }
+            *self.writer.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// See [`Outbox::recycle`].
+    pub fn recycle_send_buffer(&self, written: &mut Vec<u8>) {
+        self.outbox.borrow_mut().recycle(written);
+    }
+
+    /// Counts a batch as handed to the socket.
+    pub fn sent(&self, taken: Taken) {
+        let metrics = self.metrics();
+        ShardMetrics::add(&metrics.deliveries, taken.frames);
+        ShardMetrics::add(&metrics.bytes_sent, taken.bytes as u64);
+        self.last_sent.set(Instant::now());
+    }
+}

@@ -1,0 +1,108 @@
+//! What one shard asks of another, and the lock-free queue it arrives in.
+
+use std::sync::Arc;
+
+use atomic_waker::AtomicWaker;
+use crossbeam_queue::SegQueue;
+use futures_channel::oneshot;
+
+use crate::api::types::Target;
+use crate::fanout::Broadcast;
+
+/// What one shard asks of another.
+pub enum Command {
+    Deliver {
+        hub: Arc<str>,
+        target: Arc<Target>,
+        broadcast: Arc<Broadcast>,
+    },
+    /// Acts on a connection if it lives here; the reply says whether it did.
+    Connection {
+        hub: Arc<str>,
+        connection_id: String,
+        op: ConnectionOp,
+        reply: oneshot::Sender<bool>,
+    },
+    Shutdown,
+}
+
+/// What can be done to a connection from anywhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionOp {
+    Join(String),
+    Leave(String),
+    WatchPresence(String),
+    UnwatchPresence(String),
+    /// Close it with a Close message (reconnect not suggested).
+    Close,
+}
+
+/// A shard's inbox: a lock-free unbounded MPSC queue (producers never block, a
+/// thread-per-core shard must never wait on another) with a waker that costs one
+/// atomic swap when the shard is busy and only wakes it when it is parked.
+#[derive(Default)]
+pub struct Inbox {
+    queue: SegQueue<Command>,
+    waker: AtomicWaker,
+}
+
+impl Inbox {
+    pub fn push(&self, command: Command) {
+        self.queue.push(command);
+        self.waker.wake();
+    }
+
+    /// The oldest command, if any (for the owning shard only).
+    pub fn try_pop(&self) -> Option<Command> {
+        self.queue.pop()
+    }
+
+    /// Waits for commands and hands each to `handle`, until `handle` returns false.
+    ///
+    /// After [`INBOX_BUDGET`] commands it yields, so the writers it woke get to flush
+    /// (once each, for everything queued meanwhile) even while other shards keep sending.
+    pub async fn run(&self, mut handle: impl FnMut(Command) -> bool) {
+        loop {
+            let mut handled = 0;
+            while let Some(command) = self.queue.pop() {
+                if !handle(command) {
+                    return;
+                }
+                handled += 1;
+                if handled == INBOX_BUDGET {
+                    handled = 0;
+                    yield_now().await;
+                }
+            }
+            std::future::poll_fn(|cx| {
+                self.waker.register(cx.waker());
+                if self.queue.is_empty() {
+                    std::task::Poll::Pending
+                } else {
+                    std::task::Poll::Ready(())
+                }
+            })
+            .await;
+        }
+    }
+}
+
+/// Commands handled in a row before the inbox lets the shard's other tasks run: small
+/// enough that a burst of largest messages (16 x 32 KiB) stays under the default queue
+/// bound before the writers get to flush.
+const INBOX_BUDGET: usize = 16;
+
+/// Lets every other ready task of this thread run once.
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}

@@ -1,0 +1,131 @@
+//! The body of a shard thread: its io_uring runtime, its listener's accept loop, its
+//! inbox, its timers (keep-alive, client timeouts, presence notices), and the end.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use monoio::net::TcpListener;
+use ringhub_protocol::{frame, HubMessage, HubProtocol};
+
+use crate::api::hub::HubFactory;
+use crate::node::Node;
+use crate::presence::PRESENCE_INTERVAL;
+use crate::session::CLOSE_GRACE;
+use crate::shard::state::ShardState;
+use crate::transport::http;
+
+/// The body of a shard thread.
+pub fn run(
+    index: usize,
+    core: usize,
+    listener: std::net::TcpListener,
+    node: Arc<Node>,
+    hub_factory: HubFactory,
+) {
+    if let Err(e) = monoio::utils::bind_to_cpu_set([core]) {
+        tracing::warn!(shard = index, core, "could not pin the shard thread: {e:?}");
+    }
+    let mut runtime = match crate::runtime::io_uring_runtime(1024) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(shard = index, "cannot start io_uring: {e}");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(shard = index, "cannot use the listener: {e}");
+                return;
+            }
+        };
+        let state = Rc::new(ShardState::new(index, node, hub_factory()));
+        let inbox_state = state.clone();
+        monoio::spawn(async move {
+            let node = inbox_state.node.clone();
+            node.inboxes[inbox_state.index]
+                .run(|c| inbox_state.handle(c))
+                .await;
+        });
+        monoio::spawn(tick(state.clone()));
+        monoio::spawn(presence_notifier(state.clone()));
+        state
+            .node
+            .ready_shards
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        tracing::debug!(shard = index, "accepting");
+        loop {
+            let accepted = monoio::select! {
+                a = listener.accept() => a,
+                _ = state.shutdown.fired() => break,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    monoio::spawn(http::serve_http(state.clone(), stream));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(shard = index, "accept failed: {e}");
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        drop(listener);
+        // Tell every client, give them a moment to read it, then end.
+        for session in state.all_sessions() {
+            session.close(None, true);
+        }
+        let deadline = Instant::now() + CLOSE_GRACE;
+        while state.has_sessions() && Instant::now() < deadline {
+            monoio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+/// Once a second: keep-alive pings, client timeouts, and the end of closes that
+/// could not flush in time.
+async fn tick(state: Rc<ShardState>) {
+    let config = &state.node.config;
+    let pings = [
+        frame::encode_message(HubProtocol::Json, &HubMessage::Ping),
+        frame::encode_message(HubProtocol::MessagePack, &HubMessage::Ping),
+    ];
+    let mut interval = monoio::time::interval(Duration::from_secs(1));
+    loop {
+        interval.tick().await;
+        if state.shutdown.is_fired() {
+            return;
+        }
+        let now = Instant::now();
+        for session in state.all_sessions() {
+            if let Some(since) = session.closing_since() {
+                if now - since > CLOSE_GRACE {
+                    session.stop.fire();
+                }
+            } else if now - session.last_received.get() > config.client_timeout {
+                session.close(
+                    Some("Server timeout elapsed without receiving a message from the client."),
+                    true,
+                );
+            } else if now - session.last_sent.get() >= config.keepalive
+                && session.queued_bytes() == 0
+            {
+                let ping = &pings[usize::from(session.protocol == HubProtocol::MessagePack)];
+                session.last_sent.set(now);
+                session.enqueue(ping);
+            }
+        }
+    }
+}
+
+/// Every [`PRESENCE_INTERVAL`]: one `PresenceChanged` per changed watched group.
+async fn presence_notifier(state: Rc<ShardState>) {
+    let mut interval = monoio::time::interval(PRESENCE_INTERVAL);
+    while !state.shutdown.is_fired() {
+        interval.tick().await;
+        state.notify_presence();
+    }
+}

@@ -1,0 +1,217 @@
+//! What one shard owns: its hubs' tables, its hub instance, and the handling of what
+//! other shards (and `HubContext`s anywhere) ask of it through its inbox. Everything
+//! here is touched by this shard's thread only.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+use ringhub_protocol::HubMessage;
+
+use crate::api::{Caller, Hub, HubContext, Target};
+use crate::fanout::Broadcast;
+use crate::metrics::{MetricsRef, ShardMetrics};
+use crate::node::Node;
+use crate::presence::PRESENCE_CHANGED;
+use crate::session::Session;
+use crate::shard::inbox::{Command, ConnectionOp};
+use crate::shard::tables::HubTables;
+use crate::signal::Signal;
+
+pub struct ShardState {
+    pub index: usize,
+    pub node: Arc<Node>,
+    hubs: RefCell<HashMap<String, HubTables>>,
+    pub hub: Box<dyn Hub>,
+    pub context: HubContext,
+    next_key: Cell<u64>,
+    pub metrics: Rc<MetricsRef>,
+    pub shutdown: Signal,
+}
+
+impl ShardState {
+    pub fn new(index: usize, node: Arc<Node>, hub: Box<dyn Hub>) -> ShardState {
+        ShardState {
+            index,
+            hub,
+            context: HubContext { node: node.clone() },
+            hubs: RefCell::default(),
+            next_key: Cell::new(0),
+            metrics: Rc::new(MetricsRef(node.metrics.clone(), index)),
+            shutdown: Signal::default(),
+            node,
+        }
+    }
+
+    pub fn metrics(&self) -> &ShardMetrics {
+        self.metrics.get()
+    }
+
+    /// A new shard-local key for a session.
+    pub fn next_session_key(&self) -> u64 {
+        let key = self.next_key.get();
+        self.next_key.set(key + 1);
+        key
+    }
+
+    pub fn deliver(&self, hub: &str, target: &Target, broadcast: &Broadcast) {
+        if let Some(tables) = self.hubs.borrow().get(hub) {
+            tables.deliver(target, broadcast);
+        }
+    }
+
+    /// Acts on a session if it lives on this shard; false if it does not.
+    pub fn connection_op(&self, hub: &str, connection_id: &str, op: &ConnectionOp) -> bool {
+        let mut hubs = self.hubs.borrow_mut();
+        let Some(tables) = hubs.get_mut(hub) else {
+            return false;
+        };
+        let Some(session) = tables
+            .key_of(connection_id)
+            .and_then(|key| tables.session(key))
+            .cloned()
+        else {
+            return false;
+        };
+        let presence = &self.node.presence;
+        let user = session.caller.user_id.as_deref();
+        match op {
+            ConnectionOp::Join(group) => {
+                if tables.join(session.key, group) {
+                    presence.joined(hub, group, user);
+                }
+            }
+            ConnectionOp::Leave(group) => {
+                if tables.leave(session.key, group) {
+                    presence.left(hub, group, user);
+                }
+            }
+            ConnectionOp::WatchPresence(group) | ConnectionOp::UnwatchPresence(group) => {
+                let watch = matches!(op, ConnectionOp::WatchPresence(_));
+                if tables.watch(session.key, group, watch) {
+                    presence.watch(hub, group, self.index, watch);
+                }
+            }
+            ConnectionOp::Close => session.close(None, false),
+        }
+        true
+    }
+
+    pub fn register(&self, session: Rc<Session>) {
+        let caller = &session.caller;
+        self.node.presence.connected(
+            &caller.hub,
+            &caller.connection_id,
+            caller.user_id.as_deref(),
+            self.index,
+        );
+        let mut hubs = self.hubs.borrow_mut();
+        hubs.entry_ref(caller.hub.as_str())
+            .or_default()
+            .insert(session);
+        self.metrics().connections.fetch_add(1, Relaxed);
+    }
+
+    /// Takes the session out of every table and group, here and in presence.
+    pub fn unregister(&self, session: &Session) {
+        let (hub, user) = (
+            session.caller.hub.as_str(),
+            session.caller.user_id.as_deref(),
+        );
+        let presence = &self.node.presence;
+        let mut hubs = self.hubs.borrow_mut();
+        if let Some(tables) = hubs.get_mut(hub) {
+            tables.remove(
+                session.key,
+                |group| presence.left(hub, group, user),
+                |group| presence.watch(hub, group, self.index, false),
+            );
+            if tables.sessions.is_empty() {
+                hubs.remove(hub);
+            }
+        }
+        presence.disconnected(hub, &session.caller.connection_id);
+        self.metrics().connections.fetch_sub(1, Relaxed);
+    }
+
+    /// Joins a new session to its user's durable groups.
+    pub fn join_durable_groups(&self, caller: &Caller) {
+        let Some(user) = &caller.user_id else {
+            return;
+        };
+        match self.node.store.user_groups(&caller.hub, user) {
+            Ok(groups) => {
+                for group in groups {
+                    self.connection_op(
+                        &caller.hub,
+                        &caller.connection_id,
+                        &ConnectionOp::Join(group),
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(user, "cannot read durable groups: {e}"),
+        }
+    }
+
+    /// Tells this shard's watchers about the groups whose counts changed.
+    pub fn notify_presence(&self) {
+        for (hub, group, presence) in self.node.presence.take_changes(self.index) {
+            if let Some(tables) = self.hubs.borrow().get(&hub) {
+                let broadcast = Broadcast::new(HubMessage::invocation(
+                    PRESENCE_CHANGED,
+                    vec![presence.changed_value(&group)],
+                ));
+                tables.notify_watchers(&group, &broadcast);
+            }
+        }
+    }
+
+    pub fn all_sessions(&self) -> Vec<Rc<Session>> {
+        self.hubs
+            .borrow()
+            .values()
+            .flat_map(|t| t.sessions.values().cloned())
+            .collect()
+    }
+
+    pub fn has_sessions(&self) -> bool {
+        !self.hubs.borrow().is_empty()
+    }
+
+    /// Acts on one command from the inbox; false once the shard is to stop.
+    pub fn handle(&self, command: Command) -> bool {
+        match command {
+            Command::Deliver {
+                hub,
+                target,
+                broadcast,
+            } => self.deliver(&hub, &target, &broadcast),
+            Command::Connection {
+                hub,
+                connection_id,
+                op,
+                reply,
+            } => {
+                let _ = reply.send(self.connection_op(&hub, &connection_id, &op));
+            }
+            Command::Shutdown => {
+                self.shutdown.fire();
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Handles everything waiting in this shard's inbox now, so that what a hub method
+    /// sent is queued for this shard's recipients before the method's Completion.
+    pub fn drain_inbox(&self) {
+        let inbox = &self.node.inboxes[self.index];
+        while let Some(command) = inbox.try_pop() {
+            if !self.handle(command) {
+                return;
+            }
+        }
+    }
+}

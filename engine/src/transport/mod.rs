@@ -1,0 +1,53 @@
+//! The transports that carry sessions, and the HTTP around them: `http` routes
+//! requests (CORS, health, metrics, REST, negotiate, transports), `negotiate` hands
+//! out connection tokens, `websocket` runs a session over a WebSocket, `io` holds the
+//! socket reads and writes they share. Helpers used by several of them live here.
+
+pub mod http;
+pub mod io;
+pub mod negotiate;
+pub mod websocket;
+
+use base64::Engine;
+use ringhub_protocol::http::{self as wire, RequestHead};
+
+use crate::auth::Claims;
+use crate::node::Node;
+
+/// A `text/plain` answer.
+pub fn text_response(status: u16, body: &str, keep_alive: bool) -> Vec<u8> {
+    wire::response(
+        status,
+        "text/plain; charset=utf-8",
+        &[],
+        body.as_bytes(),
+        keep_alive,
+    )
+}
+
+/// A random URL-safe id (connection ids and tokens: 16 random bytes, as ASP.NET Core).
+pub fn random_id() -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>())
+}
+
+/// Checks the access token (query `access_token`, else `Authorization: Bearer`) when
+/// authentication is on; `Err` is the 401 answer.
+pub fn authenticate(node: &Node, head: &RequestHead) -> Result<Option<Claims>, Vec<u8>> {
+    let Some(jwt) = &node.jwt else {
+        return Ok(None);
+    };
+    let query_token = head.query_param("access_token");
+    let token = query_token.as_deref().or_else(|| head.bearer_token());
+    jwt.verify(token).map(Some).map_err(|e| {
+        wire::response(
+            401,
+            "text/plain; charset=utf-8",
+            &[("WWW-Authenticate", "Bearer")],
+            e.to_string().as_bytes(),
+            head.keep_alive(),
+        )
+    })
+}
+
+/// The largest request body accepted on plain HTTP endpoints (the REST API included).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
