@@ -32,11 +32,13 @@ cargo test --workspace --all-targets --locked
 step "JS client decodes what ringhub encodes"
 node tests/js/check-rust-vectors.mjs
 
-step "end to end with the stock @microsoft/signalr client"
 cargo build -p ringhub-engine --bin ringhub --example ward_monitor --locked
-RINGHUB_BIN="$root/target/debug/ringhub" \
-  RINGHUB_WARD_MONITOR_BIN="$root/target/debug/examples/ward_monitor" \
-  node --test --test-concurrency=1 tests/js/e2e/
+for transport in WebSockets ServerSentEvents LongPolling; do
+  step "end to end with the stock @microsoft/signalr client over $transport"
+  RINGHUB_TRANSPORT=$transport RINGHUB_BIN="$root/target/debug/ringhub" \
+    RINGHUB_WARD_MONITOR_BIN="$root/target/debug/examples/ward_monitor" \
+    node --test --test-concurrency=1 tests/js/e2e/
+done
 
 step "benchmark smoke: every workload against every server, briefly (so it cannot rot)"
 cargo build -p ringhub-engine -p ringhub-bench --bins --locked

@@ -63,6 +63,14 @@ pub struct ServeArgs {
     /// (Stateful reconnect is not offered yet; validated now.)
     #[arg(long, env = "RINGHUB_STATEFUL_RECONNECT_BUFFER", value_name = "N")]
     pub stateful_reconnect_buffer: Option<usize>,
+    /// Seconds an SSE or long-polling connection may be without its receive request
+    /// (and a negotiated connection without a transport) before it is disposed and
+    /// leaves its groups (ASP.NET Core's DisconnectTimeout) [default: 15].
+    #[arg(long, env = "RINGHUB_DISCONNECT_TIMEOUT_SECS", value_name = "N")]
+    pub disconnect_timeout_secs: Option<u64>,
+    /// Seconds a long poll waits for messages before answering empty [default: 90].
+    #[arg(long, env = "RINGHUB_LONG_POLL_TIMEOUT_SECS", value_name = "N")]
+    pub long_poll_timeout_secs: Option<u64>,
 }
 
 /// The same settings in a TOML file.
@@ -80,6 +88,8 @@ struct FileSettings {
     keepalive_secs: Option<u64>,
     client_timeout_secs: Option<u64>,
     stateful_reconnect_buffer: Option<usize>,
+    disconnect_timeout_secs: Option<u64>,
+    long_poll_timeout_secs: Option<u64>,
 }
 
 /// A validated configuration.
@@ -96,6 +106,8 @@ pub struct Config {
     pub keepalive: Duration,
     pub client_timeout: Duration,
     pub stateful_reconnect_buffer: usize,
+    pub disconnect_timeout: Duration,
+    pub long_poll_timeout: Duration,
 }
 
 impl Default for Config {
@@ -112,6 +124,8 @@ impl Default for Config {
             keepalive: Duration::from_secs(15),
             client_timeout: Duration::from_secs(30),
             stateful_reconnect_buffer: 102_400,
+            disconnect_timeout: Duration::from_secs(15),
+            long_poll_timeout: Duration::from_secs(90),
         }
     }
 }
@@ -211,6 +225,17 @@ impl ServeArgs {
             .stateful_reconnect_buffer
             .or(file.stateful_reconnect_buffer)
             .unwrap_or(defaults.stateful_reconnect_buffer);
+        let disconnect_timeout = match self
+            .disconnect_timeout_secs
+            .or(file.disconnect_timeout_secs)
+        {
+            Some(n) => Duration::from_secs(positive("disconnect-timeout-secs", n)?),
+            None => defaults.disconnect_timeout,
+        };
+        let long_poll_timeout = match self.long_poll_timeout_secs.or(file.long_poll_timeout_secs) {
+            Some(n) => Duration::from_secs(positive("long-poll-timeout-secs", n)?),
+            None => defaults.long_poll_timeout,
+        };
         Ok(Config {
             listen,
             threads,
@@ -223,6 +248,8 @@ impl ServeArgs {
             keepalive,
             client_timeout,
             stateful_reconnect_buffer,
+            disconnect_timeout,
+            long_poll_timeout,
         })
     }
 }

@@ -8,65 +8,93 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use ringhub_protocol::{frame, HubMessage, HubProtocol};
+use ringhub_protocol::frame::{self, Framing};
+use ringhub_protocol::{HubMessage, HubProtocol};
 
 /// How many frames were encoded for broadcasts since start (for the fan-out tests).
 pub static BROADCAST_ENCODES: AtomicU64 = AtomicU64::new(0);
 
+/// How a recipient needs a message: its hub protocol and its transport's framing.
+/// Every broadcast is encoded at most once per kind in the whole process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FrameKind {
+    pub protocol: HubProtocol,
+    pub framing: Framing,
+}
+
+/// Protocols times framings.
+const KINDS: usize = 2 * Framing::ALL.len();
+
+impl FrameKind {
+    fn index(self) -> usize {
+        let protocol = usize::from(self.protocol == HubProtocol::MessagePack);
+        protocol * Framing::ALL.len() + self.framing.index()
+    }
+}
+
 /// A message on its way to many connections, with its frames encoded lazily, once per
-/// protocol, and shared by every shard.
+/// [`FrameKind`], and shared by every shard.
 #[derive(Debug)]
 pub struct Broadcast {
     message: HubMessage,
-    json: OnceLock<Bytes>,
-    msgpack: OnceLock<Bytes>,
+    frames: [OnceLock<Bytes>; KINDS],
 }
 
 impl Broadcast {
     pub fn new(message: HubMessage) -> Broadcast {
         Broadcast {
             message,
-            json: OnceLock::new(),
-            msgpack: OnceLock::new(),
+            frames: Default::default(),
         }
     }
 
-    /// The complete WebSocket frame for `protocol` (a reference-count clone).
-    pub fn frame(&self, protocol: HubProtocol) -> Bytes {
-        let cell = match protocol {
-            HubProtocol::Json => &self.json,
-            HubProtocol::MessagePack => &self.msgpack,
-        };
-        cell.get_or_init(|| {
-            BROADCAST_ENCODES.fetch_add(1, Relaxed);
-            frame::encode_message(protocol, &self.message)
-        })
-        .clone()
+    /// The complete frame for `kind` (a reference-count clone).
+    pub fn frame(&self, kind: FrameKind) -> Bytes {
+        self.frames[kind.index()]
+            .get_or_init(|| {
+                BROADCAST_ENCODES.fetch_add(1, Relaxed);
+                frame::encode_framed(kind.protocol, kind.framing, &self.message)
+            })
+            .clone()
     }
 }
 
 /// The frames of one broadcast as this shard needs them: fetched from the shared
-/// cells once per protocol, then cloned (a reference count) per recipient.
+/// cells once per kind, then cloned (a reference count) per recipient.
 pub struct FrameCache<'a> {
     broadcast: &'a Broadcast,
-    json: Option<Bytes>,
-    msgpack: Option<Bytes>,
+    frames: [Option<Bytes>; KINDS],
 }
 
 impl<'a> FrameCache<'a> {
     pub fn new(broadcast: &'a Broadcast) -> Self {
         FrameCache {
             broadcast,
-            json: None,
-            msgpack: None,
+            frames: Default::default(),
         }
     }
 
-    pub fn get(&mut self, protocol: HubProtocol) -> &Bytes {
-        let slot = match protocol {
-            HubProtocol::Json => &mut self.json,
-            HubProtocol::MessagePack => &mut self.msgpack,
-        };
-        slot.get_or_insert_with(|| self.broadcast.frame(protocol))
+    pub fn get(&mut self, kind: FrameKind) -> &Bytes {
+        self.frames[kind.index()].get_or_insert_with(|| self.broadcast.frame(kind))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_is_encoded_once_and_differs_from_the_others() {
+        let broadcast = Broadcast::new(HubMessage::invocation("m", vec![]));
+        let mut seen = Vec::new();
+        for protocol in [HubProtocol::Json, HubProtocol::MessagePack] {
+            for framing in Framing::ALL {
+                let kind = FrameKind { protocol, framing };
+                let first = broadcast.frame(kind);
+                assert_eq!(first.as_ptr(), broadcast.frame(kind).as_ptr(), "shared");
+                assert!(!seen.contains(&first), "{kind:?} has its own bytes");
+                seen.push(first);
+            }
+        }
     }
 }

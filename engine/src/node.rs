@@ -3,10 +3,7 @@
 //! touched per delivered message.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use hashbrown::HashMap;
+use std::sync::Arc;
 
 use crate::auth::{Claims, GroupAuthorizer, JwtVerifier, UserIdProvider};
 use crate::config::Config;
@@ -15,21 +12,11 @@ use crate::presence::Presence;
 use crate::shard::inbox::Inbox;
 use crate::store::MembershipStore;
 
-/// A connection negotiated but not yet connected.
-pub(crate) struct Negotiated {
-    pub connection_id: String,
-    pub hub: String,
-    pub created: Instant,
-}
-
-/// How long a negotiated connection waits for its transport (SignalR's DisconnectTimeout).
-pub(crate) const NEGOTIATION_TTL: Duration = Duration::from_secs(15);
-
 /// A store write, run on the store thread.
 pub(crate) type StoreJob = Box<dyn FnOnce(&dyn MembershipStore) + Send>;
 
-/// What all shards of a node share: configuration, inboxes, counters. Read-mostly; the only lock
-/// guards negotiate tokens, which are touched once per connection, never per message.
+/// What all shards of a node share: configuration, inboxes, counters. Read-mostly;
+/// connection tokens are not here: each shard keeps its own (`shard::tokens`).
 pub struct Node {
     pub(crate) config: Config,
     pub(crate) inboxes: Vec<Inbox>,
@@ -37,18 +24,24 @@ pub struct Node {
     pub(crate) jwt: Option<JwtVerifier>,
     pub(crate) user_ids: Arc<dyn UserIdProvider>,
     pub(crate) authorizer: Arc<dyn GroupAuthorizer>,
-    pub(crate) negotiations: Mutex<HashMap<String, Negotiated>>,
     pub(crate) presence: Presence,
     pub(crate) store: Arc<dyn MembershipStore>,
     /// Store writes run on their own thread (a commit waits for the disk).
     pub(crate) store_jobs: std::sync::mpsc::Sender<StoreJob>,
     pub(crate) ready_shards: AtomicUsize,
     pub(crate) shutting_down: AtomicBool,
+    /// Round-robin over the shards for the sessions negotiate creates.
+    pub(crate) next_owner: AtomicUsize,
 }
 
 impl Node {
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// The shard the next negotiated session will live on.
+    pub(crate) fn next_owner(&self) -> usize {
+        self.next_owner.fetch_add(1, Ordering::Relaxed) % self.inboxes.len()
     }
 
     pub(crate) fn is_ready(&self) -> bool {

@@ -3,10 +3,9 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use hashbrown::HashMap;
 use thiserror::Error;
 
 use crate::api::hub::HubFactory;
@@ -113,12 +112,12 @@ impl ServerBuilder {
             metrics: Arc::new(Metrics::new(threads)),
             user_ids: self.user_ids,
             authorizer: self.authorizer,
-            negotiations: Mutex::new(HashMap::new()),
             presence: Presence::new(threads),
             store,
             store_jobs,
             ready_shards: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
+            next_owner: AtomicUsize::new(0),
         });
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut handles = Vec::with_capacity(threads);

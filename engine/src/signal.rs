@@ -24,6 +24,11 @@ impl Signal {
         }
     }
 
+    /// Whether both are the same signal.
+    pub fn same_as(&self, other: &Signal) -> bool {
+        Rc::ptr_eq(&self.0, &other.0)
+    }
+
     pub fn is_fired(&self) -> bool {
         self.0.fired.get()
     }

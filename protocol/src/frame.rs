@@ -1,6 +1,8 @@
-//! "Encode once": a server→client hub message as one complete WebSocket frame in a
-//! [`Bytes`], ready to be written unchanged to every connection that uses the same hub
-//! protocol. Cloning the `Bytes` for each recipient costs a reference count, not a copy.
+//! "Encode once": a server→client hub message as one complete unit of its transport's
+//! [`Framing`] (a WebSocket frame, a Server-Sent Event, or the bare record a long poll
+//! answers with) in a [`Bytes`], ready to be written unchanged to every connection
+//! that uses the same hub protocol and framing. Cloning the `Bytes` for each recipient
+//! costs a reference count, not a copy.
 //!
 //! The frame is built in one allocation with no copying: the hub record is written
 //! behind room reserved for the longest possible headers, then the WebSocket header
@@ -46,6 +48,71 @@ pub fn encode_message(protocol: HubProtocol, message: &HubMessage) -> Bytes {
 /// binary frame.
 pub fn encode_raw(protocol: HubProtocol, payload: &[u8]) -> Bytes {
     crate::ws::encode_frame(protocol.opcode(), payload)
+}
+
+/// How a transport carries hub records to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Framing {
+    /// One WebSocket message per unit (text for JSON, binary for MessagePack).
+    WebSocket,
+    /// One Server-Sent Event per unit: `data: <line>` lines and an empty line.
+    ServerSentEvents,
+    /// The records themselves, concatenated into a long poll's answer.
+    Raw,
+}
+
+impl Framing {
+    pub const ALL: [Framing; 3] = [Framing::WebSocket, Framing::ServerSentEvents, Framing::Raw];
+
+    /// A dense index (0..3), for tables keyed by framing.
+    pub fn index(self) -> usize {
+        match self {
+            Framing::WebSocket => 0,
+            Framing::ServerSentEvents => 1,
+            Framing::Raw => 2,
+        }
+    }
+}
+
+/// One hub message as one complete unit of `framing`.
+pub fn encode_framed(protocol: HubProtocol, framing: Framing, message: &HubMessage) -> Bytes {
+    match framing {
+        Framing::WebSocket => encode_message(protocol, message),
+        Framing::ServerSentEvents => {
+            let mut record = BytesMut::with_capacity(TYPICAL_FRAME);
+            protocol.encode(message, &mut record);
+            sse_event(&record)
+        }
+        Framing::Raw => {
+            let mut record = BytesMut::with_capacity(TYPICAL_FRAME);
+            protocol.encode(message, &mut record);
+            record.freeze()
+        }
+    }
+}
+
+/// Bytes already encoded as records (a handshake answer) as one unit of `framing`.
+pub fn frame_raw(protocol: HubProtocol, framing: Framing, records: &[u8]) -> Bytes {
+    match framing {
+        Framing::WebSocket => encode_raw(protocol, records),
+        Framing::ServerSentEvents => sse_event(records),
+        Framing::Raw => Bytes::copy_from_slice(records),
+    }
+}
+
+/// `payload` as one Server-Sent Event: each line as `data: <line>\r\n` (a `\r` before
+/// a `\n` dropped), then an empty line, as ASP.NET Core's formatter writes it. JSON
+/// records hold no raw line breaks, so this is normally one `data:` line.
+pub fn sse_event(payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(payload.len() + 10);
+    for line in payload.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.freeze()
 }
 
 #[cfg(test)]
@@ -99,5 +166,38 @@ mod tests {
             .decode_all(&payload, 1 << 20)
             .unwrap();
         assert_eq!(messages, vec![message]);
+    }
+
+    #[test]
+    fn every_framing_carries_the_same_record() {
+        let message = HubMessage::invocation("Receive", vec![Value::Str("a\nb".into())]);
+        for protocol in [HubProtocol::Json, HubProtocol::MessagePack] {
+            let mut record = BytesMut::new();
+            protocol.encode(&message, &mut record);
+            assert_eq!(encode_framed(protocol, Framing::Raw, &message), record);
+            let frame = encode_framed(protocol, Framing::WebSocket, &message);
+            let (_, payload) = split_server_frame(&frame);
+            assert_eq!(payload, &record[..]);
+        }
+        let mut record = BytesMut::new();
+        HubProtocol::Json.encode(&message, &mut record);
+        let event = encode_framed(HubProtocol::Json, Framing::ServerSentEvents, &message);
+        let mut expected = b"data: ".to_vec();
+        expected.extend_from_slice(&record);
+        expected.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(
+            &event[..],
+            &expected[..],
+            "JSON escapes line breaks: one data line"
+        );
+    }
+
+    #[test]
+    fn sse_events_split_lines() {
+        assert_eq!(
+            &sse_event(b"a\r\nb\nc")[..],
+            b"data: a\r\ndata: b\r\ndata: c\r\n\r\n"
+        );
+        assert_eq!(&sse_event(b"")[..], b"data: \r\n\r\n");
     }
 }

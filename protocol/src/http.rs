@@ -354,7 +354,8 @@ pub fn response(
     out
 }
 
-/// A negotiate answer (negotiate version 0 or 1, WebSockets only).
+/// A negotiate answer (negotiate version 0 or 1; WebSockets, Server-Sent Events and
+/// long polling offered).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Negotiation<'a> {
     pub negotiate_version: u32,
@@ -372,17 +373,33 @@ struct NegotiateBody<'a> {
     connection_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     connection_token: Option<&'a str>,
-    available_transports: [Transport; 1],
+    available_transports: [Transport; 3],
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     use_stateful_reconnect: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone, Copy)]
 struct Transport {
     transport: &'static str,
     #[serde(rename = "transferFormats")]
-    transfer_formats: [&'static str; 2],
+    transfer_formats: &'static [&'static str],
 }
+
+/// The transports ringhub offers, in the order the client tries them (ASP.NET Core's).
+const TRANSPORTS: [Transport; 3] = [
+    Transport {
+        transport: "WebSockets",
+        transfer_formats: &["Text", "Binary"],
+    },
+    Transport {
+        transport: "ServerSentEvents",
+        transfer_formats: &["Text"],
+    },
+    Transport {
+        transport: "LongPolling",
+        transfer_formats: &["Text", "Binary"],
+    },
+];
 
 /// The negotiate version to answer a request with: `min(requested, 1)`, 0 if absent.
 /// `None` when the requested value is not a number.
@@ -401,10 +418,7 @@ impl Negotiation<'_> {
             connection_id: self.connection_id,
             // Version 0 clients use the connection id as the token.
             connection_token: (self.negotiate_version >= 1).then_some(self.connection_token),
-            available_transports: [Transport {
-                transport: "WebSockets",
-                transfer_formats: ["Text", "Binary"],
-            }],
+            available_transports: TRANSPORTS,
             use_stateful_reconnect: self.use_stateful_reconnect,
         };
         serde_json::to_vec(&body).unwrap_or_default()
@@ -546,7 +560,7 @@ mod tests {
         };
         assert_eq!(
             String::from_utf8(v1.body()).unwrap(),
-            r#"{"negotiateVersion":1,"connectionId":"id1","connectionToken":"tok1","availableTransports":[{"transport":"WebSockets","transferFormats":["Text","Binary"]}]}"#
+            r#"{"negotiateVersion":1,"connectionId":"id1","connectionToken":"tok1","availableTransports":[{"transport":"WebSockets","transferFormats":["Text","Binary"]},{"transport":"ServerSentEvents","transferFormats":["Text"]},{"transport":"LongPolling","transferFormats":["Text","Binary"]}]}"#
         );
         let v0 = Negotiation {
             negotiate_version: 0,

@@ -12,11 +12,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hashbrown::HashSet;
+use ringhub_protocol::frame::{self, Framing};
 use ringhub_protocol::hub::Close;
 use ringhub_protocol::ws::{self, close_code};
-use ringhub_protocol::{frame, HubMessage, HubProtocol};
+use ringhub_protocol::{HubMessage, HubProtocol};
 
 use crate::api::types::Caller;
+use crate::fanout::FrameKind;
 use crate::metrics::{MetricsRef, ShardMetrics};
 use crate::signal::Signal;
 use outbox::{Outbox, Pushed, Taken};
@@ -31,7 +33,10 @@ pub struct Session {
     /// The shard-local number that keys it in its shard's tables.
     pub key: u64,
     pub caller: Rc<Caller>,
-    pub protocol: HubProtocol,
+    /// Set by the handshake (JSON until then).
+    protocol: Cell<HubProtocol>,
+    /// How its transport wraps frames.
+    pub framing: Framing,
     pub groups: RefCell<HashSet<String>>,
     /// Groups whose presence this session watches.
     pub watching: RefCell<HashSet<String>>,
@@ -49,7 +54,7 @@ impl Session {
     pub fn new(
         key: u64,
         caller: Rc<Caller>,
-        protocol: HubProtocol,
+        kind: FrameKind,
         max_buffered_bytes: usize,
         metrics: Rc<MetricsRef>,
     ) -> Session {
@@ -57,7 +62,8 @@ impl Session {
         Session {
             key,
             caller,
-            protocol,
+            protocol: Cell::new(kind.protocol),
+            framing: kind.framing,
             groups: RefCell::default(),
             watching: RefCell::default(),
             outbox: RefCell::new(Outbox::new(max_buffered_bytes)),
@@ -67,6 +73,28 @@ impl Session {
             stop: Signal::default(),
             metrics,
         }
+    }
+
+    pub fn protocol(&self) -> HubProtocol {
+        self.protocol.get()
+    }
+
+    /// What the handshake chose (transports that learn it after the session exists).
+    pub fn set_protocol(&self, protocol: HubProtocol) {
+        self.protocol.set(protocol);
+    }
+
+    /// The frames this session takes.
+    pub fn kind(&self) -> FrameKind {
+        FrameKind {
+            protocol: self.protocol(),
+            framing: self.framing,
+        }
+    }
+
+    /// One hub message framed for this session.
+    pub fn encode(&self, message: &HubMessage) -> Bytes {
+        frame::encode_framed(self.protocol(), self.framing, message)
     }
 
     pub fn metrics(&self) -> &ShardMetrics {
@@ -92,17 +120,22 @@ impl Session {
         }
     }
 
-    /// Ends the session: drops what is still queued, sends a Close message and a
-    /// WebSocket close frame, then stops. A no-op if it is already closing.
+    /// Ends the session: drops what is still queued, sends a Close message (and on a
+    /// WebSocket a close frame), then stops. A no-op if it is already closing.
     pub fn close(&self, error: Option<&str>, allow_reconnect: bool) {
         let close = HubMessage::Close(Close {
             error: error.map(str::to_owned),
             allow_reconnect,
         });
-        let last = [
-            frame::encode_message(self.protocol, &close),
-            ws::encode_close(close_code::NORMAL, ""),
-        ];
+        let mut last = vec![self.encode(&close)];
+        if self.framing == Framing::WebSocket {
+            last.push(ws::encode_close(close_code::NORMAL, ""));
+        }
+        self.end_with(last);
+    }
+
+    /// Ends the session with `last` as its final frames (dropping what is queued).
+    pub fn end_with(&self, last: Vec<Bytes>) {
         if self.outbox.borrow_mut().close_with(last, Instant::now()) {
             self.wake_writer();
         }

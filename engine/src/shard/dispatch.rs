@@ -4,7 +4,6 @@
 use std::rc::Rc;
 
 use bytes::{Buf, BytesMut};
-use ringhub_protocol::frame;
 use ringhub_protocol::hub::{CompletionOutcome, HubMessage, Invocation};
 
 use crate::api::Call;
@@ -34,7 +33,7 @@ pub async fn handle_records(
     session: &Rc<Session>,
     hub_bytes: &mut BytesMut,
 ) -> Dispatched {
-    let protocol = session.protocol;
+    let protocol = session.protocol();
     let max_message = state.node.config.max_message_bytes;
     loop {
         let (message, used) = match protocol.split_record(hub_bytes, max_message) {
@@ -115,5 +114,5 @@ async fn invoke(state: &Rc<ShardState>, session: &Rc<Session>, invocation: Invoc
 
 fn complete(session: &Session, invocation_id: String, outcome: CompletionOutcome) {
     let completion = HubMessage::completion(invocation_id, outcome);
-    session.enqueue(&frame::encode_message(session.protocol, &completion));
+    session.enqueue(&session.encode(&completion));
 }

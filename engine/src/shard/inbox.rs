@@ -8,6 +8,7 @@ use futures_channel::oneshot;
 
 use crate::api::types::Target;
 use crate::fanout::Broadcast;
+use crate::shard::tokens::Negotiated;
 
 /// What one shard asks of another.
 pub enum Command {
@@ -22,6 +23,18 @@ pub enum Command {
         connection_id: String,
         op: ConnectionOp,
         reply: oneshot::Sender<bool>,
+    },
+    /// Keep a token negotiated on another shard (sessions are spread over the shards by
+    /// negotiate, whichever shard the client's HTTP connection reached).
+    Negotiated {
+        token: String,
+        negotiated: Negotiated,
+    },
+    /// Serve this HTTP connection: its request is for a token this shard owns. The
+    /// bytes already read from it (the request head first) come along.
+    Adopt {
+        socket: std::net::TcpStream,
+        buffered: bytes::BytesMut,
     },
     Shutdown,
 }

@@ -8,3 +8,4 @@ pub mod inbox;
 pub mod run;
 pub mod state;
 pub mod tables;
+pub mod tokens;

@@ -5,15 +5,20 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use monoio::net::TcpListener;
-use ringhub_protocol::{frame, HubMessage, HubProtocol};
+use bytes::Bytes;
+use bytes::BytesMut;
+use monoio::net::{TcpListener, TcpStream};
+use ringhub_protocol::frame::{self, Framing};
+use ringhub_protocol::{HubMessage, HubProtocol};
 
 use crate::api::hub::HubFactory;
+use crate::fanout::FrameKind;
 use crate::node::Node;
 use crate::presence::PRESENCE_INTERVAL;
 use crate::session::CLOSE_GRACE;
 use crate::shard::state::ShardState;
-use crate::transport::http;
+use crate::transport::websocket::HANDSHAKE_TIMEOUT;
+use crate::transport::{channel, http};
 
 /// The body of a shard thread.
 pub fn run(
@@ -42,6 +47,18 @@ pub fn run(
             }
         };
         let state = Rc::new(ShardState::new(index, node, hub_factory()));
+        let weak = Rc::downgrade(&state);
+        state.set_adopter(Box::new(move |socket, buffered| {
+            let Some(state) = weak.upgrade() else {
+                return;
+            };
+            match TcpStream::from_std(socket) {
+                Ok(stream) => {
+                    monoio::spawn(http::serve_http(state, stream, buffered));
+                }
+                Err(e) => tracing::warn!(shard = state.index, "cannot adopt a connection: {e}"),
+            }
+        }));
         let inbox_state = state.clone();
         monoio::spawn(async move {
             let node = inbox_state.node.clone();
@@ -64,7 +81,7 @@ pub fn run(
             match accepted {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    monoio::spawn(http::serve_http(state.clone(), stream));
+                    monoio::spawn(http::serve_http(state.clone(), stream, BytesMut::new()));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -85,14 +102,19 @@ pub fn run(
     });
 }
 
-/// Once a second: keep-alive pings, client timeouts, and the end of closes that
-/// could not flush in time.
+/// Once a second: keep-alive pings, client timeouts, the end of closes that could not
+/// flush in time, SSE and long-polling connections without a handshake or a receive
+/// request for too long, and negotiated tokens never used.
 async fn tick(state: Rc<ShardState>) {
     let config = &state.node.config;
-    let pings = [
-        frame::encode_message(HubProtocol::Json, &HubMessage::Ping),
-        frame::encode_message(HubProtocol::MessagePack, &HubMessage::Ping),
-    ];
+    let pings: Vec<(FrameKind, Bytes)> = [HubProtocol::Json, HubProtocol::MessagePack]
+        .into_iter()
+        .flat_map(|protocol| Framing::ALL.map(|framing| FrameKind { protocol, framing }))
+        .map(|kind| {
+            let ping = frame::encode_framed(kind.protocol, kind.framing, &HubMessage::Ping);
+            (kind, ping)
+        })
+        .collect();
     let mut interval = monoio::time::interval(Duration::from_secs(1));
     loop {
         interval.tick().await;
@@ -101,10 +123,14 @@ async fn tick(state: Rc<ShardState>) {
         }
         let now = Instant::now();
         for session in state.all_sessions() {
+            // Long polling keeps itself alive: no pings, no client timeout (the channel
+            // check below disposes a connection whose polls stopped).
+            let inherent_keepalive = session.framing == Framing::Raw;
             if let Some(since) = session.closing_since() {
                 if now - since > CLOSE_GRACE {
                     session.stop.fire();
                 }
+            } else if inherent_keepalive {
             } else if now - session.last_received.get() > config.client_timeout {
                 session.close(
                     Some("Server timeout elapsed without receiving a message from the client."),
@@ -113,11 +139,26 @@ async fn tick(state: Rc<ShardState>) {
             } else if now - session.last_sent.get() >= config.keepalive
                 && session.queued_bytes() == 0
             {
-                let ping = &pings[usize::from(session.protocol == HubProtocol::MessagePack)];
-                session.last_sent.set(now);
-                session.enqueue(ping);
+                if let Some((_, ping)) = pings.iter().find(|(kind, _)| *kind == session.kind()) {
+                    session.last_sent.set(now);
+                    session.enqueue(ping);
+                }
             }
         }
+        for channel in state.tokens.channels() {
+            let no_handshake =
+                !channel.connected.get() && now - channel.created > HANDSHAKE_TIMEOUT;
+            let receive_gone = channel
+                .receive_gone_since
+                .get()
+                .is_some_and(|since| now - since > config.disconnect_timeout);
+            if no_handshake || receive_gone {
+                channel::dispose(&state, &channel);
+            }
+        }
+        state
+            .tokens
+            .purge_negotiated(now, config.disconnect_timeout);
     }
 }
 

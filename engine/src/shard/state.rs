@@ -2,11 +2,12 @@
 //! other shards (and `HubContext`s anywhere) ask of it through its inbox. Everything
 //! here is touched by this shard's thread only.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use hashbrown::HashMap;
 use ringhub_protocol::HubMessage;
 
@@ -18,6 +19,7 @@ use crate::presence::PRESENCE_CHANGED;
 use crate::session::Session;
 use crate::shard::inbox::{Command, ConnectionOp};
 use crate::shard::tables::HubTables;
+use crate::shard::tokens::{Token, Tokens};
 use crate::signal::Signal;
 
 pub struct ShardState {
@@ -29,7 +31,14 @@ pub struct ShardState {
     next_key: Cell<u64>,
     pub metrics: Rc<MetricsRef>,
     pub shutdown: Signal,
+    /// The connection tokens this shard owns.
+    pub tokens: Tokens,
+    /// Serves an HTTP connection handed over by another shard (set by the thread body).
+    adopter: OnceCell<Adopter>,
 }
+
+/// What serves an HTTP connection handed over by another shard.
+pub type Adopter = Box<dyn Fn(std::net::TcpStream, BytesMut)>;
 
 impl ShardState {
     pub fn new(index: usize, node: Arc<Node>, hub: Box<dyn Hub>) -> ShardState {
@@ -41,6 +50,8 @@ impl ShardState {
             next_key: Cell::new(0),
             metrics: Rc::new(MetricsRef(node.metrics.clone(), index)),
             shutdown: Signal::default(),
+            tokens: Tokens::default(),
+            adopter: OnceCell::new(),
             node,
         }
     }
@@ -196,12 +207,23 @@ impl ShardState {
             } => {
                 let _ = reply.send(self.connection_op(&hub, &connection_id, &op));
             }
+            Command::Negotiated { token, negotiated } => {
+                self.tokens.insert(token, Token::Negotiated(negotiated));
+            }
+            Command::Adopt { socket, buffered } => match self.adopter.get() {
+                Some(adopt) => adopt(socket, buffered),
+                None => tracing::warn!(shard = self.index, "a handed-over connection was dropped"),
+            },
             Command::Shutdown => {
                 self.shutdown.fire();
                 return false;
             }
         }
         true
+    }
+
+    pub fn set_adopter(&self, adopter: Adopter) {
+        let _ = self.adopter.set(adopter);
     }
 
     /// Handles everything waiting in this shard's inbox now, so that what a hub method

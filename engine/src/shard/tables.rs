@@ -130,7 +130,7 @@ impl HubTables {
         };
         let mut frames = FrameCache::new(broadcast);
         for session in watchers.values() {
-            session.enqueue(frames.get(session.protocol));
+            session.enqueue(frames.get(session.kind()));
         }
     }
 
@@ -140,7 +140,7 @@ impl HubTables {
         let mut frames = FrameCache::new(broadcast);
         let mut count = 0;
         let mut send = |session: &Rc<Session>| {
-            if session.enqueue(frames.get(session.protocol)) {
+            if session.enqueue(frames.get(session.kind())) {
                 count += 1;
             }
         };

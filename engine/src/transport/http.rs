@@ -1,34 +1,47 @@
 //! One HTTP connection: requests read one after another (keep-alive), routed to
-//! health, metrics, the REST API, negotiate and the transports, until it closes or
-//! upgrades to a WebSocket.
+//! health, metrics, the REST API, negotiate and the transports, until it closes,
+//! upgrades to a WebSocket, becomes an event stream, or is handed to another shard.
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use monoio::io::Splitable;
+use monoio::io::{OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 use ringhub_protocol::http::{self as wire, HttpLimits, RequestHead};
 
 use crate::api::valid_hub_name;
 use crate::rest;
+use crate::shard::inbox::Command;
 use crate::shard::state::ShardState;
+use crate::shard::tokens::{owner_of, HttpChannel};
 use crate::transport::io::{discard_then_close, read_more, write_now, READ_CHUNK};
+use crate::transport::long_polling::{self, Polled};
+use crate::transport::negotiate::Refused;
 use crate::transport::websocket::{self, Upgrade};
-use crate::transport::{negotiate, text_response, MAX_BODY_BYTES};
+use crate::transport::{channel, negotiate, sse, text_response, MAX_BODY_BYTES};
 
 /// An idle keep-alive HTTP connection is closed after this long.
 const HTTP_IDLE: Duration = Duration::from_secs(30);
 
-/// A plain HTTP connection: requests until it upgrades to a WebSocket or closes.
-pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream) {
+/// A plain HTTP connection: requests until it upgrades to a WebSocket, becomes an
+/// event stream, is handed to the shard that owns a request's token, or closes.
+/// `buf` holds bytes already read from it (by the shard that handed it over).
+pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: BytesMut) {
     let (mut reader, mut writer) = stream.into_split();
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    if buf.capacity() < READ_CHUNK {
+        buf.reserve(READ_CHUNK);
+    }
     let limits = HttpLimits::default();
     loop {
         let head = loop {
             match wire::parse_request_head(&buf, limits) {
                 Ok(Some((head, len))) => {
+                    if let Some(owner) = owner_elsewhere(&state, &head) {
+                        hand_over(&state, owner, reader, writer, buf);
+                        return;
+                    }
                     buf.advance(len);
                     break head;
                 }
@@ -93,9 +106,25 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream) {
         let keep_alive = head.keep_alive();
         let origin = head.header_str("origin").map(str::to_owned);
         let routed = match route(&state, &head) {
+            Routed::Poll(channel) => {
+                let polled =
+                    long_polling::poll(&state, channel, keep_alive, &mut reader, &mut buf).await;
+                match polled {
+                    Some(answer) => Routed::Respond(answer),
+                    // The client went away.
+                    None => return,
+                }
+            }
+            Routed::Send(channel) => {
+                let status = channel::send(&state, &channel, &body).await;
+                Routed::Respond(text_response(status, "", keep_alive))
+            }
+            routed => routed,
+        };
+        let routed = match routed {
             Routed::Respond(bytes) => Routed::Respond(with_cors(bytes, origin.as_deref())),
             Routed::Close(bytes) => Routed::Close(with_cors(bytes, origin.as_deref())),
-            upgrade => upgrade,
+            other => other,
         };
         match routed {
             Routed::Respond(bytes) => {
@@ -113,25 +142,82 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream) {
                 monoio::spawn(websocket::run(state, reader, writer, buf, upgrade));
                 return;
             }
+            Routed::EventStream(channel) => {
+                let cors = cors_headers(origin.as_deref());
+                sse::run(state, reader, writer, channel, cors).await;
+                return;
+            }
+            // Answered above.
+            Routed::Poll(_) | Routed::Send(_) => return,
         }
     }
+}
+
+/// The shard that owns the token of a transport request, when it is another one.
+fn owner_elsewhere(state: &ShardState, head: &RequestHead) -> Option<usize> {
+    if !head.path.starts_with("/hubs/") {
+        return None;
+    }
+    let token = head.query_param("id")?;
+    owner_of(&token, state.node.inboxes.len()).filter(|&owner| owner != state.index)
+}
+
+/// Gives the connection, with what was read from it, to the shard that owns the
+/// request's token; it serves the connection from then on.
+fn hand_over(
+    state: &ShardState,
+    owner: usize,
+    reader: OwnedReadHalf<TcpStream>,
+    writer: OwnedWriteHalf<TcpStream>,
+    buffered: BytesMut,
+) {
+    let socket = match reader.reunite(writer) {
+        Ok(stream) => duplicate(&stream),
+        Err(_) => return,
+    };
+    match socket {
+        Ok(socket) => state.node.inboxes[owner].push(Command::Adopt { socket, buffered }),
+        Err(e) => tracing::warn!(shard = state.index, "cannot hand a connection over: {e}"),
+    }
+}
+
+/// A descriptor of the same socket that the caller owns (the stream's own is closed
+/// when the stream drops, on this shard's ring).
+#[allow(unsafe_code)]
+fn duplicate(stream: &TcpStream) -> std::io::Result<std::net::TcpStream> {
+    // SAFETY: the descriptor belongs to `stream`, which is open for the whole borrow;
+    // the borrow only serves to make a new, owned descriptor (dup with CLOEXEC).
+    // Needed because monoio hands a stream's descriptor out only by panicking when an
+    // operation still holds it; the copy has no such condition.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    Ok(std::net::TcpStream::from(borrowed.try_clone_to_owned()?))
 }
 
 /// Lets a browser page on another origin use the answer, credentials included, as the
 /// SignalR client needs (it sends cookies and custom headers). Any origin is allowed:
 /// access is granted by tokens, never by cookies.
 fn with_cors(mut response: Vec<u8>, origin: Option<&str>) -> Vec<u8> {
-    let Some(origin) = origin else {
-        return response;
-    };
     let Some(line_end) = response.windows(2).position(|w| w == b"\r\n") else {
         return response;
     };
-    let headers = format!(
-        "\r\nAccess-Control-Allow-Origin: {origin}\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin"
-    );
+    let headers: String = cors_headers(origin)
+        .iter()
+        .map(|(name, value)| format!("\r\n{name}: {value}"))
+        .collect();
     response.splice(line_end..line_end, headers.into_bytes());
     response
+}
+
+/// The CORS headers of an answer to a request from `origin`.
+fn cors_headers(origin: Option<&str>) -> Vec<(String, String)> {
+    let Some(origin) = origin else {
+        return Vec::new();
+    };
+    vec![
+        ("Access-Control-Allow-Origin".into(), origin.to_owned()),
+        ("Access-Control-Allow-Credentials".into(), "true".into()),
+        ("Vary".into(), "Origin".into()),
+    ]
 }
 
 /// What a request leads to.
@@ -141,9 +227,15 @@ enum Routed {
     /// Answer, then close.
     Close(Vec<u8>),
     Upgrade(Box<Upgrade>),
+    /// Stream Server-Sent Events on this connection.
+    EventStream(Rc<HttpChannel>),
+    /// A long poll to wait on.
+    Poll(Rc<HttpChannel>),
+    /// Hub messages POSTed for this channel (the request body).
+    Send(Rc<HttpChannel>),
 }
 
-fn route(state: &ShardState, head: &RequestHead) -> Routed {
+fn route(state: &Rc<ShardState>, head: &RequestHead) -> Routed {
     let keep_alive = head.keep_alive();
     let respond = |status, body: &str| Routed::Respond(text_response(status, body, keep_alive));
     let segments = match head.path_segments() {
@@ -161,7 +253,7 @@ fn route(state: &ShardState, head: &RequestHead) -> Routed {
                 204,
                 "text/plain",
                 &[
-                    ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                    ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
                     ("Access-Control-Allow-Headers", requested),
                     ("Access-Control-Max-Age", "600"),
                 ],
@@ -193,21 +285,38 @@ fn route(state: &ShardState, head: &RequestHead) -> Routed {
             }
             Routed::Respond(negotiate::negotiate(state, head, hub))
         }
-        (method, ["hubs", hub]) if valid_hub_name(hub) => {
-            if method != "GET" {
-                return respond(405, "only the WebSockets transport is offered");
-            }
-            if !head.wants_websocket() {
-                return respond(
-                    400,
-                    "WebSocket upgrade required (only the WebSockets transport is offered)",
-                );
-            }
-            match websocket::upgrade(state, head, hub) {
+        (method, ["hubs", hub]) if valid_hub_name(hub) => match method {
+            "GET" if head.wants_websocket() => match websocket::upgrade(state, head, hub) {
                 Ok(upgrade) => Routed::Upgrade(Box::new(upgrade)),
                 Err(refusal) => Routed::Close(refusal),
-            }
-        }
+            },
+            "GET" if sse::wants_event_stream(head) => match sse::open(state, head, hub) {
+                Ok(channel) => Routed::EventStream(channel),
+                Err(refusal) => Routed::Respond(refusal),
+            },
+            "GET" => match long_polling::open(state, head, hub) {
+                Polled::Answer(answer) => Routed::Respond(answer),
+                Polled::Wait(channel) => Routed::Poll(channel),
+            },
+            "POST" => match channel::identify(state, head) {
+                Err(refusal) => Routed::Respond(refusal),
+                Ok((token, claims)) => {
+                    let sse = channel::existing(state, hub, &token, claims.as_ref(), false);
+                    let lp = || channel::existing(state, hub, &token, claims.as_ref(), true);
+                    match sse.filter(|found| found.is_ok()).or_else(lp) {
+                        Some(Ok(channel)) => Routed::Send(channel),
+                        Some(Err(refused)) => Routed::Respond(refused.response(keep_alive)),
+                        None if state.tokens.is_websocket(&token) => respond(
+                            405,
+                            "POST requests are not allowed for WebSocket connections.",
+                        ),
+                        None => Routed::Respond(Refused::Unknown.response(keep_alive)),
+                    }
+                }
+            },
+            "DELETE" => Routed::Respond(long_polling::delete(state, head, hub)),
+            _ => respond(405, "method not allowed"),
+        },
         _ => respond(404, "not found"),
     }
 }

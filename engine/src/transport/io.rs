@@ -26,7 +26,8 @@ pub async fn write_loop(session: Rc<Session>, mut socket: OwnedWriteHalf<TcpStre
     loop {
         let mut frames = std::mem::take(&mut batch.frames);
         frames.clear();
-        let Some(taken) = session.next_batch(&mut copied, &mut frames).await else {
+        let next = stop.run(session.next_batch(&mut copied, &mut frames));
+        let Some(Some(taken)) = next.await else {
             break;
         };
         let result = if frames.is_empty() {

@@ -1,11 +1,16 @@
 //! The transports that carry sessions, and the HTTP around them: `http` routes
-//! requests (CORS, health, metrics, REST, negotiate, transports), `negotiate` hands
-//! out connection tokens, `websocket` runs a session over a WebSocket, `io` holds the
-//! socket reads and writes they share. Helpers used by several of them live here.
+//! requests (CORS, health, metrics, REST, negotiate, transports) and hands requests for
+//! another shard's token to that shard; `negotiate` hands out connection tokens;
+//! `websocket`, `sse` and `long_polling` carry a session each their way; `channel`
+//! is what SSE and long polling share (POST sends, the handshake, disposal); `io`
+//! holds the socket reads and writes. Helpers used by several of them live here.
 
+pub mod channel;
 pub mod http;
 pub mod io;
+pub mod long_polling;
 pub mod negotiate;
+pub mod sse;
 pub mod websocket;
 
 use base64::Engine;

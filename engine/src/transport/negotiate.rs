@@ -1,18 +1,21 @@
 //! SignalR negotiate: a connection id and a token that a transport request redeems.
+//! The token is kept by this shard and names it, so later requests find it here.
 
 use std::time::Instant;
 
 use ringhub_protocol::http::{self as wire, Negotiation, RequestHead};
 
-use crate::node::{Negotiated, NEGOTIATION_TTL};
+use crate::shard::inbox::Command;
 use crate::shard::state::ShardState;
-use crate::transport::{authenticate, random_id};
+use crate::shard::tokens::{new_token, Negotiated, Token};
+use crate::transport::{authenticate, random_id, text_response};
 
 /// Answers `POST /hubs/{hub}/negotiate`.
 pub fn negotiate(state: &ShardState, head: &RequestHead, hub: &str) -> Vec<u8> {
-    if let Err(refusal) = authenticate(&state.node, head) {
-        return refusal;
-    }
+    let claims = match authenticate(&state.node, head) {
+        Ok(claims) => claims,
+        Err(refusal) => return refusal,
+    };
     let json =
         |body: Vec<u8>| wire::response(200, "application/json", &[], &body, head.keep_alive());
     let Some(version) = wire::negotiate_version(head) else {
@@ -20,11 +23,15 @@ pub fn negotiate(state: &ShardState, head: &RequestHead, hub: &str) -> Vec<u8> {
             "negotiateVersion must be a number.",
         ));
     };
-    let connection_id = random_id();
-    let token = if version >= 1 {
+    // The session will live on the next shard in turn: whichever shard the client's
+    // transport requests reach, they are handed to that one.
+    let owner = state.node.next_owner();
+    let token = new_token(owner, &random_id());
+    // Version 0 clients use the connection id as the token.
+    let connection_id = if version >= 1 {
         random_id()
     } else {
-        connection_id.clone()
+        token.clone()
     };
     let body = Negotiation {
         negotiate_version: version,
@@ -34,34 +41,81 @@ pub fn negotiate(state: &ShardState, head: &RequestHead, hub: &str) -> Vec<u8> {
         use_stateful_reconnect: false,
     }
     .body();
-    let now = Instant::now();
-    let mut pending = state
-        .node
-        .negotiations
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    pending.retain(|_, n| now - n.created < NEGOTIATION_TTL);
-    pending.insert(
-        token,
-        Negotiated {
-            connection_id,
-            hub: hub.to_owned(),
-            created: now,
-        },
-    );
+    let negotiated = Negotiated {
+        hub: hub.to_owned(),
+        connection_id,
+        user_id: state.node.user_ids.user_id(claims.as_ref()),
+        created: Instant::now(),
+    };
+    if owner == state.index {
+        state.tokens.insert(token, Token::Negotiated(negotiated));
+    } else {
+        // Queued before the answer is written, so before any request with the token:
+        // the owner finds it in its inbox at the latest (see `redeem`).
+        state.node.inboxes[owner].push(Command::Negotiated { token, negotiated });
+    }
     json(body)
 }
 
-/// The connection id a token was negotiated for (the token is used up), if it is
-/// known, for this hub, and not expired.
-pub fn redeem(state: &ShardState, hub: &str, token: &str) -> Option<String> {
-    let mut pending = state
-        .node
-        .negotiations
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    match pending.remove(token) {
-        Some(n) if n.hub == hub && n.created.elapsed() < NEGOTIATION_TTL => Some(n.connection_id),
-        _ => None,
+/// Why a transport request cannot use a token, as ASP.NET Core answers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// `400`: no `id` in the query.
+    NoId,
+    /// `404`: unknown, expired, ended, or for another hub.
+    Unknown,
+    /// `403`: negotiated by another user.
+    OtherUser,
+    /// `409`: its transport is already running.
+    Active,
+    /// `400`: it was started with another transport.
+    OtherTransport,
+}
+
+impl Refused {
+    pub fn response(self, keep_alive: bool) -> Vec<u8> {
+        let (status, text) = match self {
+            Refused::NoId => (400, "Connection ID required"),
+            Refused::Unknown => (404, "No Connection with that ID"),
+            Refused::OtherUser => (403, "Forbidden"),
+            Refused::Active => (409, "Connection is already in use by another transport."),
+            Refused::OtherTransport => (400, "Cannot change transports mid-connection"),
+        };
+        text_response(status, text, keep_alive)
     }
+}
+
+/// Takes a negotiated token for a new transport: its connection id, once the token is
+/// known, for this hub, unexpired, and presented by the user who negotiated it. The
+/// token then stands for `started` (what the transport keeps there).
+pub fn redeem(
+    state: &ShardState,
+    hub: &str,
+    token: &str,
+    user_id: Option<&str>,
+    started: impl FnOnce(&str) -> Token,
+) -> Result<String, Refused> {
+    let ttl = state.node.config.disconnect_timeout;
+    if state.tokens.with(token, |entry| entry.is_none()) {
+        // It may still be in this shard's inbox, sent by the shard that negotiated it.
+        state.drain_inbox();
+    }
+    state.tokens.with(token, |entry| {
+        let Some(entry) = entry else {
+            return Err(Refused::Unknown);
+        };
+        let connection_id = match entry {
+            Token::Negotiated(n) if n.hub != hub || n.created.elapsed() >= ttl => {
+                return Err(Refused::Unknown)
+            }
+            Token::Negotiated(n) if n.user_id.as_deref() != user_id => {
+                return Err(Refused::OtherUser)
+            }
+            Token::Negotiated(n) => n.connection_id.clone(),
+            Token::WebSocket => return Err(Refused::Active),
+            Token::Http(_) => return Err(Refused::OtherTransport),
+        };
+        *entry = started(&connection_id);
+        Ok(connection_id)
+    })
 }

@@ -7,24 +7,27 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use monoio::io::{OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
+use ringhub_protocol::frame::{self, Framing};
 use ringhub_protocol::handshake;
 use ringhub_protocol::http::{self as wire, RequestHead};
 use ringhub_protocol::ws::{self, close_code, FrameDecoder, WsEvent, WsLimits};
-use ringhub_protocol::{frame, HubProtocol};
+use ringhub_protocol::HubProtocol;
 
 use crate::api::Caller;
 use crate::auth::Claims;
+use crate::fanout::FrameKind;
 use crate::metrics::ShardMetrics;
 use crate::session::Session;
 use crate::shard::dispatch::{self, Dispatched};
 use crate::shard::state::ShardState;
+use crate::shard::tokens::Token;
 use crate::transport::io::{
     read_more, read_up_to, write_loop, write_now, ReadSize, MIN_READ_CHUNK,
 };
-use crate::transport::{authenticate, negotiate, random_id, text_response};
+use crate::transport::{authenticate, negotiate, random_id};
 
-/// SignalR's handshake timeout.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// SignalR's handshake timeout (every transport's).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// The WebSocket layer streams payloads (hub messages are bounded on their own), so
 /// this only stops absurd single messages.
 const MAX_WS_MESSAGE: usize = 64 << 20;
@@ -35,6 +38,8 @@ pub struct Upgrade {
     hub: String,
     connection_id: String,
     claims: Option<Claims>,
+    /// The negotiate token it redeemed (freed when the session ends).
+    token: Option<String>,
 }
 
 /// Checks an upgrade request: the WebSocket headers, the access token, the negotiate
@@ -58,16 +63,21 @@ pub fn upgrade(state: &ShardState, head: &RequestHead, hub: &str) -> Result<Upgr
         }
     };
     let claims = authenticate(&state.node, head)?;
-    let connection_id = match head.query_param("id") {
+    let token = head.query_param("id");
+    let connection_id = match &token {
         None => random_id(),
-        Some(token) => negotiate::redeem(state, hub, &token)
-            .ok_or_else(|| text_response(404, "No Connection with that ID", false))?,
+        Some(token) => {
+            let user_id = state.node.user_ids.user_id(claims.as_ref());
+            negotiate::redeem(state, hub, token, user_id.as_deref(), |_| Token::WebSocket)
+                .map_err(|refused| refused.response(false))?
+        }
     };
     Ok(Upgrade {
         accept,
         hub: hub.to_owned(),
         connection_id,
         claims,
+        token,
     })
 }
 
@@ -172,9 +182,23 @@ async fn take_handshake(
     }
 }
 
-/// Runs a WebSocket session to its end.
+/// Runs a WebSocket session to its end, then frees its token.
 pub async fn run(
     state: Rc<ShardState>,
+    reader: OwnedReadHalf<TcpStream>,
+    writer: OwnedWriteHalf<TcpStream>,
+    input: BytesMut,
+    upgrade: Box<Upgrade>,
+) {
+    let token = upgrade.token.clone();
+    run_session(&state, reader, writer, input, upgrade).await;
+    if let Some(token) = token {
+        state.tokens.remove(&token);
+    }
+}
+
+async fn run_session(
+    state: &Rc<ShardState>,
     mut reader: OwnedReadHalf<TcpStream>,
     mut writer: OwnedWriteHalf<TcpStream>,
     mut input: BytesMut,
@@ -188,7 +212,7 @@ pub async fn run(
     // Boxed: the handshake's state is large and needed once; the task keeps only what a
     // connected session needs for the rest of its life.
     let handshaken = Box::pin(take_handshake(
-        &state,
+        state,
         &mut reader,
         &mut writer,
         &upgrade,
@@ -200,6 +224,10 @@ pub async fn run(
     let Some((protocol, early_error)) = handshaken else {
         return;
     };
+    let kind = FrameKind {
+        protocol,
+        framing: Framing::WebSocket,
+    };
     let caller = Rc::new(Caller {
         user_id: state.node.user_ids.user_id(upgrade.claims.as_ref()),
         connection_id: upgrade.connection_id,
@@ -209,7 +237,7 @@ pub async fn run(
     let session = Rc::new(Session::new(
         state.next_session_key(),
         caller.clone(),
-        protocol,
+        kind,
         config.max_buffered_bytes,
         state.metrics.clone(),
     ));
@@ -234,7 +262,7 @@ pub async fn run(
     tracing::debug!(connection = %caller.connection_id, hub = %caller.hub, ?protocol, "connected");
 
     let end = read_loop(
-        &state,
+        state,
         &session,
         &mut reader,
         decoder,

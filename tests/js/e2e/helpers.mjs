@@ -74,10 +74,27 @@ export function token(claims, { secret = "test-secret", alg = "HS256", expiresIn
   return `${header}.${body}.${signature}`;
 }
 
+/** The transport every client of this run is held to: `RINGHUB_TRANSPORT` is
+ *  `WebSockets`, `ServerSentEvents` or `LongPolling` (scripts/test.sh runs the suite once
+ *  per transport); unset, the client picks (WebSockets first). */
+export const TRANSPORT = process.env.RINGHUB_TRANSPORT;
+
+/** The client's transport option for `msgpack` clients of this run. The JS client never
+ *  sends MessagePack over Server-Sent Events (SSE carries text only), so in the SSE run
+ *  MessagePack clients use WebSockets: a test that mixes protocols then also mixes
+ *  transports, and no test is left out. */
+function transportFor(msgpack) {
+  if (!TRANSPORT) return undefined;
+  if (msgpack && TRANSPORT === "ServerSentEvents") return HttpTransportType.WebSockets;
+  return HttpTransportType[TRANSPORT];
+}
+
 /** A connected client that records every `receive(tag, ...)` it gets. */
-export async function connect(base, { hub = "chat", msgpack = false, accessToken, skipNegotiation = false } = {}) {
+export async function connect(base, { hub = "chat", msgpack = false, accessToken, skipNegotiation = false, transport } = {}) {
   const options = {};
   if (accessToken !== undefined) options.accessTokenFactory = () => accessToken;
+  const forced = transport ?? transportFor(msgpack);
+  if (forced !== undefined) options.transport = forced;
   if (skipNegotiation) {
     options.skipNegotiation = true;
     options.transport = HttpTransportType.WebSockets;

@@ -29,15 +29,33 @@ describe("connecting", () => {
     deepStrictEqual(await direct.invoke("Echo", "hi"), "hi");
   });
 
-  test("a negotiate token is good for one connection and unknown tokens get 404", async () => {
+  test("negotiate offers the three transports; a token carries one connection, unknown tokens get 404", async () => {
     const res = await fetch(`${server.base}/hubs/chat/negotiate?negotiateVersion=1`, { method: "POST" });
     strictEqual(res.status, 200);
     const body = await res.json();
     strictEqual(body.negotiateVersion, 1);
-    deepStrictEqual(body.availableTransports, [{ transport: "WebSockets", transferFormats: ["Text", "Binary"] }]);
+    deepStrictEqual(body.availableTransports, [
+      { transport: "WebSockets", transferFormats: ["Text", "Binary"] },
+      { transport: "ServerSentEvents", transferFormats: ["Text"] },
+      { transport: "LongPolling", transferFormats: ["Text", "Binary"] },
+    ]);
     strictEqual(body.useStatefulReconnect, undefined);
-    strictEqual(statusOf(await raw(server.base, upgradeRequest(`/hubs/chat?id=${body.connectionToken}`), 300)), 101);
-    strictEqual(statusOf(await raw(server.base, upgradeRequest(`/hubs/chat?id=${body.connectionToken}`))), 404, "tokens are single-use");
+    // The first upgrade holds its socket open (no handshake yet): the token is in use.
+    const { createConnection } = await import("node:net");
+    const { hostname, port } = new URL(server.base);
+    const first = createConnection({ host: hostname, port: Number(port) });
+    const firstAnswer = new Promise((resolve) => first.once("data", resolve));
+    first.write(upgradeRequest(`/hubs/chat?id=${body.connectionToken}`));
+    strictEqual(statusOf(await firstAnswer), 101);
+    strictEqual(statusOf(await raw(server.base, upgradeRequest(`/hubs/chat?id=${body.connectionToken}`))), 409, "in use");
+    first.destroy();
+    // Once that connection is gone, so is its token.
+    let after;
+    for (let i = 0; i < 50 && after !== 404; i++) {
+      await sleep(20);
+      after = statusOf(await raw(server.base, upgradeRequest(`/hubs/chat?id=${body.connectionToken}`), 300));
+    }
+    strictEqual(after, 404, "tokens are single-use");
     strictEqual(statusOf(await raw(server.base, upgradeRequest("/hubs/chat?id=nonexistent"))), 404);
     const noVersion = upgradeRequest("/hubs/chat").replace("Sec-WebSocket-Version: 13\r\n", "");
     strictEqual(statusOf(await raw(server.base, noVersion)), 426);
