@@ -94,6 +94,11 @@ pub fn start(
         let channel = Rc::new(HttpChannel::new(token.to_owned(), session, long_polling));
         created = Some(channel.clone());
         Token::Http(channel)
+    })
+    .map_err(|refused| match refused {
+        // A WebSocket has it: this request asks for another transport.
+        Refused::Active => Refused::OtherTransport,
+        other => other,
     })?;
     created.ok_or(Refused::Unknown)
 }
