@@ -1,0 +1,136 @@
+//! Encode once across transports: one group send to members over WebSockets, Server-Sent
+//! Events and long polling, on two shards, is encoded once per (protocol, framing) in
+//! the whole process. Its own test binary: the encode counter is process-wide.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use common::{start, wait_ready, RawClient};
+use ringhub_engine::{broadcast_encodes, Config};
+
+/// One HTTP request on its own connection (`Connection: close`): (status, body).
+fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response[response.find("\r\n\r\n").unwrap() + 4..].to_owned();
+    (status, body)
+}
+
+/// Negotiates a connection on hub `test`: its token.
+fn negotiate(addr: std::net::SocketAddr) -> String {
+    let (_, body) = http(addr, "POST", "/hubs/test/negotiate?negotiateVersion=1", "");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    json["connectionToken"].as_str().unwrap().to_owned()
+}
+
+/// POSTs hub messages (JSON, separators added) on a token's send channel.
+fn post(addr: std::net::SocketAddr, token: &str, messages: &[&str]) {
+    let body: String = messages.iter().map(|m| format!("{m}\u{1e}")).collect();
+    assert_eq!(
+        http(addr, "POST", &format!("/hubs/test?id={token}"), &body).0,
+        200
+    );
+}
+
+const HANDSHAKE: &str = r#"{"protocol":"json","version":1}"#;
+const JOIN: &str = r#"{"type":1,"invocationId":"j","target":"JoinGroup","arguments":["room"]}"#;
+
+#[test]
+fn a_group_of_mixed_transports_is_encoded_once_per_protocol_and_framing() {
+    use std::io::Read;
+    let server = start(Config {
+        threads: 2,
+        ..Config::default()
+    });
+    wait_ready(&server);
+    let addr = server.local_addr();
+    let mut websockets = Vec::new();
+    for _ in 0..2 {
+        let mut member = RawClient::connect(addr, None);
+        assert!(member
+            .invoke("1", "JoinGroup", r#"["room"]"#)
+            .contains("null"));
+        websockets.push(member);
+    }
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let token = negotiate(addr);
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let request = format!(
+            "GET /hubs/test?id={token} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        // The stream is open (its head and opening comment came) before anything is sent,
+        // as a client waits for `open`.
+        let mut seen = String::new();
+        while !seen.contains("\r\n\r\n:\r\n") {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "stream ended");
+            seen.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+        post(addr, &token, &[HANDSHAKE, JOIN]);
+        streams.push((stream, seen));
+    }
+    let mut polls = Vec::new();
+    for _ in 0..2 {
+        let token = negotiate(addr);
+        let poll = format!("/hubs/test?id={token}");
+        assert_eq!(http(addr, "GET", &poll, "").0, 200, "the first poll");
+        post(addr, &token, &[HANDSHAKE, JOIN]);
+        let (_, answered) = http(addr, "GET", &poll, "");
+        assert!(answered.contains(r#""invocationId":"j""#), "{answered}");
+        polls.push(poll);
+    }
+    // Every member is in: the SSE ones have their join's completion.
+    for (stream, seen) in &mut streams {
+        while !seen.contains(r#""invocationId":"j""#) {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "stream ended");
+            seen.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    }
+    let encodes = broadcast_encodes();
+    let mut sender = RawClient::connect(addr, None);
+    sender.invoke(
+        "s",
+        "SendToGroup",
+        r#"["room","receive",["to every transport"]]"#,
+    );
+    let expected = r#"{"type":1,"target":"receive","arguments":["to every transport"]}"#;
+    for member in &mut websockets {
+        assert_eq!(member.next_message(), expected);
+    }
+    for (stream, seen) in &mut streams {
+        let event = format!("data: {expected}\u{1e}\r\n\r\n");
+        while !seen.contains(&event) {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "stream ended");
+            seen.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    }
+    for poll in &polls {
+        assert_eq!(http(addr, "GET", poll, "").1, format!("{expected}\u{1e}"));
+    }
+    assert_eq!(
+        broadcast_encodes() - encodes,
+        3,
+        "one encode for each of WebSocket, SSE and long polling (JSON), over two shards"
+    );
+    server.shutdown();
+}
