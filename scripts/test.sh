@@ -23,6 +23,13 @@ if [ ! -d tests/js/node_modules ] || [ tests/js/package-lock.json -nt tests/js/n
   (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
+step "Python dependencies (pinned by tests/python/requirements.txt)"
+if [ ! -x target/pyvenv/bin/python ] || [ tests/python/requirements.txt -nt target/pyvenv ]; then
+  python3 -m venv target/pyvenv
+  target/pyvenv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+  touch target/pyvenv
+fi
+
 step "interop vectors written by the JS client"
 node tests/js/gen-vectors.mjs
 
@@ -39,6 +46,9 @@ for transport in WebSockets ServerSentEvents LongPolling; do
     RINGHUB_WARD_MONITOR_BIN="$root/target/debug/examples/ward_monitor" \
     node --test --test-concurrency=1 tests/js/e2e/
 done
+
+step "end to end with the stock Python client (signalrcore)"
+RINGHUB_BIN="$root/target/debug/ringhub" target/pyvenv/bin/python -m unittest -v tests/python/test_signalrcore.py
 
 step "benchmark smoke: every workload against every server, briefly (so it cannot rot)"
 cargo build -p ringhub-engine -p ringhub-bench --bins --locked

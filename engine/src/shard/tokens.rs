@@ -46,6 +46,9 @@ pub struct Negotiated {
     /// Who negotiated (the user-id provider's answer): only they may use the token.
     pub user_id: Option<String>,
     pub created: Instant,
+    /// Bytes POSTed before the first receive request (some clients send the handshake
+    /// first; ASP.NET Core keeps them for the transport too).
+    pub early_input: bytes::BytesMut,
 }
 
 /// The transport side of a session carried by HTTP requests: one receive request at a
@@ -68,13 +71,18 @@ pub struct HttpChannel {
 }
 
 impl HttpChannel {
-    pub fn new(token: String, session: Rc<Session>, long_polling: bool) -> HttpChannel {
+    pub fn new(
+        token: String,
+        session: Rc<Session>,
+        long_polling: bool,
+        early_input: bytes::BytesMut,
+    ) -> HttpChannel {
         let now = Instant::now();
         HttpChannel {
             token,
             session,
             long_polling,
-            input: Mutex::new(bytes::BytesMut::new()),
+            input: Mutex::new(early_input),
             connected: Cell::new(false),
             receive_gone_since: Cell::new(Some(now)),
             pending_poll: RefCell::new(None),
@@ -161,6 +169,7 @@ mod tests {
                 connection_id: "c".into(),
                 user_id: None,
                 created: old,
+                early_input: bytes::BytesMut::new(),
             }),
         );
         tokens.insert("00b".into(), Token::WebSocket);

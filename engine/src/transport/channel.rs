@@ -61,7 +61,7 @@ pub fn existing(
 /// Starts a channel on a negotiated token: its session exists (not yet registered:
 /// that waits for the handshake, which arrives by POST).
 pub fn start(
-    state: &ShardState,
+    state: &Rc<ShardState>,
     hub: &str,
     token: &str,
     claims: Option<crate::auth::Claims>,
@@ -69,32 +69,49 @@ pub fn start(
 ) -> Result<Rc<HttpChannel>, Refused> {
     let user_id = state.node.user_ids.user_id(claims.as_ref());
     let mut created = None;
-    negotiate::redeem(state, hub, token, user_id.as_deref(), |connection_id| {
-        let caller = Rc::new(Caller {
-            connection_id: connection_id.to_owned(),
-            hub: hub.to_owned(),
-            user_id: user_id.clone(),
-            claims,
-        });
-        let framing = if long_polling {
-            Framing::Raw
-        } else {
-            Framing::ServerSentEvents
-        };
-        let session = Rc::new(Session::new(
-            state.next_session_key(),
-            caller,
-            FrameKind {
-                protocol: HubProtocol::Json,
-                framing,
-            },
-            state.node.config.max_buffered_bytes,
-            state.metrics.clone(),
-        ));
-        let channel = Rc::new(HttpChannel::new(token.to_owned(), session, long_polling));
-        created = Some(channel.clone());
-        Token::Http(channel)
-    })
+    negotiate::redeem(
+        state,
+        hub,
+        token,
+        user_id.as_deref(),
+        |connection_id, early| {
+            let caller = Rc::new(Caller {
+                connection_id: connection_id.to_owned(),
+                hub: hub.to_owned(),
+                user_id: user_id.clone(),
+                claims,
+            });
+            let framing = if long_polling {
+                Framing::Raw
+            } else {
+                Framing::ServerSentEvents
+            };
+            let session = Rc::new(Session::new(
+                state.next_session_key(),
+                caller,
+                FrameKind {
+                    protocol: HubProtocol::Json,
+                    framing,
+                },
+                state.node.config.max_buffered_bytes,
+                state.metrics.clone(),
+            ));
+            let has_early_input = !early.is_empty();
+            let channel = Rc::new(HttpChannel::new(
+                token.to_owned(),
+                session,
+                long_polling,
+                early,
+            ));
+            if has_early_input {
+                // What was POSTed before (a handshake, often) is handled now.
+                let (state, channel) = (state.clone(), channel.clone());
+                monoio::spawn(async move { send(&state, &channel, &[]).await });
+            }
+            created = Some(channel.clone());
+            Token::Http(channel)
+        },
+    )
     .map_err(|refused| match refused {
         // A WebSocket has it: this request asks for another transport.
         Refused::Active => Refused::OtherTransport,

@@ -18,7 +18,6 @@ use crate::shard::state::ShardState;
 use crate::shard::tokens::{owner_of, HttpChannel};
 use crate::transport::io::{discard_then_close, read_more, write_now, READ_CHUNK};
 use crate::transport::long_polling::{self, Polled};
-use crate::transport::negotiate::Refused;
 use crate::transport::websocket::{self, Upgrade};
 use crate::transport::{channel, negotiate, sse, text_response, MAX_BODY_BYTES};
 
@@ -105,7 +104,7 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
         }
         let keep_alive = head.keep_alive();
         let origin = head.header_str("origin").map(str::to_owned);
-        let routed = match route(&state, &head) {
+        let routed = match route(&state, &head, &body) {
             Routed::Poll(channel) => {
                 let polled =
                     long_polling::poll(&state, channel, keep_alive, &mut reader, &mut buf).await;
@@ -235,7 +234,7 @@ enum Routed {
     Send(Rc<HttpChannel>),
 }
 
-fn route(state: &Rc<ShardState>, head: &RequestHead) -> Routed {
+fn route(state: &Rc<ShardState>, head: &RequestHead, body: &[u8]) -> Routed {
     let keep_alive = head.keep_alive();
     let respond = |status, body: &str| Routed::Respond(text_response(status, body, keep_alive));
     let segments = match head.path_segments() {
@@ -310,7 +309,20 @@ fn route(state: &Rc<ShardState>, head: &RequestHead) -> Routed {
                             405,
                             "POST requests are not allowed for WebSocket connections.",
                         ),
-                        None => Routed::Respond(Refused::Unknown.response(keep_alive)),
+                        // Before the first receive request: kept for the transport.
+                        None => {
+                            let user_id = state.node.user_ids.user_id(claims.as_ref());
+                            match negotiate::keep_early_input(
+                                state,
+                                hub,
+                                &token,
+                                user_id.as_deref(),
+                                body,
+                            ) {
+                                Ok(()) => respond(200, ""),
+                                Err(refused) => Routed::Respond(refused.response(keep_alive)),
+                            }
+                        }
                     }
                 }
             },

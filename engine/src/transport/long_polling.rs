@@ -37,7 +37,7 @@ pub enum Polled {
 
 /// Checks a poll. The first poll of a negotiated token starts the connection and is
 /// answered at once with an empty `200`, as the client expects.
-pub fn open(state: &ShardState, head: &RequestHead, hub: &str) -> Polled {
+pub fn open(state: &Rc<ShardState>, head: &RequestHead, hub: &str) -> Polled {
     let keep_alive = head.keep_alive();
     let (token, claims) = match channel::identify(state, head) {
         Ok(found) => found,

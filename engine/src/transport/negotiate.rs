@@ -3,12 +3,13 @@
 
 use std::time::Instant;
 
+use bytes::BytesMut;
 use ringhub_protocol::http::{self as wire, Negotiation, RequestHead};
 
 use crate::shard::inbox::Command;
 use crate::shard::state::ShardState;
 use crate::shard::tokens::{new_token, Negotiated, Token};
-use crate::transport::{authenticate, random_id, text_response};
+use crate::transport::{authenticate, random_id, text_response, MAX_BODY_BYTES};
 
 /// Answers `POST /hubs/{hub}/negotiate`.
 pub fn negotiate(state: &ShardState, head: &RequestHead, hub: &str) -> Vec<u8> {
@@ -46,6 +47,7 @@ pub fn negotiate(state: &ShardState, head: &RequestHead, hub: &str) -> Vec<u8> {
         connection_id,
         user_id: state.node.user_ids.user_id(claims.as_ref()),
         created: Instant::now(),
+        early_input: BytesMut::new(),
     };
     if owner == state.index {
         state.tokens.insert(token, Token::Negotiated(negotiated));
@@ -93,8 +95,46 @@ pub fn redeem(
     hub: &str,
     token: &str,
     user_id: Option<&str>,
-    started: impl FnOnce(&str) -> Token,
+    started: impl FnOnce(&str, BytesMut) -> Token,
 ) -> Result<String, Refused> {
+    with_negotiated(state, hub, token, user_id, |entry| {
+        let Token::Negotiated(n) = entry else {
+            return Err(Refused::Unknown);
+        };
+        let connection_id = n.connection_id.clone();
+        let early_input = std::mem::take(&mut n.early_input);
+        *entry = started(&connection_id, early_input);
+        Ok(connection_id)
+    })
+}
+
+/// Keeps bytes POSTed to a negotiated token before its transport started (at most
+/// [`MAX_BODY_BYTES`] in all): they are handled once it starts.
+pub fn keep_early_input(
+    state: &ShardState,
+    hub: &str,
+    token: &str,
+    user_id: Option<&str>,
+    body: &[u8],
+) -> Result<(), Refused> {
+    with_negotiated(state, hub, token, user_id, |entry| match entry {
+        Token::Negotiated(n) if n.early_input.len() + body.len() <= MAX_BODY_BYTES => {
+            n.early_input.extend_from_slice(body);
+            Ok(())
+        }
+        _ => Err(Refused::Unknown),
+    })
+}
+
+/// Runs `f` on a token that is negotiated (not yet used by a transport), known, for
+/// this hub, unexpired, and presented by the user who negotiated it.
+fn with_negotiated<R>(
+    state: &ShardState,
+    hub: &str,
+    token: &str,
+    user_id: Option<&str>,
+    f: impl FnOnce(&mut Token) -> Result<R, Refused>,
+) -> Result<R, Refused> {
     let ttl = state.node.config.disconnect_timeout;
     if state.tokens.with(token, |entry| entry.is_none()) {
         // It may still be in this shard's inbox, sent by the shard that negotiated it.
@@ -104,18 +144,14 @@ pub fn redeem(
         let Some(entry) = entry else {
             return Err(Refused::Unknown);
         };
-        let connection_id = match entry {
+        match entry {
             Token::Negotiated(n) if n.hub != hub || n.created.elapsed() >= ttl => {
-                return Err(Refused::Unknown)
+                Err(Refused::Unknown)
             }
-            Token::Negotiated(n) if n.user_id.as_deref() != user_id => {
-                return Err(Refused::OtherUser)
-            }
-            Token::Negotiated(n) => n.connection_id.clone(),
-            Token::WebSocket => return Err(Refused::Active),
-            Token::Http(_) => return Err(Refused::OtherTransport),
-        };
-        *entry = started(&connection_id);
-        Ok(connection_id)
+            Token::Negotiated(n) if n.user_id.as_deref() != user_id => Err(Refused::OtherUser),
+            Token::Negotiated(_) => f(entry),
+            Token::WebSocket => Err(Refused::Active),
+            Token::Http(_) => Err(Refused::OtherTransport),
+        }
     })
 }

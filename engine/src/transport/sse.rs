@@ -22,7 +22,11 @@ pub fn wants_event_stream(head: &RequestHead) -> bool {
 }
 
 /// Checks an SSE request; `Ok` is the channel to stream.
-pub fn open(state: &ShardState, head: &RequestHead, hub: &str) -> Result<Rc<HttpChannel>, Vec<u8>> {
+pub fn open(
+    state: &Rc<ShardState>,
+    head: &RequestHead,
+    hub: &str,
+) -> Result<Rc<HttpChannel>, Vec<u8>> {
     let (token, claims) = channel::identify(state, head)?;
     let keep_alive = head.keep_alive();
     let result = match channel::existing(state, hub, &token, claims.as_ref(), false) {

@@ -68,8 +68,10 @@ pub fn upgrade(state: &ShardState, head: &RequestHead, hub: &str) -> Result<Upgr
         None => random_id(),
         Some(token) => {
             let user_id = state.node.user_ids.user_id(claims.as_ref());
-            negotiate::redeem(state, hub, token, user_id.as_deref(), |_| Token::WebSocket)
-                .map_err(|refused| refused.response(false))?
+            negotiate::redeem(state, hub, token, user_id.as_deref(), |_, _| {
+                Token::WebSocket
+            })
+            .map_err(|refused| refused.response(false))?
         }
     };
     Ok(Upgrade {
