@@ -176,6 +176,19 @@ pub fn invocation_frame(
     target: &str,
     arguments: Vec<Value>,
 ) -> Vec<u8> {
+    let record = invocation_record(protocol, id, target, arguments);
+    let mut frame = BytesMut::new();
+    encode_client_frame(protocol.opcode(), true, &record, [9, 8, 7, 6], &mut frame);
+    frame.to_vec()
+}
+
+/// An invocation as a bare hub record (what HTTP transports send).
+pub fn invocation_record(
+    protocol: HubProtocol,
+    id: Option<String>,
+    target: &str,
+    arguments: Vec<Value>,
+) -> Vec<u8> {
     let message = HubMessage::Invocation(Invocation {
         invocation_id: id,
         target: target.into(),
@@ -184,9 +197,7 @@ pub fn invocation_frame(
     });
     let mut record = BytesMut::new();
     protocol.encode(&message, &mut record);
-    let mut frame = BytesMut::new();
-    encode_client_frame(protocol.opcode(), true, &record, [9, 8, 7, 6], &mut frame);
-    frame.to_vec()
+    record.to_vec()
 }
 
 /// Connects, upgrades and takes the handshake; returns the stream and any bytes read

@@ -3,6 +3,7 @@
 //! generator ([`client`]), which the peer servers reuse for their reads.
 
 pub mod client;
+pub mod http_receiver;
 
 use bytes::BytesMut;
 use ringhub_protocol::hub::{HubMessage, HubProtocol, Invocation};

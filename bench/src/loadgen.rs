@@ -17,6 +17,7 @@ use monoio::io::AsyncWriteRentExt;
 use serde::Serialize;
 
 use ringhub_bench::client::{self, Wire};
+use ringhub_bench::http_receiver::{self, ReceiverTransport};
 
 #[derive(Parser, Clone, Debug)]
 pub struct LoadArgs {
@@ -46,6 +47,10 @@ pub struct LoadArgs {
     /// `json`, `messagepack` (SignalR) or `socketio`.
     #[arg(long, default_value = "json")]
     pub protocol: String,
+    /// How receivers get their messages: `websockets`, `sse` or `longpolling` (SignalR
+    /// only; publishers always use WebSockets).
+    #[arg(long, default_value = "websockets")]
+    pub receivers: String,
     /// Pin the load generator to this core.
     #[arg(long)]
     pub core: Option<usize>,
@@ -58,6 +63,8 @@ pub struct LoadArgs {
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct LoadReport {
     pub protocol: String,
+    /// The receivers' transport.
+    pub receivers: String,
     pub connections: usize,
     pub joined: usize,
     pub groups: usize,
@@ -87,8 +94,9 @@ pub struct LoadReport {
 impl LoadReport {
     pub fn line(&self) -> String {
         format!(
-            "protocol={} connections={} joined={} disconnected={} deliveries_per_sec={:.0} sent_per_sec={:.0} lost={} duplicated={} reordered={} latency_us p50={} p99={} p999={} max={} loadgen_cpu_ns_per_delivery={:.0} loadgen_cpu_busy={:.0}%",
+            "protocol={} receivers={} connections={} joined={} disconnected={} deliveries_per_sec={:.0} sent_per_sec={:.0} lost={} duplicated={} reordered={} latency_us p50={} p99={} p999={} max={} loadgen_cpu_ns_per_delivery={:.0} loadgen_cpu_busy={:.0}%",
             self.protocol,
+            self.receivers,
             self.connections,
             self.joined,
             self.disconnected,
@@ -140,7 +148,89 @@ impl Shared {
     }
 }
 
-async fn receiver(args: Rc<LoadArgs>, wire: Wire, group: usize, shared: Rc<Shared>) {
+/// What one receiver counts: its deliveries (per publisher, in order) and its join.
+struct Tally {
+    shared: Rc<Shared>,
+    wire: Wire,
+    joined: bool,
+    /// Next expected sequence number per publisher.
+    next: Vec<u64>,
+}
+
+impl Tally {
+    fn take(&mut self, payload: &[u8]) {
+        let shared = &self.shared;
+        if let Some((publisher, seq, sent_ns)) = self.wire.delivery(payload) {
+            shared.delivered.set(shared.delivered.get() + 1);
+            let Some(expected) = self.next.get_mut(publisher as usize) else {
+                return;
+            };
+            if seq == *expected {
+                *expected += 1;
+            } else if seq > *expected {
+                shared.reordered.set(shared.reordered.get() + 1);
+                *expected = seq + 1;
+            } else {
+                shared.duplicated.set(shared.duplicated.get() + 1);
+            }
+            if shared.measuring.get() {
+                let micros = shared.now_ns().saturating_sub(sent_ns) / 1000;
+                let _ = shared.latency.borrow_mut().record(micros.max(1));
+            }
+        } else if !self.joined && self.wire.is_completion(payload) {
+            self.joined = true;
+            shared.joined.set(shared.joined.get() + 1);
+        }
+    }
+
+    /// The receiver ended: a disconnection unless the run is over.
+    fn ended(&self) {
+        if !self.shared.stop.get() {
+            self.shared
+                .disconnected
+                .set(self.shared.disconnected.get() + 1);
+        }
+    }
+}
+
+async fn receiver(
+    args: Rc<LoadArgs>,
+    wire: Wire,
+    transport: ReceiverTransport,
+    group: usize,
+    shared: Rc<Shared>,
+) {
+    let mut tally = Tally {
+        shared,
+        wire,
+        joined: false,
+        next: vec![0u64; args.publishers],
+    };
+    let group = format!("g{group}");
+    if let (Wire::SignalR(protocol), false) = (wire, transport == ReceiverTransport::WebSockets) {
+        let join = client::invocation_record(
+            protocol,
+            Some("j".into()),
+            "JoinGroup",
+            vec![ringhub_protocol::Value::Str(group)],
+        );
+        let received = http_receiver::receive(
+            args.addr,
+            &args.hub,
+            protocol,
+            transport,
+            &join,
+            |payload| tally.take(payload),
+        )
+        .await;
+        if let Err(error) = received {
+            if !tally.joined {
+                eprintln!("receiver could not connect: {error}");
+            }
+        }
+        tally.ended();
+        return;
+    }
     let (mut stream, mut buf) = match client::open(args.addr, &args.hub, wire).await {
         Ok(opened) => opened,
         Err(error) => {
@@ -148,47 +238,15 @@ async fn receiver(args: Rc<LoadArgs>, wire: Wire, group: usize, shared: Rc<Share
             return;
         }
     };
-    if stream
-        .write_all(wire.join(&format!("g{group}")))
-        .await
-        .0
-        .is_err()
-    {
+    if stream.write_all(wire.join(&group)).await.0.is_err() {
         return;
     }
-    let mut joined = false;
-    // Next expected sequence number per publisher.
-    let mut next = vec![0u64; args.publishers];
     loop {
         if client::read(&mut stream, &mut buf).await.is_err() {
-            if !shared.stop.get() {
-                shared.disconnected.set(shared.disconnected.get() + 1);
-            }
+            tally.ended();
             return;
         }
-        let replies = client::drain_frames(&mut buf, wire, |payload| {
-            if let Some((publisher, seq, sent_ns)) = wire.delivery(payload) {
-                shared.delivered.set(shared.delivered.get() + 1);
-                let Some(expected) = next.get_mut(publisher as usize) else {
-                    return;
-                };
-                if seq == *expected {
-                    *expected += 1;
-                } else if seq > *expected {
-                    shared.reordered.set(shared.reordered.get() + 1);
-                    *expected = seq + 1;
-                } else {
-                    shared.duplicated.set(shared.duplicated.get() + 1);
-                }
-                if shared.measuring.get() {
-                    let micros = shared.now_ns().saturating_sub(sent_ns) / 1000;
-                    let _ = shared.latency.borrow_mut().record(micros.max(1));
-                }
-            } else if !joined && wire.is_completion(payload) {
-                joined = true;
-                shared.joined.set(shared.joined.get() + 1);
-            }
-        });
+        let replies = client::drain_frames(&mut buf, wire, |payload| tally.take(payload));
         if !replies.is_empty() && stream.write_all(replies).await.0.is_err() {
             return;
         }
@@ -422,7 +480,7 @@ pub async fn spawn_paced(count: usize, mut spawn: impl FnMut(usize)) {
     }
 }
 
-pub async fn run(args: LoadArgs, wire: Wire) -> LoadReport {
+pub async fn run(args: LoadArgs, wire: Wire, receivers: ReceiverTransport) -> LoadReport {
     let args = Rc::new(args);
     let shared = Rc::new(Shared {
         epoch: Instant::now(),
@@ -442,6 +500,7 @@ pub async fn run(args: LoadArgs, wire: Wire) -> LoadReport {
         monoio::spawn(receiver(
             args.clone(),
             wire,
+            receivers,
             i % args.groups,
             shared.clone(),
         ));
@@ -512,6 +571,7 @@ pub async fn run(args: LoadArgs, wire: Wire) -> LoadReport {
     let latency = shared.latency.borrow();
     LoadReport {
         protocol: wire.name().to_owned(),
+        receivers: args.receivers.clone(),
         connections: args.connections,
         joined: shared.joined.get(),
         groups: args.groups,

@@ -17,6 +17,7 @@ mod run;
 use clap::{Parser, Subcommand};
 
 use ringhub_bench::client::Wire;
+use ringhub_bench::http_receiver::ReceiverTransport;
 
 #[derive(Parser)]
 #[command(
@@ -66,8 +67,12 @@ fn main() {
         Command::Loadgen(args) => {
             pin(args.core);
             let wire = wire(&args.protocol);
+            let Some(receivers) = ReceiverTransport::from_name(&args.receivers) else {
+                eprintln!("ringhub-bench: --receivers: must be websockets, sse or longpolling");
+                std::process::exit(2);
+            };
             let as_json = args.json;
-            let report = runtime().block_on(loadgen::run(args, wire));
+            let report = runtime().block_on(loadgen::run(args, wire, receivers));
             println!(
                 "{}",
                 if as_json {

@@ -24,7 +24,9 @@ pub struct RunArgs {
     #[arg(long, default_value = "all")]
     pub workloads: String,
     /// Comma-separated servers, or `all`: ringhub, ceiling, socketioxide, naive,
-    /// ringhub-2t (two shards, load generator sharing both cores).
+    /// ringhub-2t (two shards, load generator sharing both cores), ringhub-sse and
+    /// ringhub-lp (ringhub with receivers over Server-Sent Events or long polling;
+    /// fanout-1k only).
     #[arg(long, default_value = "all")]
     pub servers: String,
     #[arg(long, default_value_t = 2)]
@@ -55,7 +57,15 @@ const WORKLOADS: [&str; 6] = [
     "idle-100k",
     "churn",
 ];
-const SERVERS: [&str; 5] = ["ringhub", "ceiling", "socketioxide", "naive", "ringhub-2t"];
+const SERVERS: [&str; 7] = [
+    "ringhub",
+    "ceiling",
+    "socketioxide",
+    "naive",
+    "ringhub-2t",
+    "ringhub-sse",
+    "ringhub-lp",
+];
 
 /// A server under test.
 struct Server {
@@ -64,14 +74,18 @@ struct Server {
     protocol: &'static str,
     /// Both cores, unpinned (the scaling comparison).
     two_shards: bool,
+    /// The receivers' transport (the load generator's `--receivers`).
+    receivers: &'static str,
 }
 
 impl Server {
     fn of(name: &str) -> Option<Server> {
-        let (protocol, two_shards) = match name {
-            "ringhub" | "ceiling" | "naive" => ("json", false),
-            "ringhub-2t" => ("json", true),
-            "socketioxide" => ("socketio", false),
+        let (protocol, two_shards, receivers) = match name {
+            "ringhub" | "ceiling" | "naive" => ("json", false, "websockets"),
+            "ringhub-2t" => ("json", true, "websockets"),
+            "ringhub-sse" => ("json", false, "sse"),
+            "ringhub-lp" => ("json", false, "longpolling"),
+            "socketioxide" => ("socketio", false, "websockets"),
             _ => return None,
         };
         let name = SERVERS.into_iter().find(|s| *s == name)?;
@@ -79,13 +93,14 @@ impl Server {
             name,
             protocol,
             two_shards,
+            receivers,
         })
     }
 
     fn command(&self, bin: &Path, addr: SocketAddr, data: &Path) -> Vec<String> {
         let addr = addr.to_string();
         match self.name {
-            "ringhub" | "ringhub-2t" => vec![
+            "ringhub" | "ringhub-2t" | "ringhub-sse" | "ringhub-lp" => vec![
                 bin.join("ringhub").display().to_string(),
                 "serve".into(),
                 "--listen".into(),
@@ -102,8 +117,12 @@ impl Server {
     }
 
     /// Whether the server can run a workload (churn needs JoinGroup/LeaveGroup with
-    /// real membership, which only ringhub implements among the peers).
+    /// real membership, which only ringhub implements among the peers; the SSE and
+    /// long-polling receivers are measured on fanout-1k).
     fn runs(&self, workload: &str) -> bool {
+        if self.receivers != "websockets" {
+            return workload == "fanout-1k";
+        }
         workload != "churn" || self.name.starts_with("ringhub")
     }
 }
@@ -287,6 +306,7 @@ impl Context {
             "--json".into(),
             format!("--addr={addr}"),
             format!("--protocol={}", server.protocol),
+            format!("--receivers={}", server.receivers),
             format!("--connections={connections}"),
             format!("--groups={groups}"),
             format!("--publishers={publishers}"),
@@ -339,6 +359,7 @@ impl Context {
                 "idle".into(),
                 format!("--addr={addr}"),
                 format!("--protocol={}", server.protocol),
+                format!("--receivers={}", server.receivers),
                 format!("--connections={count}"),
             ];
             let mut child = pinned(self.loadgen_core(server), &argv)
