@@ -35,6 +35,33 @@ pub struct Node {
 }
 
 impl Node {
+    pub(crate) fn new(
+        config: Config,
+        user_ids: Arc<dyn UserIdProvider>,
+        authorizer: Arc<dyn GroupAuthorizer>,
+        store: Arc<dyn MembershipStore>,
+        store_jobs: std::sync::mpsc::Sender<StoreJob>,
+    ) -> Node {
+        let shards = config.threads;
+        Node {
+            jwt: config
+                .jwt_secret
+                .as_deref()
+                .map(|s| JwtVerifier::hs256(s.as_bytes())),
+            config,
+            inboxes: (0..shards).map(|_| Inbox::default()).collect(),
+            metrics: Arc::new(Metrics::new(shards)),
+            user_ids,
+            authorizer,
+            presence: Presence::new(shards),
+            store,
+            store_jobs,
+            ready_shards: AtomicUsize::new(0),
+            shutting_down: AtomicBool::new(false),
+            next_owner: AtomicUsize::new(0),
+        }
+    }
+
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
     }

@@ -2,7 +2,7 @@
 //! with its own `SO_REUSEPORT` listener on the same address.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -10,12 +10,11 @@ use thiserror::Error;
 
 use crate::api::hub::HubFactory;
 use crate::api::{Hub, HubContext};
-use crate::auth::{ClaimPatterns, GroupAuthorizer, JwtVerifier, SubClaimUserId, UserIdProvider};
+use crate::auth::{ClaimPatterns, GroupAuthorizer, SubClaimUserId, UserIdProvider};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::node::{Node, StoreJob};
-use crate::presence::Presence;
-use crate::shard::inbox::{Command, Inbox};
+use crate::shard::inbox::Command;
 use crate::store::{MembershipStore, RedbStore, StoreError};
 
 /// Why a server could not start.
@@ -101,24 +100,13 @@ impl ServerBuilder {
                 addr: self.config.listen,
                 source,
             })?;
-        let node = Arc::new(Node {
-            jwt: self
-                .config
-                .jwt_secret
-                .as_deref()
-                .map(|s| JwtVerifier::hs256(s.as_bytes())),
-            config: self.config,
-            inboxes: (0..threads).map(|_| Inbox::default()).collect(),
-            metrics: Arc::new(Metrics::new(threads)),
-            user_ids: self.user_ids,
-            authorizer: self.authorizer,
-            presence: Presence::new(threads),
+        let node = Arc::new(Node::new(
+            self.config,
+            self.user_ids,
+            self.authorizer,
             store,
             store_jobs,
-            ready_shards: AtomicUsize::new(0),
-            shutting_down: AtomicBool::new(false),
-            next_owner: AtomicUsize::new(0),
-        });
+        ));
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut handles = Vec::with_capacity(threads);
         for (index, listener) in listeners.into_iter().enumerate() {

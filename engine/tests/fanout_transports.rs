@@ -7,31 +7,8 @@ mod common;
 use std::io::Write;
 use std::time::Duration;
 
-use common::{start, wait_ready, RawClient};
+use common::{http, negotiate, start, wait_ready, RawClient};
 use ringhub_engine::{broadcast_encodes, Config};
-
-/// One HTTP request on its own connection (`Connection: close`): (status, body).
-fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::Read;
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response[response.find("\r\n\r\n").unwrap() + 4..].to_owned();
-    (status, body)
-}
-
-/// Negotiates a connection on hub `test`: its token.
-fn negotiate(addr: std::net::SocketAddr) -> String {
-    let (_, body) = http(addr, "POST", "/hubs/test/negotiate?negotiateVersion=1", "");
-    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-    json["connectionToken"].as_str().unwrap().to_owned()
-}
 
 /// POSTs hub messages (JSON, separators added) on a token's send channel.
 fn post(addr: std::net::SocketAddr, token: &str, messages: &[&str]) {
@@ -64,7 +41,7 @@ fn a_group_of_mixed_transports_is_encoded_once_per_protocol_and_framing() {
     }
     let mut streams = Vec::new();
     for _ in 0..2 {
-        let token = negotiate(addr);
+        let (token, _) = negotiate(addr);
         let mut stream = std::net::TcpStream::connect(addr).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
@@ -87,7 +64,7 @@ fn a_group_of_mixed_transports_is_encoded_once_per_protocol_and_framing() {
     }
     let mut polls = Vec::new();
     for _ in 0..2 {
-        let token = negotiate(addr);
+        let (token, _) = negotiate(addr);
         let poll = format!("/hubs/test?id={token}");
         assert_eq!(http(addr, "GET", &poll, "").0, 200, "the first poll");
         post(addr, &token, &[HANDSHAKE, JOIN]);

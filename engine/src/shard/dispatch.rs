@@ -116,3 +116,160 @@ fn complete(session: &Session, invocation_id: String, outcome: CompletionOutcome
     let completion = HubMessage::completion(invocation_id, outcome);
     session.enqueue(&session.encode(&completion));
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use ringhub_protocol::frame::Framing;
+    use ringhub_protocol::HubProtocol;
+
+    use super::*;
+    use crate::api::Caller;
+    use crate::auth::{ClaimPatterns, SubClaimUserId};
+    use crate::builtin::BuiltinHub;
+    use crate::config::Config;
+    use crate::fanout::FrameKind;
+    use crate::node::Node;
+    use crate::store::MemoryStore;
+
+    /// A one-shard node with the built-in hub, and its shard's state: no listener, no
+    /// sockets; the inbox is served by a task, as on a running shard.
+    fn shard() -> Rc<ShardState> {
+        let config = Config {
+            threads: 1,
+            ..Config::default()
+        };
+        let (store_jobs, _) = std::sync::mpsc::channel();
+        let node = Arc::new(Node::new(
+            config,
+            Arc::new(SubClaimUserId),
+            Arc::new(ClaimPatterns),
+            Arc::new(MemoryStore::default()),
+            store_jobs,
+        ));
+        let state = Rc::new(ShardState::new(0, node, Box::new(BuiltinHub)));
+        let inbox_state = state.clone();
+        monoio::spawn(async move {
+            let node = inbox_state.node.clone();
+            node.inboxes[0].run(|c| inbox_state.handle(c)).await;
+        });
+        state
+    }
+
+    fn connect(state: &ShardState, id: &str) -> Rc<Session> {
+        let caller = Rc::new(Caller {
+            connection_id: id.into(),
+            hub: "h".into(),
+            user_id: None,
+            claims: None,
+        });
+        let kind = FrameKind {
+            protocol: HubProtocol::Json,
+            framing: Framing::Raw,
+        };
+        let session = Rc::new(Session::new(
+            state.next_session_key(),
+            caller,
+            kind,
+            1 << 20,
+            state.metrics.clone(),
+        ));
+        state.register(session.clone());
+        session
+    }
+
+    /// Everything queued for the session, as text (long-polling framing: bare records).
+    async fn queued(session: &Session) -> String {
+        if session.queued_bytes() == 0 {
+            return String::new();
+        }
+        let (mut copied, mut batch) = (Vec::new(), Vec::new());
+        session.next_batch(&mut copied, &mut batch).await;
+        String::from_utf8(if batch.is_empty() {
+            copied
+        } else {
+            batch.concat()
+        })
+        .unwrap()
+    }
+
+    fn records(text: &str) -> BytesMut {
+        BytesMut::from(text.replace('|', "\u{1e}").as_bytes())
+    }
+
+    fn run(test: impl std::future::Future<Output = ()>) {
+        let mut runtime = crate::runtime::io_uring_runtime(64).expect("io_uring");
+        runtime.block_on(test);
+    }
+
+    #[test]
+    fn messages_are_handled_in_order_and_a_send_precedes_its_completion() {
+        run(async {
+            let state = shard();
+            let ann = connect(&state, "ann");
+            let bob = connect(&state, "bob");
+            let mut input = records(concat!(
+                r#"{"type":1,"invocationId":"1","target":"JoinGroup","arguments":["g"]}|"#,
+                r#"{"type":6}|"#,
+                r#"{"type":1,"invocationId":"2","target":"SendToGroup","arguments":["g","m",[7]]}|"#,
+                r#"{"type":1,"invocationId":"3","target":"Nope","arguments":[]}|"#,
+                r#"{"type":1,"invocationId":"4","target":"Echo""#,
+            ));
+            assert_eq!(
+                handle_records(&state, &ann, &mut input).await,
+                Dispatched::More
+            );
+            assert_eq!(
+                &input[..],
+                br#"{"type":1,"invocationId":"4","target":"Echo""#,
+                "a partial record waits for the rest"
+            );
+            assert_eq!(
+                queued(&ann).await.replace('\u{1e}', "|"),
+                concat!(
+                    r#"{"type":3,"invocationId":"1","result":null}|"#,
+                    r#"{"type":1,"target":"m","arguments":[7]}|"#,
+                    r#"{"type":3,"invocationId":"2","result":null}|"#,
+                    r#"{"type":3,"invocationId":"3","error":"Unknown hub method 'Nope'"}|"#,
+                )
+            );
+            assert_eq!(queued(&bob).await, "", "bob is not in the group");
+            input.extend_from_slice(b",\"arguments\":[5]}\x1e");
+            assert_eq!(
+                handle_records(&state, &ann, &mut input).await,
+                Dispatched::More
+            );
+            assert_eq!(
+                queued(&ann).await,
+                "{\"type\":3,\"invocationId\":\"4\",\"result\":5}\u{1e}"
+            );
+        });
+    }
+
+    #[test]
+    fn a_close_message_and_bad_input_end_the_session() {
+        run(async {
+            let state = shard();
+            let ann = connect(&state, "ann");
+            let mut close = records(r#"{"type":7}|{"type":1,"target":"Echo","arguments":[1]}|"#);
+            assert_eq!(
+                handle_records(&state, &ann, &mut close).await,
+                Dispatched::ClientClosed
+            );
+            let mut bad = records(r#"{"type":"one"}|"#);
+            let Dispatched::BadInput(error) = handle_records(&state, &ann, &mut bad).await else {
+                panic!("malformed input is refused");
+            };
+            assert!(
+                error.starts_with("Connection closed with an error."),
+                "{error}"
+            );
+            let mut huge = records(&format!("{}|", "x".repeat(40_000)));
+            let Dispatched::BadInput(error) = handle_records(&state, &ann, &mut huge).await else {
+                panic!("an oversized message is refused");
+            };
+            assert!(error.contains("32768"), "the limit is named: {error}");
+        });
+    }
+}

@@ -214,3 +214,168 @@ fn union<'a>(sets: impl Iterator<Item = &'a Members>) -> HashMap<u64, &'a Rc<Ses
     }
     all
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use ringhub_protocol::frame::Framing;
+    use ringhub_protocol::{HubMessage, HubProtocol, Value};
+
+    use super::*;
+    use crate::api::types::Caller;
+    use crate::fanout::FrameKind;
+    use crate::metrics::{Metrics, MetricsRef};
+
+    /// A session of `user` (if any) taking `kind` frames, keyed `key`.
+    fn session(key: u64, user: Option<&str>, kind: FrameKind) -> Rc<Session> {
+        let caller = Rc::new(Caller {
+            connection_id: format!("c{key}"),
+            hub: "h".into(),
+            user_id: user.map(str::to_owned),
+            claims: None,
+        });
+        let metrics = Rc::new(MetricsRef(Arc::new(Metrics::new(1)), 0));
+        Rc::new(Session::new(key, caller, kind, 1 << 20, metrics))
+    }
+
+    const JSON_WS: FrameKind = FrameKind {
+        protocol: HubProtocol::Json,
+        framing: Framing::WebSocket,
+    };
+
+    /// The frames queued for a session, taken out (how many, and their bytes).
+    fn taken(session: &Session) -> (u64, Vec<u8>) {
+        if session.queued_bytes() == 0 {
+            return (0, Vec::new());
+        }
+        let (mut copied, mut batch) = (Vec::new(), Vec::new());
+        match futures_executor::block_on(session.next_batch(&mut copied, &mut batch)) {
+            Some(taken) if batch.is_empty() => (taken.frames, copied),
+            Some(taken) => (taken.frames, batch.concat()),
+            None => (0, Vec::new()),
+        }
+    }
+
+    /// Five sessions: c0 and c1 of ann, c2 of bob, c3 and c4 anonymous; c0, c2, c3 in
+    /// "g", c3 and c4 in "h".
+    fn tables() -> (HubTables, Vec<Rc<Session>>) {
+        let mut tables = HubTables::default();
+        let users = [Some("ann"), Some("ann"), Some("bob"), None, None];
+        let sessions: Vec<_> = users
+            .iter()
+            .enumerate()
+            .map(|(key, user)| session(key as u64, *user, JSON_WS))
+            .collect();
+        for s in &sessions {
+            tables.insert(s.clone());
+        }
+        for (key, group) in [(0, "g"), (2, "g"), (3, "g"), (3, "h"), (4, "h")] {
+            assert!(tables.join(key, group));
+        }
+        (tables, sessions)
+    }
+
+    fn receivers(tables: &HubTables, sessions: &[Rc<Session>], target: Target) -> Vec<u64> {
+        let broadcast = Broadcast::new(HubMessage::invocation("m", vec![Value::Int(1)]));
+        let count = tables.deliver(&target, &broadcast);
+        let got: Vec<u64> = sessions
+            .iter()
+            .filter(|s| taken(s).0 == 1)
+            .map(|s| s.key)
+            .collect();
+        assert_eq!(count, got.len(), "{target:?}: the count matches the queues");
+        got
+    }
+
+    #[test]
+    fn every_target_reaches_exactly_its_sessions_once() {
+        let (tables, s) = tables();
+        let ids = |keys: &[u64]| keys.iter().map(|k| format!("c{k}")).collect::<Vec<_>>();
+        assert_eq!(receivers(&tables, &s, Target::All), [0, 1, 2, 3, 4]);
+        assert_eq!(
+            receivers(&tables, &s, Target::AllExcept(ids(&[1, 3]))),
+            [0, 2, 4]
+        );
+        assert_eq!(receivers(&tables, &s, Target::Group("g".into())), [0, 2, 3]);
+        assert_eq!(
+            receivers(&tables, &s, Target::GroupExcept("g".into(), ids(&[2]))),
+            [0, 3]
+        );
+        assert_eq!(
+            receivers(&tables, &s, Target::Groups(vec!["g".into(), "h".into()])),
+            [0, 2, 3, 4],
+            "c3 is in both groups and gets one copy"
+        );
+        assert_eq!(receivers(&tables, &s, Target::User("ann".into())), [0, 1]);
+        assert_eq!(
+            receivers(
+                &tables,
+                &s,
+                Target::Users(vec!["ann".into(), "bob".into(), "ann".into()])
+            ),
+            [0, 1, 2]
+        );
+        assert_eq!(receivers(&tables, &s, Target::Connection("c4".into())), [4]);
+        assert_eq!(
+            receivers(&tables, &s, Target::Connections(ids(&[1, 1, 9]))),
+            [1],
+            "duplicates and unknown ids are ignored"
+        );
+        assert!(receivers(&tables, &s, Target::Group("nobody".into())).is_empty());
+    }
+
+    #[test]
+    fn leaving_and_removal_update_every_table() {
+        let (mut tables, s) = tables();
+        assert!(tables.leave(0, "g"));
+        assert!(!tables.leave(0, "g"), "not a member any more");
+        assert!(!tables.join(2, "g"), "already a member");
+        assert_eq!(receivers(&tables, &s, Target::Group("g".into())), [2, 3]);
+        let (mut left, mut unwatched) = (Vec::new(), Vec::new());
+        assert!(tables.watch(3, "g", true));
+        tables.remove(
+            3,
+            |g| left.push(g.to_owned()),
+            |g| unwatched.push(g.to_owned()),
+        );
+        left.sort();
+        assert_eq!(left, ["g", "h"]);
+        assert_eq!(unwatched, ["g"]);
+        assert_eq!(receivers(&tables, &s, Target::Group("g".into())), [2]);
+        assert_eq!(receivers(&tables, &s, Target::Group("h".into())), [4]);
+        assert_eq!(tables.key_of("c3"), None);
+        assert!(!tables.join(3, "g"), "a removed session joins nothing");
+    }
+
+    #[test]
+    fn each_session_gets_the_frame_of_its_protocol_and_framing() {
+        let mut tables = HubTables::default();
+        let kinds = [
+            JSON_WS,
+            FrameKind {
+                protocol: HubProtocol::Json,
+                framing: Framing::ServerSentEvents,
+            },
+            FrameKind {
+                protocol: HubProtocol::MessagePack,
+                framing: Framing::Raw,
+            },
+        ];
+        let sessions: Vec<_> = kinds
+            .iter()
+            .enumerate()
+            .map(|(key, kind)| session(key as u64, None, *kind))
+            .collect();
+        for s in &sessions {
+            tables.insert(s.clone());
+        }
+        let message = HubMessage::invocation("m", vec![Value::Int(1)]);
+        tables.deliver(&Target::All, &Broadcast::new(message.clone()));
+        for (session, kind) in sessions.iter().zip(kinds) {
+            let expected =
+                ringhub_protocol::frame::encode_framed(kind.protocol, kind.framing, &message);
+            assert_eq!(taken(session).1, expected.to_vec(), "{kind:?}");
+        }
+    }
+}

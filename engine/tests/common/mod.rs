@@ -29,6 +29,29 @@ pub fn wait_ready(server: &Server) {
     }
 }
 
+/// One HTTP request on its own connection (`Connection: close`): (status, body).
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response[response.find("\r\n\r\n").unwrap() + 4..].to_owned();
+    (status, body)
+}
+
+/// Negotiates a connection on hub `test`: (token, connection id).
+pub fn negotiate(addr: SocketAddr) -> (String, String) {
+    let (_, body) = http(addr, "POST", "/hubs/test/negotiate?negotiateVersion=1", "");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let field = |name: &str| json[name].as_str().unwrap().to_owned();
+    (field("connectionToken"), field("connectionId"))
+}
+
 pub struct RawClient {
     pub stream: TcpStream,
     pending: Vec<u8>,
@@ -50,15 +73,7 @@ pub fn text_frame(json: &str) -> Vec<u8> {
 impl RawClient {
     /// Negotiates first, so the connection id is known: `(client, connection id)`.
     pub fn connect_negotiated(addr: SocketAddr) -> (RawClient, String) {
-        let mut http = TcpStream::connect(addr).unwrap();
-        http.write_all(b"POST /hubs/test/negotiate?negotiateVersion=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut response = String::new();
-        http.read_to_string(&mut response).unwrap();
-        let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
-        let json: serde_json::Value = serde_json::from_str(body).unwrap();
-        let id = json["connectionId"].as_str().unwrap().to_owned();
-        let token = json["connectionToken"].as_str().unwrap();
+        let (token, id) = negotiate(addr);
         (
             Self::connect_path(addr, None, &format!("/hubs/test?id={token}")),
             id,
