@@ -161,3 +161,37 @@ fn a_hub_context_on_another_thread_sends_and_manages_groups() {
     let after = futures_executor::block_on(context.send("test", Target::All, "receive", vec![]));
     assert!(after.is_err(), "a stopped server refuses sends");
 }
+
+/// Open descriptors of this process (the server runs in it).
+fn open_descriptors() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+#[test]
+fn clients_that_vanish_leave_no_descriptor_behind() {
+    let server = start(Config {
+        threads: 2,
+        ..Config::default()
+    });
+    wait_ready(&server);
+    let before = open_descriptors();
+    let clients: Vec<RawClient> = (0..20)
+        .map(|_| RawClient::connect(server.local_addr(), None))
+        .collect();
+    assert!(
+        open_descriptors() >= before + 40,
+        "both ends are in this process"
+    );
+    // Dropped without a close frame: the server sees the end of the stream.
+    drop(clients);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while open_descriptors() > before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        open_descriptors() <= before,
+        "{} descriptors left open",
+        open_descriptors() - before
+    );
+    server.shutdown();
+}

@@ -1,5 +1,5 @@
 //! Structure-aware: arbitrary messages must encode, in both protocols and as
-//! encode-once frames, into bytes that decode; after one normalization (JSON has no
+//! encode-once frames of every framing, into bytes that decode; after one normalization (JSON has no
 //! binary, NaN or non-string keys) encoding is stable.
 #![no_main]
 use bytes::BytesMut;
@@ -36,6 +36,15 @@ fuzz_target!(|message: HubMessage| {
         protocol.encode(&message, &mut first);
         let frame = frame::encode_message(protocol, &message);
         assert!(frame.ends_with(&first));
+        // Every transport's unit carries the same record: a long poll's bare, and for
+        // JSON an SSE event whose one data line is the record (JSON escapes line breaks).
+        assert_eq!(frame::encode_framed(protocol, frame::Framing::Raw, &message), first);
+        if protocol == HubProtocol::Json {
+            let event = frame::encode_framed(protocol, frame::Framing::ServerSentEvents, &message);
+            assert_eq!(&event[..6], b"data: ");
+            assert_eq!(&event[6..event.len() - 4], &first[..]);
+            assert_eq!(&event[event.len() - 4..], b"\r\n\r\n");
+        }
         let (decoded, used) = protocol.decode_all(&first, usize::MAX).expect("encoded message decodes");
         assert_eq!(used, first.len());
         assert_eq!(decoded.len(), 1);

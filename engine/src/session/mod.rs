@@ -45,7 +45,8 @@ pub struct Session {
     writer: RefCell<Option<Waker>>,
     pub last_received: Cell<Instant>,
     pub last_sent: Cell<Instant>,
-    /// Ends the transport's reading and writing at once, whatever they are doing.
+    /// Ends the transport's reading and writing at once, whatever they are doing: fire
+    /// it with [`Session::stop_now`], which also wakes a writer waiting for frames.
     pub stop: Signal,
     metrics: Rc<MetricsRef>,
 }
@@ -139,6 +140,13 @@ impl Session {
         if self.outbox.borrow_mut().close_with(last, Instant::now()) {
             self.wake_writer();
         }
+    }
+
+    /// Stops the session's transport now (its writer too, even while it waits for
+    /// frames), without a Close message.
+    pub fn stop_now(&self) {
+        self.stop.fire();
+        self.wake_writer();
     }
 
     /// When the session started closing, if it is.

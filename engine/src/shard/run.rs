@@ -128,7 +128,7 @@ async fn tick(state: Rc<ShardState>) {
             let inherent_keepalive = session.framing == Framing::Raw;
             if let Some(since) = session.closing_since() {
                 if now - since > CLOSE_GRACE {
-                    session.stop.fire();
+                    session.stop_now();
                 }
             } else if inherent_keepalive {
             } else if now - session.last_received.get() > config.client_timeout {

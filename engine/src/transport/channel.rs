@@ -201,7 +201,7 @@ pub fn dispose(state: &Rc<ShardState>, channel: &Rc<HttpChannel>) {
     }
     state.tokens.remove(&channel.token);
     let session = &channel.session;
-    session.stop.fire();
+    session.stop_now();
     if let Some(poll) = channel.pending_poll.borrow_mut().take() {
         poll.fire();
     }

@@ -26,8 +26,8 @@ pub async fn write_loop(session: Rc<Session>, mut socket: OwnedWriteHalf<TcpStre
     loop {
         let mut frames = std::mem::take(&mut batch.frames);
         frames.clear();
-        let next = stop.run(session.next_batch(&mut copied, &mut frames));
-        let Some(Some(taken)) = next.await else {
+        // Ends when the session is done or stopped (`stop_now` wakes it).
+        let Some(taken) = session.next_batch(&mut copied, &mut frames).await else {
             break;
         };
         let result = if frames.is_empty() {
@@ -54,7 +54,7 @@ pub async fn write_loop(session: Rc<Session>, mut socket: OwnedWriteHalf<TcpStre
         session.sent(taken);
     }
     let _ = socket.shutdown().await;
-    session.stop.fire();
+    session.stop_now();
 }
 
 /// Frames for vectored writes: the iovecs point into the frames' own memory, so

@@ -76,7 +76,7 @@ pub async fn run(
             _ => break,
         }
     }
-    session.stop.fire();
+    session.stop_now();
     writer_task.await;
     channel::dispose(&state, &channel);
 }

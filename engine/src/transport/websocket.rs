@@ -274,7 +274,7 @@ async fn run_session(
     )
     .await;
     match end {
-        SessionEnd::ClientLeft => session.stop.fire(),
+        SessionEnd::ClientLeft => session.stop_now(),
         SessionEnd::ClientClosed | SessionEnd::Stopped => session.close(None, false),
         SessionEnd::BadInput(message) => {
             ShardMetrics::add(&state.metrics().protocol_errors, 1);
