@@ -5,7 +5,7 @@ mod common;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use common::{start, wait_ready, RawClient};
+use common::{start, start_with_shards, wait_ready, RawClient};
 use ringhub_engine::{Config, Target};
 
 #[test]
@@ -82,11 +82,7 @@ fn a_reader_that_stops_is_closed_and_its_group_gets_everything() {
 
 #[test]
 fn shutdown_tells_every_client_with_reconnect_allowed() {
-    let server = start(Config {
-        threads: 2,
-        ..Config::default()
-    });
-    wait_ready(&server);
+    let server = start_with_shards(2);
     let mut clients: Vec<RawClient> = (0..4)
         .map(|_| RawClient::connect(server.local_addr(), None))
         .collect();
@@ -109,11 +105,7 @@ fn shutdown_tells_every_client_with_reconnect_allowed() {
 
 #[test]
 fn a_hub_context_on_another_thread_sends_and_manages_groups() {
-    let server = start(Config {
-        threads: 2,
-        ..Config::default()
-    });
-    wait_ready(&server);
+    let server = start_with_shards(2);
     let context = server.context();
     let mut members: Vec<(RawClient, String)> = (0..6)
         .map(|_| RawClient::connect_negotiated(server.local_addr()))
@@ -169,11 +161,7 @@ fn open_descriptors() -> usize {
 
 #[test]
 fn clients_that_vanish_leave_no_descriptor_behind() {
-    let server = start(Config {
-        threads: 2,
-        ..Config::default()
-    });
-    wait_ready(&server);
+    let server = start_with_shards(2);
     let before = open_descriptors();
     let clients: Vec<RawClient> = (0..20)
         .map(|_| RawClient::connect(server.local_addr(), None))

@@ -14,8 +14,8 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use common::{start, text_frame, wait_ready, RawClient};
-use ringhub_engine::{broadcast_encodes, Config, Server};
+use common::{start_with_shards, text_frame, RawClient};
+use ringhub_engine::{broadcast_encodes, Server};
 
 struct Counting;
 
@@ -61,11 +61,7 @@ fn deliveries(server: &Server) -> u64 {
 
 /// (allocations, encodes) of one SendToGroup to `members` connections.
 fn measure(members: usize) -> (u64, u64) {
-    let server = start(Config {
-        threads: 1,
-        ..Config::default()
-    });
-    wait_ready(&server);
+    let server = start_with_shards(1);
     let addr = server.local_addr();
     let mut group = Vec::with_capacity(members);
     for _ in 0..members {

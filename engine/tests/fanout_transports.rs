@@ -7,8 +7,8 @@ mod common;
 use std::io::Write;
 use std::time::Duration;
 
-use common::{http, negotiate, start, wait_ready, RawClient};
-use ringhub_engine::{broadcast_encodes, Config};
+use common::{http, negotiate, start_with_shards, RawClient};
+use ringhub_engine::broadcast_encodes;
 
 /// POSTs hub messages (JSON, separators added) on a token's send channel.
 fn post(addr: std::net::SocketAddr, token: &str, messages: &[&str]) {
@@ -25,11 +25,7 @@ const JOIN: &str = r#"{"type":1,"invocationId":"j","target":"JoinGroup","argumen
 #[test]
 fn a_group_of_mixed_transports_is_encoded_once_per_protocol_and_framing() {
     use std::io::Read;
-    let server = start(Config {
-        threads: 2,
-        ..Config::default()
-    });
-    wait_ready(&server);
+    let server = start_with_shards(2);
     let addr = server.local_addr();
     let mut websockets = Vec::new();
     for _ in 0..2 {

@@ -21,6 +21,16 @@ pub fn start(config: Config) -> Server {
     .expect("server starts")
 }
 
+/// A server with `threads` shards and otherwise default settings, ready to accept.
+pub fn start_with_shards(threads: usize) -> Server {
+    let server = start(Config {
+        threads,
+        ..Config::default()
+    });
+    wait_ready(&server);
+    server
+}
+
 pub fn wait_ready(server: &Server) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !server.is_ready() {
