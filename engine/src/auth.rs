@@ -1,5 +1,5 @@
-//! Identity and group authorization (contract section 3): HS256 JWTs with `exp`
-//! checked, the user id from `sub`, group access from the `groups` patterns or the
+//! Identity and group authorization (contract section 3): HS256 JWTs with `exp` and
+//! `nbf` checked (with a leeway for clock skew), the user id from `sub`, group access from the `groups` patterns or the
 //! admin role. The user-id provider and group authorizer are traits so an embedding
 //! server can replace the rules.
 
@@ -48,9 +48,12 @@ impl std::fmt::Debug for JwtVerifier {
 }
 
 impl JwtVerifier {
-    pub fn hs256(secret: &[u8]) -> JwtVerifier {
+    /// Tokens signed with `secret`; `exp` and `nbf` may be off by `leeway` (clock skew
+    /// between the token's issuer and this node).
+    pub fn hs256(secret: &[u8], leeway: std::time::Duration) -> JwtVerifier {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 0;
+        validation.leeway = leeway.as_secs();
+        validation.validate_nbf = true;
         validation.validate_aud = false;
         JwtVerifier {
             key: DecodingKey::from_secret(secret),
@@ -134,7 +137,7 @@ mod tests {
 
     #[test]
     fn accepts_good_tokens_and_refuses_the_rest() {
-        let v = JwtVerifier::hs256(b"secret");
+        let v = JwtVerifier::hs256(b"secret", std::time::Duration::ZERO);
         let good = token(
             Algorithm::HS256,
             b"secret",
@@ -171,6 +174,36 @@ mod tests {
         );
         assert!(v.verify(Some(&none)).is_err());
         assert_eq!(v.verify(None), Err(AuthError::MissingToken));
+    }
+
+    #[test]
+    fn exp_and_nbf_are_checked_with_the_leeway_on_both_edges() {
+        let v = JwtVerifier::hs256(b"secret", std::time::Duration::from_secs(30));
+        let now = jsonwebtoken::get_current_timestamp();
+        let with =
+            |claims: serde_json::Value| v.verify(Some(&token(Algorithm::HS256, b"secret", claims)));
+        let later = now + 3600;
+        assert!(
+            with(json!({"exp": later, "nbf": now + 20})).is_ok(),
+            "within the leeway"
+        );
+        let early = with(json!({"exp": later, "nbf": now + 40}));
+        assert!(
+            matches!(&early, Err(AuthError::InvalidToken(e)) if e.contains("ImmatureSignature")),
+            "valid only in 40 s: {early:?}"
+        );
+        assert!(
+            with(json!({"exp": later, "nbf": now + 3600})).is_err(),
+            "valid in an hour"
+        );
+        assert!(
+            with(json!({"exp": now - 20})).is_ok(),
+            "expired within the leeway"
+        );
+        assert!(
+            with(json!({"exp": now - 40})).is_err(),
+            "expired past the leeway"
+        );
     }
 
     #[test]

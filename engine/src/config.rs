@@ -63,6 +63,9 @@ pub struct ServeArgs {
     /// (Stateful reconnect is not offered yet; validated now.)
     #[arg(long, env = "RINGHUB_STATEFUL_RECONNECT_BUFFER", value_name = "N")]
     pub stateful_reconnect_buffer: Option<usize>,
+    /// Clock skew in seconds allowed when checking a token's `exp` and `nbf` [default: 30].
+    #[arg(long, env = "RINGHUB_JWT_LEEWAY_SECS", value_name = "N")]
+    pub jwt_leeway_secs: Option<u64>,
     /// Seconds an SSE or long-polling connection may be without its receive request
     /// (and a negotiated connection without a transport) before it is disposed and
     /// leaves its groups (ASP.NET Core's DisconnectTimeout) [default: 15].
@@ -90,6 +93,7 @@ struct FileSettings {
     stateful_reconnect_buffer: Option<usize>,
     disconnect_timeout_secs: Option<u64>,
     long_poll_timeout_secs: Option<u64>,
+    jwt_leeway_secs: Option<u64>,
 }
 
 /// A validated configuration.
@@ -108,6 +112,8 @@ pub struct Config {
     pub stateful_reconnect_buffer: usize,
     pub disconnect_timeout: Duration,
     pub long_poll_timeout: Duration,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub jwt_leeway: Duration,
 }
 
 impl Default for Config {
@@ -126,6 +132,7 @@ impl Default for Config {
             stateful_reconnect_buffer: 102_400,
             disconnect_timeout: Duration::from_secs(15),
             long_poll_timeout: Duration::from_secs(90),
+            jwt_leeway: Duration::from_secs(30),
         }
     }
 }
@@ -236,6 +243,10 @@ impl ServeArgs {
             Some(n) => Duration::from_secs(positive("long-poll-timeout-secs", n)?),
             None => defaults.long_poll_timeout,
         };
+        let jwt_leeway = self
+            .jwt_leeway_secs
+            .or(file.jwt_leeway_secs)
+            .map_or(defaults.jwt_leeway, Duration::from_secs);
         Ok(Config {
             listen,
             threads,
@@ -250,6 +261,7 @@ impl ServeArgs {
             stateful_reconnect_buffer,
             disconnect_timeout,
             long_poll_timeout,
+            jwt_leeway,
         })
     }
 }

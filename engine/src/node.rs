@@ -47,7 +47,7 @@ impl Node {
             jwt: config
                 .jwt_secret
                 .as_deref()
-                .map(|s| JwtVerifier::hs256(s.as_bytes())),
+                .map(|s| JwtVerifier::hs256(s.as_bytes(), config.jwt_leeway)),
             config,
             inboxes: (0..shards).map(|_| Inbox::default()).collect(),
             metrics: Arc::new(Metrics::new(shards)),

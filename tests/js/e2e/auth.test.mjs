@@ -26,6 +26,11 @@ test("tokens: valid ones connect, the rest are refused with 401", async () => {
   await refused(undefined);
   await refused(token({ sub: "ann" }, { secret: "wrong-secret" }));
   await refused(token({ sub: "ann" }, { expiresIn: -60 }));
+  // Not valid yet: nbf an hour ahead (past the 30 s leeway); 10 s ahead is skew.
+  const now = Math.floor(Date.now() / 1000);
+  await refused(token({ sub: "ann", nbf: now + 3600 }));
+  const skewed = await as({ sub: "ann", nbf: now + 10 });
+  strictEqual(await skewed.invoke("Echo", 2), 2);
   await refused(token({ sub: "ann" }, { alg: "none" }));
   await refused("not-a-jwt");
   // The upgrade checks the token too (skipNegotiation goes straight to it).
