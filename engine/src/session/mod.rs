@@ -124,13 +124,19 @@ impl Session {
     /// Ends the session: drops what is still queued, sends a Close message (and on a
     /// WebSocket a close frame), then stops. A no-op if it is already closing.
     pub fn close(&self, error: Option<&str>, allow_reconnect: bool) {
+        self.close_with_code(error, allow_reconnect, close_code::NORMAL);
+    }
+
+    /// [`Session::close`], with `code` in the WebSocket close frame (RFC 6455: 1002
+    /// protocol error, 1007 invalid data, 1009 too big, after bad input).
+    pub fn close_with_code(&self, error: Option<&str>, allow_reconnect: bool, code: u16) {
         let close = HubMessage::Close(Close {
             error: error.map(str::to_owned),
             allow_reconnect,
         });
         let mut last = vec![self.encode(&close)];
         if self.framing == Framing::WebSocket {
-            last.push(ws::encode_close(close_code::NORMAL, ""));
+            last.push(ws::encode_close(code, ""));
         }
         self.end_with(last);
     }

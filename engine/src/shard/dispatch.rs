@@ -19,12 +19,29 @@ pub enum Dispatched {
     /// The client sent a Close message.
     ClientClosed,
     /// The bytes are not a valid hub message: the session ends with this error.
-    BadInput(String),
+    BadInput(BadInput),
 }
 
-/// The error a session is closed with for input it cannot take.
-pub fn bad_input(error: impl std::fmt::Display) -> String {
-    format!("Connection closed with an error. {error}")
+/// Input a session cannot take: what its Close message says, and the WebSocket close
+/// code (RFC 6455) that follows it on a WebSocket.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadInput {
+    pub message: String,
+    pub close_code: u16,
+}
+
+impl BadInput {
+    pub fn new(error: impl std::fmt::Display, close_code: u16) -> BadInput {
+        BadInput {
+            message: format!("Connection closed with an error. {error}"),
+            close_code,
+        }
+    }
+
+    fn hub(error: ringhub_protocol::hub::HubError) -> BadInput {
+        let close_code = error.close_code();
+        BadInput::new(error, close_code)
+    }
 }
 
 /// Handles every complete hub message in `hub_bytes` (leaving a partial one there).
@@ -39,7 +56,7 @@ pub async fn handle_records(
         let (message, used) = match protocol.split_record(hub_bytes, max_message) {
             Ok(Some(record)) => (protocol.parse(record.body), record.consumed),
             Ok(None) => return Dispatched::More,
-            Err(e) => return Dispatched::BadInput(bad_input(e)),
+            Err(e) => return Dispatched::BadInput(BadInput::hub(e)),
         };
         hub_bytes.advance(used);
         match message {
@@ -52,7 +69,7 @@ pub async fn handle_records(
                 }
             }
             Ok(None) => {}
-            Err(e) => return Dispatched::BadInput(bad_input(e)),
+            Err(e) => return Dispatched::BadInput(BadInput::hub(e)),
         }
     }
 }
@@ -258,18 +275,20 @@ mod tests {
                 Dispatched::ClientClosed
             );
             let mut bad = records(r#"{"type":"one"}|"#);
-            let Dispatched::BadInput(error) = handle_records(&state, &ann, &mut bad).await else {
+            let Dispatched::BadInput(bad) = handle_records(&state, &ann, &mut bad).await else {
                 panic!("malformed input is refused");
             };
             assert!(
-                error.starts_with("Connection closed with an error."),
-                "{error}"
+                bad.message.starts_with("Connection closed with an error."),
+                "{bad:?}"
             );
+            assert_eq!(bad.close_code, 1007, "invalid payload data");
             let mut huge = records(&format!("{}|", "x".repeat(40_000)));
-            let Dispatched::BadInput(error) = handle_records(&state, &ann, &mut huge).await else {
+            let Dispatched::BadInput(bad) = handle_records(&state, &ann, &mut huge).await else {
                 panic!("an oversized message is refused");
             };
-            assert!(error.contains("32768"), "the limit is named: {error}");
+            assert!(bad.message.contains("32768"), "the limit is named: {bad:?}");
+            assert_eq!(bad.close_code, 1009, "message too big");
         });
     }
 }

@@ -161,9 +161,9 @@ pub async fn send(state: &Rc<ShardState>, channel: &Rc<HttpChannel>, body: &[u8]
     match dispatch::handle_records(state, session, &mut input).await {
         Dispatched::More => {}
         Dispatched::ClientClosed => session.close(None, false),
-        Dispatched::BadInput(message) => {
+        Dispatched::BadInput(bad) => {
             ShardMetrics::add(&state.metrics().protocol_errors, 1);
-            session.close(Some(&message), false);
+            session.close(Some(&bad.message), false);
         }
     }
     200

@@ -18,7 +18,7 @@ use crate::auth::Claims;
 use crate::fanout::FrameKind;
 use crate::metrics::ShardMetrics;
 use crate::session::Session;
-use crate::shard::dispatch::{self, Dispatched};
+use crate::shard::dispatch::{self, BadInput, Dispatched};
 use crate::shard::state::ShardState;
 use crate::shard::tokens::Token;
 use crate::transport::io::{
@@ -120,7 +120,12 @@ fn pump(decoder: &mut FrameDecoder, input: &mut BytesMut, hub_bytes: &mut BytesM
 
 /// The negotiated protocol, and a framing error met after the handshake record (the
 /// messages before it still count).
-type Handshaken = (HubProtocol, Option<ws::WsError>);
+struct Handshaken {
+    protocol: HubProtocol,
+    /// What else the read that brought the handshake held: a framing error after it,
+    /// or the client's close (messages before either still count).
+    then: Pumped,
+}
 
 /// The WebSocket upgrade answer and the SignalR handshake; `None` if the connection
 /// ended there (an error answer was sent when there was one to give).
@@ -140,12 +145,12 @@ async fn take_handshake(
     // The handshake: the first record, JSON for both protocols.
     let handshake = monoio::time::timeout(HANDSHAKE_TIMEOUT, async {
         loop {
-            let pumped = pump(decoder, input, hub_bytes);
-            for pong in pumped.pongs {
+            let mut pumped = pump(decoder, input, hub_bytes);
+            for pong in std::mem::take(&mut pumped.pongs) {
                 write_now(writer, pong).await.map_err(|e| e.to_string())?;
             }
             match handshake::parse_request(hub_bytes, max_message) {
-                Ok(Some((request, used))) => return Ok((request, used, pumped.error)),
+                Ok(Some((request, used))) => return Ok((request, used, pumped)),
                 Ok(None) => {}
                 Err(e) => return Err(e.response_text().to_owned()),
             }
@@ -162,10 +167,10 @@ async fn take_handshake(
     })
     .await
     .unwrap_or_else(|_| Err(handshake::CANCELED.to_owned()));
-    match handshake.and_then(|(request, used, early_error)| {
+    match handshake.and_then(|(request, used, then)| {
         let protocol = request.select()?;
         hub_bytes.advance(used);
-        Ok((protocol, early_error))
+        Ok(Handshaken { protocol, then })
     }) {
         Ok(handshaken) => Some(handshaken),
         Err(error) => {
@@ -223,7 +228,7 @@ async fn run_session(
         &mut hub_bytes,
     ))
     .await;
-    let Some((protocol, early_error)) = handshaken else {
+    let Some(Handshaken { protocol, then }) = handshaken else {
         return;
     };
     let kind = FrameKind {
@@ -270,16 +275,16 @@ async fn run_session(
         decoder,
         input,
         hub_bytes,
-        early_error,
+        then,
     )
     .await;
     match end {
         SessionEnd::ClientLeft => session.stop_now(),
         SessionEnd::ClientClosed | SessionEnd::Stopped => session.close(None, false),
-        SessionEnd::BadInput(message) => {
+        SessionEnd::BadInput(bad) => {
             ShardMetrics::add(&state.metrics().protocol_errors, 1);
-            tracing::debug!(connection = %caller.connection_id, "closing on bad input: {message}");
-            session.close(Some(&message), false);
+            tracing::debug!(connection = %caller.connection_id, "closing on bad input: {}", bad.message);
+            session.close_with_code(Some(&bad.message), false, bad.close_code);
         }
     }
     state.unregister(&session);
@@ -295,7 +300,7 @@ enum SessionEnd {
     ClientClosed,
     /// The server ended it (shutdown, slow consumer, timeout).
     Stopped,
-    BadInput(String),
+    BadInput(BadInput),
 }
 
 async fn read_loop(
@@ -305,18 +310,24 @@ async fn read_loop(
     mut decoder: FrameDecoder,
     mut input: BytesMut,
     mut hub_bytes: BytesMut,
-    mut framing_error: Option<ws::WsError>,
+    early: Pumped,
 ) -> SessionEnd {
+    let mut framing_error = early.error;
+    let mut client_closed = early.closed;
     let mut read_size = ReadSize(MIN_READ_CHUNK);
     let stop = session.stop.watch();
     loop {
         match dispatch::handle_records(state, session, &mut hub_bytes).await {
             Dispatched::More => {}
             Dispatched::ClientClosed => return SessionEnd::ClientClosed,
-            Dispatched::BadInput(message) => return SessionEnd::BadInput(message),
+            Dispatched::BadInput(bad) => return SessionEnd::BadInput(bad),
+        }
+        if client_closed && framing_error.is_none() {
+            return SessionEnd::ClientClosed;
         }
         if let Some(error) = framing_error.take() {
-            return SessionEnd::BadInput(dispatch::bad_input(error));
+            let code = error.close_code();
+            return SessionEnd::BadInput(BadInput::new(error, code));
         }
         if session.closing_since().is_some() || session.stop.is_fired() {
             return SessionEnd::Stopped;
@@ -341,8 +352,6 @@ async fn read_loop(
             session.enqueue(&pong);
         }
         framing_error = pumped.error;
-        if pumped.closed && framing_error.is_none() {
-            return SessionEnd::ClientClosed;
-        }
+        client_closed = pumped.closed;
     }
 }

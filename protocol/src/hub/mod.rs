@@ -155,6 +155,17 @@ pub enum HubError {
     },
 }
 
+impl HubError {
+    /// The WebSocket close code (RFC 6455) a server ends the connection with after this
+    /// error: 1009 for a message over the limit, 1007 (invalid payload data) otherwise.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            HubError::TooLarge { .. } => crate::ws::close_code::TOO_BIG,
+            _ => crate::ws::close_code::INVALID_DATA,
+        }
+    }
+}
+
 /// One complete record found in a byte stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record<'a> {

@@ -48,11 +48,15 @@ test("a bad handshake is answered with the reference error", async () => {
   await stillServes();
 });
 
-test("invalid JSON closes with a Close message saying why", async () => {
+/** The status code of the WebSocket close frame among `frames`. */
+const closeCode = (frames) => frames.find((f) => f.opcode === 8)?.code;
+
+test("invalid JSON closes with a Close message saying why, then close code 1007", async () => {
   const frames = await session([clientFrame(`{"type":1,"target":${RS}`)]);
   strictEqual(frames[0].text, `{}${RS}`, "handshake accepted first");
   const close = JSON.parse(frames.find((f) => f.text.includes('"type":7')).text.slice(0, -1));
   ok(close.error.startsWith("Connection closed with an error. invalid JSON hub message"), close.error);
+  strictEqual(closeCode(frames), 1007, "invalid payload data");
   await stillServes();
 });
 
@@ -61,6 +65,7 @@ test("a message over --max-message-bytes closes with an error naming the limit",
   const frames = await session([clientFrame(big)]);
   const close = JSON.parse(frames.find((f) => f.text.includes('"type":7')).text.slice(0, -1));
   ok(close.error.includes("1000"), close.error);
+  strictEqual(closeCode(frames), 1009, "message too big");
   await stillServes();
 });
 
@@ -69,6 +74,15 @@ test("an unmasked frame closes the connection", async () => {
   const frames = await session([unmasked]);
   const close = JSON.parse(frames.find((f) => f.text.includes('"type":7')).text.slice(0, -1));
   ok(close.error.includes("not masked"), close.error);
+  strictEqual(closeCode(frames), 1002, "protocol error");
+  await stillServes();
+});
+
+test("invalid UTF-8 in a text frame closes with 1007; a client's own close is answered with 1000", async () => {
+  const frames = await session([clientFrame(Buffer.from([0x7b, 0xff, 0xfe, 0x7d, 0x1e]))]);
+  strictEqual(closeCode(frames), 1007);
+  const normal = await session([clientFrame(Buffer.from([0x03, 0xe8]), { opcode: 8 })]);
+  strictEqual(closeCode(normal), 1000);
   await stillServes();
 });
 

@@ -192,7 +192,8 @@ export function clientFrame(payload, { opcode = 1, fin = true } = {}) {
   return Buffer.concat([header, mask, masked]);
 }
 
-/** Payloads of the server frames in `bytes` (unmasked), as strings. */
+/** The server frames in `bytes` (unmasked): opcode, payload as a string, and a close
+ *  frame's status code. */
 export function serverFrames(bytes) {
   const frames = [];
   let at = 0;
@@ -208,7 +209,10 @@ export function serverFrames(bytes) {
       start = at + 10;
     }
     if (start + len > bytes.length) break;
-    frames.push({ opcode, text: bytes.subarray(start, start + len).toString("utf8") });
+    const payload = bytes.subarray(start, start + len);
+    // A close frame's payload starts with its status code (RFC 6455), if it has one.
+    const code = opcode === 8 && len >= 2 ? payload.readUInt16BE(0) : undefined;
+    frames.push({ opcode, text: payload.toString("utf8"), code });
     at = start + len;
   }
   return frames;
