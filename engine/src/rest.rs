@@ -130,9 +130,25 @@ async fn route(context: &HubContext, api_key: Option<&str>, request: Request<'_>
     if !valid_hub_name(hub) {
         return Reply::error(400, "The hub name must match [A-Za-z0-9_-]{1,64}.");
     }
+    // No REST endpoint takes query parameters: one given is a mistake to report (a
+    // backend meaning `?excluded=` would otherwise reach the connection it excluded).
+    if let Some((name, _)) = head.query_pairs().first() {
+        return Reply::error(
+            400,
+            format!("Unknown query parameter '{name}': this API takes none (use the JSON body)."),
+        );
+    }
     let body = request.body;
     match (rest, method) {
-        (["messages"], "POST") => send(context, hub, body, only(Target::All)).await,
+        (["messages"], "POST") => {
+            send(context, hub, body, |except| {
+                Ok(match except {
+                    Some(ids) => Target::AllExcept(ids),
+                    None => Target::All,
+                })
+            })
+            .await
+        }
         (["groups", group, "messages"], "POST") => {
             send(context, hub, body, |except| {
                 Ok(match except {
@@ -143,7 +159,13 @@ async fn route(context: &HubContext, api_key: Option<&str>, request: Request<'_>
             .await
         }
         (["users", user, "messages"], "POST") => {
-            send(context, hub, body, only(Target::User(user.to_string()))).await
+            send(context, hub, body, |except| {
+                Ok(match except {
+                    Some(ids) => Target::UserExcept(user.to_string(), ids),
+                    None => Target::User(user.to_string()),
+                })
+            })
+            .await
         }
         (["connections", id, "messages"], "POST") => {
             if !context.is_connected(hub, id) {
@@ -224,7 +246,7 @@ fn only(target: Target) -> impl FnOnce(Option<Vec<String>>) -> Result<Target, Re
         None => Ok(target),
         Some(_) => Err(Reply::error(
             400,
-            "\"except\" applies only to group messages.",
+            "\"except\" does not apply to a message for one connection.",
         )),
     }
 }
@@ -253,8 +275,8 @@ fn key_matches(given: Option<&str>, expected: &str) -> bool {
             == 0
 }
 
-/// A message body: `{"target": "...", "arguments": [...]}`, and for group sends an
-/// optional `"except": [connectionIds]`.
+/// A message body: `{"target": "...", "arguments": [...]}`, and for sends to all, a
+/// group or a user an optional `"except": [connectionIds]`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MessageBody {

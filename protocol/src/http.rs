@@ -203,6 +203,15 @@ impl RequestHead {
             .map(|(_, v)| v.into_owned())
     }
 
+    /// Every query parameter, decoded, in order.
+    pub fn query_pairs(&self) -> Vec<(String, String)> {
+        self.query.as_deref().map_or_else(Vec::new, |query| {
+            form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect()
+        })
+    }
+
     /// The path split at `/` with each segment percent-decoded
     /// (`/api/hubs/chat/groups/ward%3A4b` → `["api", "hubs", "chat", "groups", "ward:4b"]`).
     /// `None` if a segment does not decode to UTF-8.

@@ -22,6 +22,8 @@ pub enum Target {
     GroupExcept(String, Vec<String>),
     Groups(Vec<String>),
     User(String),
+    /// A user's connections but the listed ones.
+    UserExcept(String, Vec<String>),
     Users(Vec<String>),
 }
 

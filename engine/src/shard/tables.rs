@@ -177,6 +177,11 @@ impl HubTables {
                     sessions.values().for_each(&mut send);
                 }
             }
+            Target::UserExcept(user, ids) => {
+                if let Some(sessions) = self.users.get(user) {
+                    except(sessions, &keys_of(ids)).for_each(&mut send);
+                }
+            }
             Target::Users(users) => union(users.iter().filter_map(|u| self.users.get(u)))
                 .values()
                 .for_each(|session| send(session)),
@@ -308,6 +313,10 @@ mod tests {
             "c3 is in both groups and gets one copy"
         );
         assert_eq!(receivers(&tables, &s, Target::User("ann".into())), [0, 1]);
+        assert_eq!(
+            receivers(&tables, &s, Target::UserExcept("ann".into(), ids(&[0]))),
+            [1]
+        );
         assert_eq!(
             receivers(
                 &tables,

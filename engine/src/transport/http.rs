@@ -152,6 +152,14 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
     }
 }
 
+/// An answer without its body (for HEAD).
+fn head_only(mut answer: Vec<u8>) -> Vec<u8> {
+    if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+        answer.truncate(end + 4);
+    }
+    answer
+}
+
 /// The shard that owns the token of a transport request, when it is another one.
 fn owner_elsewhere(state: &ShardState, head: &RequestHead) -> Option<usize> {
     if !head.path.starts_with("/hubs/") {
@@ -260,12 +268,19 @@ fn route(state: &Rc<ShardState>, head: &RequestHead, body: &[u8]) -> Routed {
                 keep_alive,
             ))
         }
-        ("GET", ["healthz"]) => {
-            if state.node.is_ready() {
-                respond(200, "ok")
+        ("GET" | "HEAD", ["healthz"]) => {
+            let (status, text) = if state.node.is_ready() {
+                (200, "ok")
             } else {
-                respond(503, "starting")
-            }
+                (503, "starting")
+            };
+            let answer = text_response(status, text, keep_alive);
+            // HEAD: the same head (load balancers check it), no body.
+            Routed::Respond(if head.method == "HEAD" {
+                head_only(answer)
+            } else {
+                answer
+            })
         }
         ("GET", ["metrics"]) => Routed::Respond(wire::response(
             200,

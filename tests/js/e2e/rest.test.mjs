@@ -2,7 +2,7 @@
 // recipients: every endpoint, its failures, and the OpenAPI document kept true.
 import { after, before, describe, test } from "node:test";
 import { deepStrictEqual, ok, strictEqual } from "node:assert/strict";
-import { connect, raw, startServer, sleep, statusOf, until } from "./helpers.mjs";
+import { connect, raw, startServer, sleep, statusOf, token, until } from "./helpers.mjs";
 
 const API_KEY = "rest-key";
 let server;
@@ -54,6 +54,46 @@ describe("sending", () => {
     deepStrictEqual(a.received.map((r) => r[0]), ["all", "group"]);
     deepStrictEqual(b.received.map((r) => r[0]), ["all"], "b was excepted");
     deepStrictEqual(c.received.map((r) => r[0]), ["all", "direct"]);
+  });
+
+  test("except works on sends to all and to a user; an unknown query parameter is refused, not ignored", async () => {
+    const [a, b] = [await client(), await client()];
+    const excluded = await call("POST", `/api/hubs/chat/messages?excluded=${b.connectionId}`, { body: { target: "news", arguments: ["nobody"] } });
+    strictEqual(excluded.status, 400);
+    ok(excluded.body.error.includes("'excluded'"), excluded.body.error);
+    strictEqual((await call("POST", "/api/hubs/chat/messages", { body: { target: "news", arguments: ["not b"], except: [b.connectionId] } })).status, 202);
+    await until(() => a.received.some((r) => r[0] === "not b"), 3000, "the send to all");
+    await sleep(100);
+    ok(!b.received.some((r) => r[0] === "not b" || r[0] === "nobody"), "b was excepted, and the refused send reached nobody");
+    ok(!a.received.some((r) => r[0] === "nobody"));
+
+    const secured = await startServer(["--jwt-secret", "test-secret", "--api-key", API_KEY]);
+    try {
+      const tabs = [];
+      for (let i = 0; i < 2; i++) {
+        const tab = await connect(secured.base, { accessToken: token({ sub: "u" }) });
+        tab.on("news", (...args) => tab.received.push(args));
+        tabs.push(tab);
+      }
+      const res = await fetch(`${secured.base}/api/hubs/chat/users/u/messages`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${API_KEY}`, "content-type": "application/json" },
+        body: JSON.stringify({ target: "news", arguments: ["other tab"], except: [tabs[0].connectionId] }),
+      });
+      strictEqual(res.status, 202);
+      await until(() => tabs[1].received.length === 1, 3000, "the user's other tab");
+      await sleep(100);
+      deepStrictEqual(tabs[0].received, [], "the excepted tab");
+      await Promise.all(tabs.map((t) => t.stop()));
+    } finally {
+      await secured.stop();
+    }
+  });
+
+  test("HEAD /healthz answers 200 without a body", async () => {
+    const res = await fetch(`${server.base}/healthz`, { method: "HEAD" });
+    strictEqual(res.status, 200);
+    strictEqual(await res.text(), "");
   });
 
   test("arguments default to none; messages to an empty group or unknown user are accepted", async () => {
@@ -135,8 +175,8 @@ describe("failures", () => {
       strictEqual(res.status, 400, JSON.stringify(options));
       ok(res.body.error.length > 0);
     }
-    const except = await call("POST", "/api/hubs/chat/users/u/messages", { body: { target: "t", except: ["x"] } });
-    strictEqual(except.status, 400, "except only applies to groups");
+    const except = await call("POST", "/api/hubs/chat/connections/x/messages", { body: { target: "t", except: ["x"] } });
+    ok([400, 404].includes(except.status), "except does not apply to one connection");
     strictEqual((await call("GET", "/api/hubs/bad%20name/groups/g")).status, 400);
     const wrong = await call("GET", "/api/hubs/chat/messages");
     strictEqual(wrong.status, 405);
