@@ -20,11 +20,13 @@ use crate::store::{MembershipStore, RedbStore, StoreError};
 /// Why a server could not start.
 #[derive(Debug, Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("--listen {addr}: cannot listen: {source}")]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("--listen {addr}: the address is in use (another ringhub, or another server, listens there)")]
+    AddressInUse { addr: SocketAddr },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error("--data: {0}")]
@@ -134,6 +136,7 @@ fn bind_listeners(
     addr: SocketAddr,
     count: usize,
 ) -> Result<Vec<std::net::TcpListener>, ServerError> {
+    refuse_taken_address(addr)?;
     let mut listeners = Vec::with_capacity(count);
     let mut bind_addr = addr;
     for _ in 0..count {
@@ -155,6 +158,32 @@ fn bind_listeners(
         listeners.push(listener);
     }
     Ok(listeners)
+}
+
+/// Fails if something listens on `addr` already. The shards' own listeners share the
+/// port (`SO_REUSEPORT`), which would also let a second process share it and take half
+/// the connections silently; a socket without `SO_REUSEPORT` cannot bind next to a
+/// listening one, so binding one first tells. (Port 0 picks a free port.)
+fn refuse_taken_address(addr: SocketAddr) -> Result<(), ServerError> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let err = |source| ServerError::Listen { addr, source };
+    let probe = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(err)?;
+    // Lets the bind succeed over connections in TIME_WAIT, never over a listener.
+    probe.set_reuse_address(true).map_err(err)?;
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            Err(ServerError::AddressInUse { addr })
+        }
+        Err(source) => Err(ServerError::Listen { addr, source }),
+    }
 }
 
 /// A running node.

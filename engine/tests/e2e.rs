@@ -183,3 +183,28 @@ fn clients_that_vanish_leave_no_descriptor_behind() {
     );
     server.shutdown();
 }
+
+#[test]
+fn a_second_node_on_the_same_address_stops_at_startup_naming_the_flag() {
+    let first = start_with_shards(2);
+    let taken = first.local_addr();
+    let second = ringhub_engine::ServerBuilder::new(Config {
+        listen: taken,
+        threads: 2,
+        ..Config::default()
+    })
+    .membership_store(ringhub_engine::MemoryStore::default())
+    .start();
+    let Err(error) = second else {
+        panic!("a second node started on {taken}");
+    };
+    let message = error.to_string();
+    assert!(
+        message.starts_with(&format!("--listen {taken}")),
+        "{message}"
+    );
+    // The first node's own shards share the port: it keeps serving.
+    let mut client = RawClient::connect(taken, None);
+    assert!(client.invoke("1", "Echo", "[1]").contains(r#""result":1"#));
+    first.shutdown();
+}
