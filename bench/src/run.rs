@@ -359,7 +359,6 @@ impl Context {
                 "idle".into(),
                 format!("--addr={addr}"),
                 format!("--protocol={}", server.protocol),
-                format!("--receivers={}", server.receivers),
                 format!("--connections={count}"),
             ];
             let mut child = pinned(self.loadgen_core(server), &argv)
