@@ -73,6 +73,7 @@ pub fn run(
             .ready_shards
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         tracing::debug!(shard = index, "accepting");
+        let mut backoff = AcceptBackoff::default();
         loop {
             let accepted = monoio::select! {
                 a = listener.accept() => a,
@@ -80,13 +81,13 @@ pub fn run(
             };
             match accepted {
                 Ok((stream, _)) => {
+                    backoff.succeeded(index);
                     let _ = stream.set_nodelay(true);
                     monoio::spawn(http::serve_http(state.clone(), stream, BytesMut::new()));
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(shard = index, "accept failed: {e}");
-                    monoio::time::sleep(Duration::from_millis(50)).await;
+                    let pause = backoff.failed(index, &e, Instant::now());
+                    monoio::time::sleep(pause).await;
                 }
             }
         }
@@ -100,6 +101,50 @@ pub fn run(
             monoio::time::sleep(Duration::from_millis(20)).await;
         }
     });
+}
+
+/// Failed accepts (out of file descriptors, mostly): the loop pauses longer each time,
+/// up to [`AcceptBackoff::MAX_PAUSE`], and logs once per [`AcceptBackoff::LOG_EVERY`]
+/// with a count, instead of spinning and logging every failure. Connections already
+/// open keep being served meanwhile, and accepting resumes once descriptors free up.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    pause: Duration,
+    /// Failures not yet logged, and when the last log line was written.
+    unlogged: u64,
+    logged_at: Option<Instant>,
+    total: u64,
+}
+
+impl AcceptBackoff {
+    const FIRST_PAUSE: Duration = Duration::from_millis(10);
+    const MAX_PAUSE: Duration = Duration::from_millis(500);
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    /// Counts a failure; the pause before the next accept.
+    fn failed(&mut self, shard: usize, error: &std::io::Error, now: Instant) -> Duration {
+        self.unlogged += 1;
+        self.total += 1;
+        if self.logged_at.is_none_or(|at| now - at >= Self::LOG_EVERY) {
+            tracing::warn!(
+                shard,
+                failures = self.unlogged,
+                "accept failed: {error} (pausing accepts; logged at most every {} s)",
+                Self::LOG_EVERY.as_secs()
+            );
+            self.unlogged = 0;
+            self.logged_at = Some(now);
+        }
+        self.pause = (self.pause * 2).clamp(Self::FIRST_PAUSE, Self::MAX_PAUSE);
+        self.pause
+    }
+
+    fn succeeded(&mut self, shard: usize) {
+        if self.total > 0 {
+            tracing::info!(shard, failures = self.total, "accepting again");
+            *self = AcceptBackoff::default();
+        }
+    }
 }
 
 /// Once a second: keep-alive pings, client timeouts, the end of closes that could not
@@ -168,5 +213,40 @@ async fn presence_notifier(state: Rc<ShardState>) {
     while !state.shutdown.is_fired() {
         interval.tick().await;
         state.notify_presence();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_accepts_pause_longer_and_log_once_per_interval() {
+        let mut backoff = AcceptBackoff::default();
+        let error = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let start = Instant::now();
+        let mut pauses = Vec::new();
+        for i in 0..8 {
+            pauses.push(backoff.failed(0, &error, start + Duration::from_millis(i * 100)));
+        }
+        assert_eq!(pauses[0], AcceptBackoff::FIRST_PAUSE);
+        assert!(pauses.windows(2).all(|w| w[1] >= w[0]), "{pauses:?}");
+        assert_eq!(*pauses.last().unwrap(), AcceptBackoff::MAX_PAUSE);
+        assert_eq!(
+            backoff.unlogged, 7,
+            "one line for the first failure, then silence"
+        );
+        backoff.failed(0, &error, start + AcceptBackoff::LOG_EVERY);
+        assert_eq!(
+            backoff.unlogged, 0,
+            "a line with the count after the interval"
+        );
+        backoff.succeeded(0);
+        assert_eq!(backoff.total, 0);
+        assert_eq!(
+            backoff.failed(0, &error, start),
+            AcceptBackoff::FIRST_PAUSE,
+            "a success resets the pause"
+        );
     }
 }

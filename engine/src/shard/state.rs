@@ -35,10 +35,26 @@ pub struct ShardState {
     pub tokens: Tokens,
     /// Serves an HTTP connection handed over by another shard (set by the thread body).
     adopter: OnceCell<Adopter>,
+    /// Connections in the HTTP phase now, and the most this shard takes at once.
+    pub http_connections: Cell<usize>,
+    pub max_http_connections: usize,
 }
 
 /// What serves an HTTP connection handed over by another shard.
 pub type Adopter = Box<dyn Fn(std::net::TcpStream, BytesMut)>;
+
+/// The bound on one shard's HTTP-phase connections: half the process's open-file limit,
+/// shared by its shards (the other half is for sessions and everything else).
+fn max_http_connections(shards: usize) -> usize {
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+            line.split_whitespace().nth(3)?.parse::<usize>().ok()
+        })
+        .unwrap_or(1024);
+    (limit / 2 / shards.max(1)).max(16)
+}
 
 impl ShardState {
     pub fn new(index: usize, node: Arc<Node>, hub: Box<dyn Hub>) -> ShardState {
@@ -52,6 +68,8 @@ impl ShardState {
             shutdown: Signal::default(),
             tokens: Tokens::default(),
             adopter: OnceCell::new(),
+            http_connections: Cell::new(0),
+            max_http_connections: max_http_connections(node.inboxes.len()),
             node,
         }
     }

@@ -4,7 +4,7 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use monoio::io::{OwnedReadHalf, OwnedWriteHalf, Splitable};
@@ -23,21 +23,61 @@ use crate::transport::{channel, negotiate, sse, text_response, MAX_BODY_BYTES};
 
 /// An idle keep-alive HTTP connection is closed after this long.
 const HTTP_IDLE: Duration = Duration::from_secs(30);
+/// A request head must arrive whole within this long of its first byte (contract
+/// section 6).
+const HEAD_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A connection in the HTTP phase (not upgraded, not streaming), counted against the
+/// shard's bound while it lives.
+struct HttpPhase(Rc<ShardState>);
+
+impl HttpPhase {
+    fn enter(state: &Rc<ShardState>) -> Option<HttpPhase> {
+        let count = state.http_connections.get();
+        if count >= state.max_http_connections {
+            return None;
+        }
+        state.http_connections.set(count + 1);
+        Some(HttpPhase(state.clone()))
+    }
+}
+
+impl Drop for HttpPhase {
+    fn drop(&mut self) {
+        let count = self.0.http_connections.get();
+        self.0.http_connections.set(count.saturating_sub(1));
+    }
+}
 
 /// A plain HTTP connection: requests until it upgrades to a WebSocket, becomes an
 /// event stream, is handed to the shard that owns a request's token, or closes.
 /// `buf` holds bytes already read from it (by the shard that handed it over).
 pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: BytesMut) {
     let (mut reader, mut writer) = stream.into_split();
+    let Some(phase) = HttpPhase::enter(&state) else {
+        // Past the bound: refused at once, so that idle or slow HTTP clients cannot take
+        // every descriptor of the process.
+        let _ = write_now(
+            &mut writer,
+            text_response(503, "Too many HTTP connections; try again shortly.", false),
+        )
+        .await;
+        return;
+    };
     if buf.capacity() < READ_CHUNK {
         buf.reserve(READ_CHUNK);
     }
     let limits = HttpLimits::default();
     loop {
+        // A request head must arrive whole within HEAD_DEADLINE of its first byte (a
+        // byte at a time would otherwise hold the connection for hours); between
+        // requests a keep-alive connection may idle for HTTP_IDLE.
+        let mut head_started = (!buf.is_empty()).then(Instant::now);
         let head = loop {
             match wire::parse_request_head(&buf, limits) {
                 Ok(Some((head, len))) => {
                     if let Some(owner) = owner_elsewhere(&state, &head) {
+                        drop(phase);
                         hand_over(&state, owner, reader, writer, buf);
                         return;
                     }
@@ -54,9 +94,21 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
                     return;
                 }
             }
-            match monoio::time::timeout(HTTP_IDLE, read_more(&mut reader, &mut buf)).await {
-                Ok(Ok(true)) => {}
-                _ => return,
+            let wait = match head_started {
+                None => HTTP_IDLE,
+                Some(started) => HEAD_DEADLINE.saturating_sub(started.elapsed()),
+            };
+            match monoio::time::timeout(wait, read_more(&mut reader, &mut buf)).await {
+                Ok(Ok(true)) => {
+                    head_started.get_or_insert_with(Instant::now);
+                }
+                Ok(_) => return,
+                Err(_) if head_started.is_some() => {
+                    let answer = text_response(408, "The request head took too long.", false);
+                    let _ = write_now(&mut writer, answer).await;
+                    return;
+                }
+                Err(_) => return,
             }
         };
         let body_len = match head.content_length() {
@@ -142,6 +194,8 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
                 return;
             }
             Routed::EventStream(channel) => {
+                // A stream, not a request: it no longer counts as an HTTP connection.
+                drop(phase);
                 let cors = cors_headers(origin.as_deref());
                 sse::run(state, reader, writer, channel, cors).await;
                 return;

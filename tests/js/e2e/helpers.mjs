@@ -79,6 +79,11 @@ export function token(claims, { secret = "test-secret", alg = "HS256", expiresIn
  *  per transport); unset, the client picks (WebSockets first). */
 export const TRANSPORT = process.env.RINGHUB_TRANSPORT;
 
+/** For tests that use no client transport (raw HTTP, process limits): they run once,
+ *  in the WebSockets run (or a run without RINGHUB_TRANSPORT), and are skipped with this
+ *  reason in the others. */
+export const ONCE = TRANSPORT && TRANSPORT !== "WebSockets" ? "independent of the transport: runs in the WebSockets run" : false;
+
 /** The client's transport option for `msgpack` clients of this run. The JS client never
  *  sends MessagePack over Server-Sent Events (SSE carries text only), so in the SSE run
  *  MessagePack clients use WebSockets: a test that mixes protocols then also mixes

@@ -1,0 +1,80 @@
+// Deadlines and limits at the edges (contract section 6): a request head must arrive
+// within 10 s of its first byte, and at the process's open-file limit the server keeps
+// serving what it has, logs accept failures once per interval, and recovers.
+import { test } from "node:test";
+import { ok, strictEqual } from "node:assert/strict";
+import { createConnection } from "node:net";
+import { BINARY, ONCE, bodyOf, clientFrame, sleep, startServer, statusOf, upgradeRequest } from "./helpers.mjs";
+
+const RS = "\u001e";
+
+test("a request head sent a byte at a time is cut off 10 s after its first byte", { skip: ONCE, timeout: 30000 }, async () => {
+  const server = await startServer(["--threads", "1"]);
+  try {
+    const { hostname, port } = new URL(server.base);
+    const socket = createConnection({ host: hostname, port: Number(port) });
+    const chunks = [];
+    let closedAt;
+    socket.on("data", (c) => chunks.push(c));
+    socket.on("close", () => (closedAt = Date.now()));
+    socket.on("error", () => {});
+    await new Promise((resolve) => socket.on("connect", resolve));
+    const started = Date.now();
+    const head = "GET /healthz HTTP/1.1\r\nX-Slow: " + "a".repeat(100);
+    for (let i = 0; i < head.length && closedAt === undefined; i++) {
+      socket.write(head[i]);
+      await sleep(500);
+    }
+    ok(closedAt !== undefined, "the server closed the connection");
+    const took = closedAt - started;
+    ok(took >= 9500 && took < 13000, `closed after ${took} ms`);
+    strictEqual(statusOf(Buffer.concat(chunks)), 408);
+  } finally {
+    await server.stop();
+  }
+});
+
+test("at the open-file limit: accept failures are logged once per interval, and the server recovers", { skip: ONCE, timeout: 60000 }, async () => {
+  // 64 descriptors for the whole process: a few dozen sessions exhaust them.
+  const server = await startServer(["--threads", "1"], { binary: "prlimit", command: ["--nofile=64:64", BINARY, "serve"] });
+  const { hostname, port } = new URL(server.base);
+  const sockets = [];
+  try {
+    const open = async () => {
+      const socket = createConnection({ host: hostname, port: Number(port) });
+      socket.on("error", () => {});
+      const answer = new Promise((resolve) => {
+        socket.once("data", resolve);
+        socket.once("close", () => resolve(null));
+        setTimeout(() => resolve(null), 1000);
+      });
+      socket.write(upgradeRequest("/hubs/chat"));
+      socket.write(clientFrame(`{"protocol":"json","version":1}${RS}`));
+      sockets.push(socket);
+      return answer;
+    };
+    let refused = 0;
+    for (let i = 0; i < 80; i++) if ((await open()) === null) refused++;
+    ok(refused > 0, "some connections could not be accepted");
+    const before = (server.log().match(/accept failed/g) ?? []).length;
+    await sleep(3000);
+    const after = (server.log().match(/accept failed/g) ?? []).length;
+    // Failing all along (the connections left in the backlog are retried), yet at most
+    // one line in these 3 s: once per 10 s, with a count (it was ~20 lines a second).
+    ok(after - before <= 1, `accept failures logged ${after - before} times in 3 s`);
+    // Descriptors free up: the server accepts again.
+    for (const s of sockets) s.destroy();
+    sockets.length = 0;
+    let status;
+    for (let i = 0; i < 50 && status !== 200; i++) {
+      await sleep(100);
+      status = await fetch(`${server.base}/healthz`).then((r) => r.status).catch(() => 0);
+    }
+    strictEqual(status, 200, "serving again");
+    const answer = await open();
+    ok(answer && bodyOf(answer).length >= 0, "a new WebSocket connects");
+  } finally {
+    for (const s of sockets) s.destroy();
+    strictEqual(await server.stop(), 0);
+  }
+});
