@@ -147,6 +147,55 @@ impl AcceptBackoff {
     }
 }
 
+/// How often a shard checks its sessions' timers.
+const TICK: Duration = Duration::from_secs(1);
+
+/// This many client-timeout closes in one tick are logged.
+const MANY_TIMEOUTS: usize = 10;
+
+/// Tells when a shard's timer ran late (the process was stopped, its core starved): then
+/// the pings its clients sent meanwhile sit unread in the socket buffers, and judging
+/// them silent would close every healthy client. After a late tick, client timeouts wait
+/// [`StallGuard::SETTLE`] for the readers to take what is pending.
+struct StallGuard {
+    last_tick: Instant,
+    settle_until: Option<Instant>,
+}
+
+impl StallGuard {
+    /// A tick this much later than due means the shard was stalled.
+    const LATE: Duration = Duration::from_secs(2);
+    const SETTLE: Duration = Duration::from_secs(2);
+
+    fn new(now: Instant) -> StallGuard {
+        StallGuard {
+            last_tick: now,
+            settle_until: None,
+        }
+    }
+
+    /// Whether this tick may close sessions for silence.
+    fn judge_silence(&mut self, shard: usize, now: Instant) -> bool {
+        let gap = now.saturating_duration_since(self.last_tick);
+        self.last_tick = now;
+        if gap > TICK + Self::LATE {
+            tracing::warn!(
+                shard,
+                stalled_ms = gap.as_millis() as u64,
+                "the shard did not run for a while; client timeouts wait for pending reads"
+            );
+            self.settle_until = Some(now + Self::SETTLE);
+        }
+        match self.settle_until {
+            Some(until) if now < until => false,
+            _ => {
+                self.settle_until = None;
+                true
+            }
+        }
+    }
+}
+
 /// Once a second: keep-alive pings, client timeouts, the end of closes that could not
 /// flush in time, SSE and long-polling connections without a handshake or a receive
 /// request for too long, and negotiated tokens never used.
@@ -160,13 +209,16 @@ async fn tick(state: Rc<ShardState>) {
             (kind, ping)
         })
         .collect();
-    let mut interval = monoio::time::interval(Duration::from_secs(1));
+    let mut interval = monoio::time::interval(TICK);
+    let mut stall = StallGuard::new(Instant::now());
     loop {
         interval.tick().await;
         if state.shutdown.is_fired() {
             return;
         }
         let now = Instant::now();
+        let judge_silence = stall.judge_silence(state.index, now);
+        let mut timed_out = 0usize;
         for session in state.all_sessions() {
             // Long polling keeps itself alive: no pings, no client timeout (the channel
             // check below disposes a connection whose polls stopped).
@@ -177,10 +229,15 @@ async fn tick(state: Rc<ShardState>) {
                 }
             } else if inherent_keepalive {
             } else if now - session.last_received.get() > config.client_timeout {
-                session.close(
-                    Some("Server timeout elapsed without receiving a message from the client."),
-                    true,
-                );
+                // Silent by our clock; after a stall of this shard, what the client sent
+                // meanwhile may still wait unread: judged again once reads have run.
+                if judge_silence {
+                    timed_out += 1;
+                    session.close(
+                        Some("Server timeout elapsed without receiving a message from the client."),
+                        true,
+                    );
+                }
             } else if now - session.last_sent.get() >= config.keepalive
                 && session.queued_bytes() == 0
             {
@@ -189,6 +246,14 @@ async fn tick(state: Rc<ShardState>) {
                     session.enqueue(ping);
                 }
             }
+        }
+        if timed_out >= MANY_TIMEOUTS {
+            tracing::warn!(
+                shard = state.index,
+                connections = timed_out,
+                "closed many connections at once for client timeouts (silent clients, or a \
+                 network or host problem between them and this node)"
+            );
         }
         for channel in state.tokens.channels() {
             let no_handshake =
@@ -219,6 +284,28 @@ async fn presence_notifier(state: Rc<ShardState>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn after_a_stall_silence_is_judged_only_once_reads_had_time() {
+        let start = Instant::now();
+        let mut guard = StallGuard::new(start);
+        let at = |secs: f64| start + Duration::from_secs_f64(secs);
+        assert!(guard.judge_silence(0, at(1.0)));
+        assert!(
+            guard.judge_silence(0, at(2.1)),
+            "a little late is not a stall"
+        );
+        assert!(
+            !guard.judge_silence(0, at(9.0)),
+            "7 s without a tick: stalled"
+        );
+        assert!(
+            !guard.judge_silence(0, at(9.0)),
+            "a burst of overdue ticks waits too"
+        );
+        assert!(!guard.judge_silence(0, at(10.0)));
+        assert!(guard.judge_silence(0, at(11.1)), "settled");
+    }
 
     #[test]
     fn failed_accepts_pause_longer_and_log_once_per_interval() {

@@ -1,6 +1,7 @@
 // Deadlines and limits at the edges (contract section 6): a request head must arrive
 // within 10 s of its first byte, and at the process's open-file limit the server keeps
-// serving what it has, logs accept failures once per interval, and recovers.
+// serving what it has, logs accept failures once per interval, and recovers; a stall of
+// the whole process does not make healthy clients look silent.
 import { test } from "node:test";
 import { ok, strictEqual } from "node:assert/strict";
 import { createConnection } from "node:net";
@@ -75,6 +76,41 @@ test("at the open-file limit: accept failures are logged once per interval, and 
     ok(answer && bodyOf(answer).length >= 0, "a new WebSocket connects");
   } finally {
     for (const s of sockets) s.destroy();
+    strictEqual(await server.stop(), 0);
+  }
+});
+
+test("a whole-process pause longer than the client timeout closes none of the pinging clients", { skip: ONCE, timeout: 60000 }, async () => {
+  const server = await startServer(["--threads", "2", "--keepalive-secs", "1", "--client-timeout-secs", "5"]);
+  const { hostname, port } = new URL(server.base);
+  const clients = [];
+  try {
+    // Raw clients that ping every 500 ms whatever they receive (as the .NET client's
+    // timer does; the JS client re-arms its ping only when something arrives).
+    for (let i = 0; i < 20; i++) {
+      const socket = createConnection({ host: hostname, port: Number(port) });
+      const client = { socket, received: Buffer.alloc(0), closed: false };
+      socket.on("data", (d) => (client.received = Buffer.concat([client.received, d])));
+      socket.on("close", () => (client.closed = true));
+      socket.on("error", () => {});
+      socket.write(upgradeRequest("/hubs/chat"));
+      socket.write(clientFrame(`{"protocol":"json","version":1}${RS}`));
+      client.timer = setInterval(() => socket.write(clientFrame(`{"type":6}${RS}`)), 500);
+      clients.push(client);
+    }
+    await sleep(1500);
+    process.kill(server.child.pid, "SIGSTOP");
+    await sleep(7000);
+    process.kill(server.child.pid, "SIGCONT");
+    await sleep(4000);
+    const closed = clients.filter((c) => c.closed || c.received.includes('"type":7'));
+    strictEqual(closed.length, 0, "no client was closed");
+    ok(/did not run for a while/.test(server.log()), "the stall is logged");
+  } finally {
+    for (const c of clients) {
+      clearInterval(c.timer);
+      c.socket.destroy();
+    }
     strictEqual(await server.stop(), 0);
   }
 });
