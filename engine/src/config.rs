@@ -63,6 +63,9 @@ pub struct ServeArgs {
     /// (Stateful reconnect is not offered yet; validated now.)
     #[arg(long, env = "RINGHUB_STATEFUL_RECONNECT_BUFFER", value_name = "N")]
     pub stateful_reconnect_buffer: Option<usize>,
+    /// Groups one connection may be in at once, durable groups included [default: 1000].
+    #[arg(long, env = "RINGHUB_MAX_GROUPS_PER_CONNECTION", value_name = "N")]
+    pub max_groups_per_connection: Option<usize>,
     /// Clock skew in seconds allowed when checking a token's `exp` and `nbf` [default: 30].
     #[arg(long, env = "RINGHUB_JWT_LEEWAY_SECS", value_name = "N")]
     pub jwt_leeway_secs: Option<u64>,
@@ -94,6 +97,7 @@ struct FileSettings {
     disconnect_timeout_secs: Option<u64>,
     long_poll_timeout_secs: Option<u64>,
     jwt_leeway_secs: Option<u64>,
+    max_groups_per_connection: Option<usize>,
 }
 
 /// A validated configuration.
@@ -114,6 +118,8 @@ pub struct Config {
     pub long_poll_timeout: Duration,
     /// Clock skew allowed on `exp` and `nbf`.
     pub jwt_leeway: Duration,
+    /// Groups one connection may be in at once (durable groups count).
+    pub max_groups_per_connection: usize,
 }
 
 impl Default for Config {
@@ -133,6 +139,7 @@ impl Default for Config {
             disconnect_timeout: Duration::from_secs(15),
             long_poll_timeout: Duration::from_secs(90),
             jwt_leeway: Duration::from_secs(30),
+            max_groups_per_connection: 1000,
         }
     }
 }
@@ -247,6 +254,13 @@ impl ServeArgs {
             .jwt_leeway_secs
             .or(file.jwt_leeway_secs)
             .map_or(defaults.jwt_leeway, Duration::from_secs);
+        let max_groups_per_connection = match self
+            .max_groups_per_connection
+            .or(file.max_groups_per_connection)
+        {
+            Some(n) => positive("max-groups-per-connection", n)?,
+            None => defaults.max_groups_per_connection,
+        };
         Ok(Config {
             listen,
             threads,
@@ -262,6 +276,7 @@ impl ServeArgs {
             disconnect_timeout,
             long_poll_timeout,
             jwt_leeway,
+            max_groups_per_connection,
         })
     }
 }

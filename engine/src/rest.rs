@@ -10,6 +10,7 @@ use ringhub_protocol::Value;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::api::types::{check_group, check_user, ContextError};
 use crate::api::{valid_hub_name, HubContext, Target};
 
 /// The OpenAPI 3 document of this API.
@@ -138,6 +139,19 @@ async fn route(context: &HubContext, api_key: Option<&str>, request: Request<'_>
             format!("Unknown query parameter '{name}': this API takes none (use the JSON body)."),
         );
     }
+    // Group names and user ids in the path are held to the contract's limits.
+    let named = match rest {
+        ["groups", group, ..] => check_group(group),
+        ["users", user, ..] => check_user(user),
+        _ => Ok(()),
+    };
+    let named = named.and_then(|()| match rest {
+        ["groups", _, "users", user] => check_user(user),
+        _ => Ok(()),
+    });
+    if let Err(e) = named {
+        return refused(e);
+    }
     let body = request.body;
     match (rest, method) {
         (["messages"], "POST") => {
@@ -182,7 +196,7 @@ async fn route(context: &HubContext, api_key: Option<&str>, request: Request<'_>
             match done {
                 Ok(true) => Reply::empty(204),
                 Ok(false) => unknown_connection(id),
-                Err(e) => Reply::error(503, e.to_string()),
+                Err(e) => refused(e),
             }
         }
         (["groups", group, "users", user], "PUT" | "DELETE") => {
@@ -193,7 +207,7 @@ async fn route(context: &HubContext, api_key: Option<&str>, request: Request<'_>
             };
             match done {
                 Ok(()) => Reply::empty(204),
-                Err(e) => Reply::error(503, e.to_string()),
+                Err(e) => refused(e),
             }
         }
         (["groups", group], "GET") => {
@@ -219,12 +233,12 @@ async fn route(context: &HubContext, api_key: Option<&str>, request: Request<'_>
                     }),
                 )
             }
-            Err(e) => Reply::error(503, e.to_string()),
+            Err(e) => refused(e),
         },
         (["connections", id], "DELETE") => match context.close_connection(hub, id).await {
             Ok(true) => Reply::empty(204),
             Ok(false) => unknown_connection(id),
-            Err(e) => Reply::error(503, e.to_string()),
+            Err(e) => refused(e),
         },
         (["messages"], _)
         | (["groups", _, "messages"], _)
@@ -249,6 +263,13 @@ fn only(target: Target) -> impl FnOnce(Option<Vec<String>>) -> Result<Target, Re
             "\"except\" does not apply to a message for one connection.",
         )),
     }
+}
+
+/// A context error as an answer: what the contract refuses is the caller's mistake
+/// (400), anything else the node's trouble (503).
+fn refused(error: ContextError) -> Reply {
+    let status = if error.is_refusal() { 400 } else { 503 };
+    Reply::error(status, error.to_string())
 }
 
 fn method_not_allowed(allow: &'static str) -> Reply {
@@ -315,7 +336,7 @@ async fn send(
         .await
     {
         Ok(()) => Reply::empty(202),
-        Err(e) => Reply::error(503, e.to_string()),
+        Err(e) => refused(e),
     }
 }
 

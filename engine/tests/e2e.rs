@@ -208,3 +208,40 @@ fn a_second_node_on_the_same_address_stops_at_startup_naming_the_flag() {
     assert!(client.invoke("1", "Echo", "[1]").contains(r#""result":1"#));
     first.shutdown();
 }
+
+#[test]
+fn the_embedding_api_refuses_what_the_contract_refuses_with_a_clear_error() {
+    use ringhub_engine::ContextError;
+    let server = start(Config {
+        threads: 2,
+        max_groups_per_connection: 2,
+        ..Config::default()
+    });
+    wait_ready(&server);
+    let context = server.context();
+    let (_client, id) = RawClient::connect_negotiated(server.local_addr());
+    use futures_executor::block_on;
+    let long = "g".repeat(257);
+    assert_eq!(
+        block_on(context.add_to_group("test", &id, &long)),
+        Err(ContextError::GroupNameTooLong)
+    );
+    assert_eq!(
+        block_on(context.send("test", Target::Group(long), "m", vec![])),
+        Err(ContextError::GroupNameTooLong)
+    );
+    assert_eq!(
+        block_on(context.send("test", Target::User("u".repeat(257)), "m", vec![])),
+        Err(ContextError::UserIdTooLong)
+    );
+    assert_eq!(block_on(context.add_to_group("test", &id, "a")), Ok(true));
+    assert_eq!(block_on(context.add_to_group("test", &id, "b")), Ok(true));
+    let refused = block_on(context.add_to_group("test", &id, "c"));
+    assert_eq!(refused, Err(ContextError::TooManyGroups { limit: 2 }));
+    assert_eq!(
+        refused.unwrap_err().to_string(),
+        "Too many groups for this connection (limit 2)."
+    );
+    assert_eq!(context.group_presence("test", "c").connections, 0);
+    server.shutdown();
+}

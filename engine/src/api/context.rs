@@ -7,22 +7,30 @@ use std::sync::Arc;
 
 use futures_channel::oneshot;
 use ringhub_protocol::Value;
-use thiserror::Error;
 
-use crate::api::types::{Caller, Target};
+use crate::api::types::{check_group, check_user, Caller, ContextError, Target};
 use crate::fanout::Broadcast;
 use crate::node::Node;
 use crate::presence::GroupPresence;
 use crate::shard::inbox::{Command, ConnectionOp};
 use crate::store::{MembershipStore, StoreError};
 
-/// Why the context could not act.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum ContextError {
-    #[error("the server is shutting down")]
-    ShuttingDown,
-    #[error("{0}")]
-    Store(String),
+/// A store failure, for the caller.
+fn stored(error: StoreError) -> ContextError {
+    ContextError::Store(error.to_string())
+}
+
+/// Checks every group name and user id a target names.
+fn check_target(target: &Target) -> Result<(), ContextError> {
+    match target {
+        Target::Group(group) | Target::GroupExcept(group, _) => check_group(group),
+        Target::Groups(groups) => groups.iter().try_for_each(|g| check_group(g)),
+        Target::User(user) | Target::UserExcept(user, _) => check_user(user),
+        Target::Users(users) => users.iter().try_for_each(|u| check_user(u)),
+        Target::All | Target::AllExcept(_) | Target::Connection(_) | Target::Connections(_) => {
+            Ok(())
+        }
+    }
 }
 
 /// A handle on a running server: `Clone + Send + Sync`, usable from any thread or
@@ -72,6 +80,7 @@ impl HubContext {
         if self.node.is_shutting_down() {
             return Err(ContextError::ShuttingDown);
         }
+        check_target(&target)?;
         let broadcast = Arc::new(Broadcast::new(ringhub_protocol::HubMessage::invocation(
             method, arguments,
         )));
@@ -99,7 +108,7 @@ impl HubContext {
         connection_id: &str,
         group: &str,
     ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
-        self.connection_op(hub, connection_id, ConnectionOp::Join(group.to_owned()))
+        self.group_op(hub, connection_id, group, ConnectionOp::Join)
     }
 
     /// Removes a connection from a group (not being a member is not an error).
@@ -109,7 +118,7 @@ impl HubContext {
         connection_id: &str,
         group: &str,
     ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
-        self.connection_op(hub, connection_id, ConnectionOp::Leave(group.to_owned()))
+        self.group_op(hub, connection_id, group, ConnectionOp::Leave)
     }
 
     /// The connection receives `PresenceChanged({"group", "connections", "users"})`
@@ -121,11 +130,7 @@ impl HubContext {
         connection_id: &str,
         group: &str,
     ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
-        self.connection_op(
-            hub,
-            connection_id,
-            ConnectionOp::WatchPresence(group.to_owned()),
-        )
+        self.group_op(hub, connection_id, group, ConnectionOp::WatchPresence)
     }
 
     pub fn unwatch_presence(
@@ -134,11 +139,7 @@ impl HubContext {
         connection_id: &str,
         group: &str,
     ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
-        self.connection_op(
-            hub,
-            connection_id,
-            ConnectionOp::UnwatchPresence(group.to_owned()),
-        )
+        self.group_op(hub, connection_id, group, ConnectionOp::UnwatchPresence)
     }
 
     /// Closes a connection with a Close message. Resolves `false` if it is not connected.
@@ -211,15 +212,24 @@ impl HubContext {
     ) -> impl Future<Output = Result<(), ContextError>> + Send + 'static {
         let context = self.clone();
         let (hub, user, group) = (hub.to_owned(), user.to_owned(), group.to_owned());
+        let limit = self.node.config.max_groups_per_connection;
         async move {
+            check_group(&group)?;
+            check_user(&user)?;
             let (hub_key, user_key, group_key) = (hub.clone(), user.clone(), group.clone());
             context
                 .run_on_store(move |store| {
-                    if join {
-                        store.add(&hub_key, &user_key, &group_key)
-                    } else {
-                        store.remove(&hub_key, &user_key, &group_key)
+                    if !join {
+                        return store
+                            .remove(&hub_key, &user_key, &group_key)
+                            .map_err(stored);
                     }
+                    // Durable groups count toward the limit of every connection of the user.
+                    let groups = store.user_groups(&hub_key, &user_key).map_err(stored)?;
+                    if groups.len() >= limit && !groups.contains(&group_key) {
+                        return Err(ContextError::TooManyGroups { limit });
+                    }
+                    store.add(&hub_key, &user_key, &group_key).map_err(stored)
                 })
                 .await?;
             // Stored before the current connections are listed: a connection that
@@ -231,7 +241,12 @@ impl HubContext {
                 } else {
                     ConnectionOp::Leave(group.clone())
                 };
-                context.connection_op(&hub, &connection_id, op).await?;
+                match context.connection_op(&hub, &connection_id, op).await {
+                    // Stored; a connection already at its limit through other joins
+                    // stays out of this group until it reconnects with room for it.
+                    Ok(_) | Err(ContextError::TooManyGroups { .. }) => {}
+                    Err(e) => return Err(e),
+                }
             }
             Ok(())
         }
@@ -240,7 +255,7 @@ impl HubContext {
     /// Runs `job` on the store thread.
     fn run_on_store(
         &self,
-        job: impl FnOnce(&dyn MembershipStore) -> Result<(), StoreError> + Send + 'static,
+        job: impl FnOnce(&dyn MembershipStore) -> Result<(), ContextError> + Send + 'static,
     ) -> impl Future<Output = Result<(), ContextError>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
         let sent = self.node.store_jobs.send(Box::new(move |store| {
@@ -248,10 +263,27 @@ impl HubContext {
         }));
         async move {
             sent.map_err(|_| ContextError::ShuttingDown)?;
-            answer
-                .await
-                .map_err(|_| ContextError::ShuttingDown)?
-                .map_err(|e| ContextError::Store(e.to_string()))
+            answer.await.map_err(|_| ContextError::ShuttingDown)?
+        }
+    }
+
+    /// A membership operation on a connection, after checking the group name.
+    fn group_op(
+        &self,
+        hub: &str,
+        connection_id: &str,
+        group: &str,
+        op: fn(String) -> ConnectionOp,
+    ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
+        let checked = check_group(group);
+        let operation = checked
+            .clone()
+            .map(|()| self.connection_op(hub, connection_id, op(group.to_owned())));
+        async move {
+            match operation {
+                Ok(operation) => operation.await,
+                Err(e) => Err(e),
+            }
         }
     }
 
@@ -264,7 +296,7 @@ impl HubContext {
     ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
         enum Step {
             Done(Result<bool, ContextError>),
-            Wait(oneshot::Receiver<bool>),
+            Wait(oneshot::Receiver<Result<bool, ContextError>>),
         }
         let step = if self.node.is_shutting_down() {
             Step::Done(Err(ContextError::ShuttingDown))
@@ -287,7 +319,7 @@ impl HubContext {
             match step {
                 Step::Done(result) => result,
                 // A shard that stopped answers nothing: the connection is gone with it.
-                Step::Wait(answer) => Ok(answer.await.unwrap_or(false)),
+                Step::Wait(answer) => answer.await.unwrap_or(Ok(false)),
             }
         }
     }

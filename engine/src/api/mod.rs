@@ -7,6 +7,6 @@ pub mod context;
 pub mod hub;
 pub mod types;
 
-pub use context::{ContextError, HubContext};
+pub use context::HubContext;
 pub use hub::{Call, FromValue, Hub};
-pub use types::{valid_hub_name, Caller, HubError, LocalBoxFuture, Target};
+pub use types::{valid_hub_name, Caller, ContextError, HubError, LocalBoxFuture, Target};

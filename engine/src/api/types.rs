@@ -68,3 +68,52 @@ pub fn valid_hub_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
+
+/// Why the context could not act.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ContextError {
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("{0}")]
+    Store(String),
+    #[error("Group name is too long (limit {MAX_NAME_BYTES} bytes).")]
+    GroupNameTooLong,
+    #[error("Group name must not be empty.")]
+    GroupNameEmpty,
+    #[error("User id is too long (limit {MAX_NAME_BYTES} bytes).")]
+    UserIdTooLong,
+    #[error("User id must not be empty.")]
+    UserIdEmpty,
+    /// `--max-groups-per-connection` (durable groups count).
+    #[error("Too many groups for this connection (limit {limit}).")]
+    TooManyGroups { limit: usize },
+}
+
+impl ContextError {
+    /// Whether the caller asked for something the contract refuses (a client error,
+    /// REST 400), rather than the node failing to do it.
+    pub fn is_refusal(&self) -> bool {
+        !matches!(self, ContextError::ShuttingDown | ContextError::Store(_))
+    }
+}
+
+/// The longest group name and user id, in bytes (contract section 6).
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// Checks a group name against the contract's limits.
+pub fn check_group(group: &str) -> Result<(), ContextError> {
+    match group.len() {
+        0 => Err(ContextError::GroupNameEmpty),
+        n if n > MAX_NAME_BYTES => Err(ContextError::GroupNameTooLong),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a user id against the contract's limits.
+pub fn check_user(user: &str) -> Result<(), ContextError> {
+    match user.len() {
+        0 => Err(ContextError::UserIdEmpty),
+        n if n > MAX_NAME_BYTES => Err(ContextError::UserIdTooLong),
+        _ => Ok(()),
+    }
+}

@@ -6,7 +6,7 @@ use atomic_waker::AtomicWaker;
 use crossbeam_queue::SegQueue;
 use futures_channel::oneshot;
 
-use crate::api::types::Target;
+use crate::api::types::{ContextError, Target};
 use crate::fanout::Broadcast;
 use crate::shard::tokens::Negotiated;
 
@@ -22,7 +22,7 @@ pub enum Command {
         hub: Arc<str>,
         connection_id: String,
         op: ConnectionOp,
-        reply: oneshot::Sender<bool>,
+        reply: oneshot::Sender<Result<bool, ContextError>>,
     },
     /// Keep a token negotiated on another shard (sessions are spread over the shards by
     /// negotiate, whichever shard the client's HTTP connection reached).

@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use hashbrown::HashMap;
 use ringhub_protocol::HubMessage;
 
-use crate::api::{Caller, Hub, HubContext, Target};
+use crate::api::{Caller, ContextError, Hub, HubContext, Target};
 use crate::fanout::Broadcast;
 use crate::metrics::{MetricsRef, ShardMetrics};
 use crate::node::Node;
@@ -91,23 +91,34 @@ impl ShardState {
         }
     }
 
-    /// Acts on a session if it lives on this shard; false if it does not.
-    pub fn connection_op(&self, hub: &str, connection_id: &str, op: &ConnectionOp) -> bool {
+    /// Acts on a session if it lives on this shard; `Ok(false)` if it does not.
+    pub fn connection_op(
+        &self,
+        hub: &str,
+        connection_id: &str,
+        op: &ConnectionOp,
+    ) -> Result<bool, ContextError> {
         let mut hubs = self.hubs.borrow_mut();
         let Some(tables) = hubs.get_mut(hub) else {
-            return false;
+            return Ok(false);
         };
         let Some(session) = tables
             .key_of(connection_id)
             .and_then(|key| tables.session(key))
             .cloned()
         else {
-            return false;
+            return Ok(false);
         };
         let presence = &self.node.presence;
         let user = session.caller.user_id.as_deref();
         match op {
             ConnectionOp::Join(group) => {
+                let limit = self.node.config.max_groups_per_connection;
+                let groups = session.groups.borrow();
+                if groups.len() >= limit && !groups.contains(group.as_str()) {
+                    return Err(ContextError::TooManyGroups { limit });
+                }
+                drop(groups);
                 if tables.join(session.key, group) {
                     presence.joined(hub, group, user);
                 }
@@ -125,7 +136,7 @@ impl ShardState {
             }
             ConnectionOp::Close => session.close(None, false),
         }
-        true
+        Ok(true)
     }
 
     pub fn register(&self, session: Rc<Session>) {
@@ -173,11 +184,11 @@ impl ShardState {
         match self.node.store.user_groups(&caller.hub, user) {
             Ok(groups) => {
                 for group in groups {
-                    self.connection_op(
-                        &caller.hub,
-                        &caller.connection_id,
-                        &ConnectionOp::Join(group),
-                    );
+                    let join = ConnectionOp::Join(group);
+                    if let Err(e) = self.connection_op(&caller.hub, &caller.connection_id, &join) {
+                        tracing::warn!(user, "cannot join every durable group: {e}");
+                        break;
+                    }
                 }
             }
             Err(e) => tracing::warn!(user, "cannot read durable groups: {e}"),

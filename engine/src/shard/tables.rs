@@ -61,6 +61,7 @@ impl HubTables {
             remove_member(&mut self.watchers, &group, key);
             unwatched(&group);
         }
+        shrink_if_sparse(&mut self.groups);
         Some(session)
     }
 
@@ -88,15 +89,20 @@ impl HubTables {
         true
     }
 
-    /// Removes the connection from the group; true if it was in it.
+    /// Removes the connection from the group; true if it was in it. Memory a session
+    /// or the table held for many groups is given back once most are left.
     pub fn leave(&mut self, key: u64, group: &str) -> bool {
         let Some(session) = self.sessions.get(&key) else {
             return false;
         };
-        if !session.groups.borrow_mut().remove(group) {
+        let mut groups = session.groups.borrow_mut();
+        if !groups.remove(group) {
             return false;
         }
+        shrink_if_sparse(&mut *groups);
+        drop(groups);
         remove_member(&mut self.groups, group, key);
+        shrink_if_sparse(&mut self.groups);
         true
     }
 
@@ -208,6 +214,46 @@ fn remove_member(sets: &mut HashMap<String, Members>, name: &str, key: u64) {
         if set.is_empty() {
             sets.remove(name);
         }
+    }
+}
+
+/// Gives back a table's memory once it holds a quarter of what it has room for (a
+/// hash table keeps its largest size otherwise: a connection that joined and left many
+/// groups would hold their room for its whole life).
+fn shrink_if_sparse<T: ShrinkableTable>(table: &mut T) {
+    if table.room() > 64 && table.count() < table.room() / 4 {
+        table.shrink();
+    }
+}
+
+/// What [`shrink_if_sparse`] needs of a hash table.
+trait ShrinkableTable {
+    fn room(&self) -> usize;
+    fn count(&self) -> usize;
+    fn shrink(&mut self);
+}
+
+impl<K: Eq + std::hash::Hash> ShrinkableTable for HashSet<K> {
+    fn room(&self) -> usize {
+        self.capacity()
+    }
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn shrink(&mut self) {
+        self.shrink_to_fit();
+    }
+}
+
+impl<K: Eq + std::hash::Hash, V> ShrinkableTable for HashMap<K, V> {
+    fn room(&self) -> usize {
+        self.capacity()
+    }
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn shrink(&mut self) {
+        self.shrink_to_fit();
     }
 }
 
@@ -355,6 +401,26 @@ mod tests {
         assert_eq!(receivers(&tables, &s, Target::Group("h".into())), [4]);
         assert_eq!(tables.key_of("c3"), None);
         assert!(!tables.join(3, "g"), "a removed session joins nothing");
+    }
+
+    #[test]
+    fn leaving_many_groups_gives_their_memory_back() {
+        let (mut tables, s) = tables();
+        let names: Vec<String> = (0..5000).map(|i| format!("group-{i}")).collect();
+        for name in &names {
+            tables.join(4, name);
+        }
+        let grown = (s[4].groups.borrow().capacity(), tables.groups.capacity());
+        assert!(grown.0 >= 5000 && grown.1 >= 5000);
+        for name in &names {
+            tables.leave(4, name);
+        }
+        let after = (s[4].groups.borrow().capacity(), tables.groups.capacity());
+        assert!(
+            after.0 < 100 && after.1 < 100,
+            "capacity {grown:?} -> {after:?}"
+        );
+        assert_eq!(receivers(&tables, &s, Target::Group("h".into())), [3, 4]);
     }
 
     #[test]

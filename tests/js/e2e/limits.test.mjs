@@ -3,9 +3,9 @@
 // serving what it has, logs accept failures once per interval, and recovers; a stall of
 // the whole process does not make healthy clients look silent.
 import { test } from "node:test";
-import { ok, strictEqual } from "node:assert/strict";
+import { deepStrictEqual, ok, rejects, strictEqual } from "node:assert/strict";
 import { createConnection } from "node:net";
-import { BINARY, ONCE, bodyOf, clientFrame, sleep, startServer, statusOf, upgradeRequest } from "./helpers.mjs";
+import { BINARY, ONCE, bodyOf, clientFrame, connect, sleep, startServer, statusOf, token, upgradeRequest } from "./helpers.mjs";
 
 const RS = "\u001e";
 
@@ -111,6 +111,37 @@ test("a whole-process pause longer than the client timeout closes none of the pi
       clearInterval(c.timer);
       c.socket.destroy();
     }
+    strictEqual(await server.stop(), 0);
+  }
+});
+
+test("membership limits: groups per connection (durable ones count) and 256-byte names, in the hub and REST", { skip: ONCE, timeout: 30000 }, async () => {
+  const API_KEY = "limits-key";
+  const server = await startServer(["--max-groups-per-connection", "3", "--api-key", API_KEY, "--jwt-secret", "test-secret"]);
+  const rest = (method, path) => fetch(`${server.base}${path}`, { method, headers: { authorization: `Bearer ${API_KEY}` } });
+  const c = await connect(server.base, { accessToken: token({ sub: "lim", groups: ["*"] }) });
+  try {
+    for (const g of ["a", "b", "c"]) strictEqual(await c.invoke("JoinGroup", g), null);
+    await rejects(c.invoke("JoinGroup", "d"), { message: "Too many groups for this connection (limit 3)." });
+    strictEqual(await c.invoke("JoinGroup", "a"), null, "a group it is in already");
+    deepStrictEqual(await c.invoke("GroupCount", "d"), { connections: 0, users: 0 }, "the refused join changed nothing");
+    await c.invoke("LeaveGroup", "c");
+    strictEqual(await c.invoke("JoinGroup", "d"), null, "room again after a leave");
+    const long = "g".repeat(257);
+    await rejects(c.invoke("JoinGroup", long), /Group name is too long \(limit 256 bytes\)\./);
+    await rejects(c.invoke("SendToGroup", long, "receive", []), /Group name is too long \(limit 256 bytes\)\./);
+    strictEqual(await c.invoke("SendToGroup", "g".repeat(256), "receive", []), null, "256 bytes is allowed");
+    const tooLong = await rest("PUT", `/api/hubs/chat/groups/${long}/connections/${c.connectionId}`);
+    strictEqual(tooLong.status, 400);
+    strictEqual((await tooLong.json()).error, "Group name is too long (limit 256 bytes).");
+    strictEqual((await rest("PUT", `/api/hubs/chat/groups/x/users/${"u".repeat(257)}`)).status, 400);
+    // Durable groups count: three stored, a fourth is refused.
+    for (const g of ["d1", "d2", "d3"]) strictEqual((await rest("PUT", `/api/hubs/chat/groups/${g}/users/other`)).status, 204);
+    const fourth = await rest("PUT", "/api/hubs/chat/groups/d4/users/other");
+    strictEqual(fourth.status, 400);
+    strictEqual((await fourth.json()).error, "Too many groups for this connection (limit 3).");
+  } finally {
+    await c.stop();
     strictEqual(await server.stop(), 0);
   }
 });
