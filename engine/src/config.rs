@@ -1,12 +1,18 @@
 //! Node configuration (contract section 1): every flag of `ringhub serve`, also read
 //! from `RINGHUB_<NAME>` environment variables and from an optional TOML file
 //! (`--config`). Precedence: command line, then environment, then file, then default.
+//! The flags and the file are the `cli` feature's (default); without it an embedder
+//! builds a [`Config`] itself.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+#[cfg(feature = "cli")]
+use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
+#[cfg(feature = "cli")]
 use clap::Args;
+#[cfg(feature = "cli")]
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -21,6 +27,7 @@ pub enum ConfigError {
 
 /// The flags as given on the command line or in the environment (all optional so a
 /// config file can fill the gaps).
+#[cfg(feature = "cli")]
 #[derive(Debug, Clone, Default, Args)]
 pub struct ServeArgs {
     /// TOML file with any of these settings, keys named as the flags (max-message-bytes = 65536).
@@ -80,6 +87,7 @@ pub struct ServeArgs {
 }
 
 /// The same settings in a TOML file.
+#[cfg(feature = "cli")]
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileSettings {
@@ -148,6 +156,7 @@ fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+#[cfg(feature = "cli")]
 fn invalid(flag: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         flag,
@@ -155,6 +164,7 @@ fn invalid(flag: &'static str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
+#[cfg(feature = "cli")]
 fn positive<T: PartialOrd + Default + Copy>(
     flag: &'static str,
     value: T,
@@ -166,6 +176,7 @@ fn positive<T: PartialOrd + Default + Copy>(
     }
 }
 
+#[cfg(feature = "cli")]
 impl ServeArgs {
     /// Merges the file (if any) under these arguments and validates the result.
     pub fn resolve(self) -> Result<Config, ConfigError> {
@@ -281,6 +292,7 @@ impl ServeArgs {
     }
 }
 
+#[cfg(feature = "cli")]
 fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
     let problem = |p: String| ConfigError::File {
         path: path.to_owned(),
@@ -290,7 +302,7 @@ fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
     toml::from_str(&text).map_err(|e| problem(e.message().to_owned()))
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "cli"))]
 mod tests {
     use super::*;
 

@@ -37,7 +37,9 @@ pub use api::{
     Call, Caller, ContextError, FromValue, Hub, HubContext, HubError, LocalBoxFuture, Target,
 };
 pub use auth::{Claims, GroupAuthorizer, UserIdProvider};
-pub use config::{Config, ServeArgs};
+pub use config::Config;
+#[cfg(feature = "cli")]
+pub use config::ServeArgs;
 pub use presence::GroupPresence;
 pub use ringhub_protocol::Value;
 pub use server::{Server, ServerBuilder, ServerError};

@@ -215,6 +215,7 @@ impl Server {
         self.node.is_ready()
     }
 
+    #[cfg(feature = "cli")]
     /// Blocks until SIGINT or SIGTERM, then shuts down as [`Server::shutdown`] does;
     /// returns the signal. What `ringhub serve` does after starting.
     pub fn run_until_signal(self) -> std::io::Result<i32> {

@@ -48,7 +48,8 @@ from_redb!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError
+    redb::CommitError,
+    redb::UpgradeError
 );
 
 /// Where durable memberships live. Calls may block (disk, network): the engine makes
@@ -77,7 +78,12 @@ impl RedbStore {
             path: dir.display().to_string(),
             source,
         })?;
-        let db = Database::create(dir.join("membership.redb"))?;
+        let mut db = Database::create(dir.join("membership.redb"))?;
+        // redb 3 reads only the v3 file format, which redb 2 writes only when asked:
+        // upgrade now, so durable membership survives the next major version.
+        if db.upgrade()? {
+            tracing::info!(path = %dir.display(), "membership store upgraded to redb's v3 file format");
+        }
         // Create the table once, so that reads never find it missing.
         let txn = db.begin_write()?;
         txn.open_multimap_table(MEMBERSHIP)?;
@@ -180,6 +186,35 @@ mod tests {
         assert_eq!(reopened.user_groups("h", "ann").unwrap(), ["ward:1"]);
         assert_eq!(reopened.user_groups("other", "ann").unwrap(), ["x"]);
         drop(reopened);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_store_in_the_old_file_format_opens_upgraded_with_its_memberships() {
+        let dir = std::env::temp_dir().join(format!("ringhub-store-v2-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("membership.redb");
+        {
+            // What redb 2 writes by default (and what stores of earlier releases are).
+            let db = Database::builder()
+                .create_with_file_format_v3(false)
+                .create(&path)
+                .unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_multimap_table(MEMBERSHIP)
+                .unwrap()
+                .insert(("h", "ann"), "ward:7")
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let store = RedbStore::open(&dir).unwrap();
+        assert_eq!(store.user_groups("h", "ann").unwrap(), ["ward:7"]);
+        drop(store);
+        // Upgraded in place: a second open has nothing left to upgrade.
+        let mut db = Database::create(&path).unwrap();
+        assert!(!db.upgrade().unwrap(), "already in the v3 format");
+        drop(db);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
