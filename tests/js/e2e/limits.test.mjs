@@ -145,3 +145,32 @@ test("membership limits: groups per connection (durable ones count) and 256-byte
     strictEqual(await server.stop(), 0);
   }
 });
+
+test("connections in the HTTP phase are bounded per shard: past the bound they get 503", { skip: ONCE, timeout: 30000 }, async () => {
+  // 64 descriptors: one shard takes at most 32 HTTP-phase connections.
+  const server = await startServer(["--threads", "1"], { binary: "prlimit", command: ["--nofile=64:64", BINARY, "serve"] });
+  const { hostname, port } = new URL(server.base);
+  const sockets = [];
+  try {
+    const answers = [];
+    for (let i = 0; i < 40; i++) {
+      const socket = createConnection({ host: hostname, port: Number(port) });
+      socket.on("error", () => {});
+      const answer = { text: "" };
+      socket.on("data", (d) => (answer.text += d));
+      sockets.push(socket);
+      answers.push(answer);
+      await sleep(10);
+    }
+    await sleep(500);
+    const refused = answers.filter((a) => statusOf(Buffer.from(a.text)) === 503).length;
+    ok(refused >= 8 - 2 && refused <= 10, `${refused} of 40 idle connections refused with 503`);
+    for (const s of sockets) s.destroy();
+    sockets.length = 0;
+    await sleep(200);
+    strictEqual((await fetch(`${server.base}/healthz`)).status, 200, "served again once they left");
+  } finally {
+    for (const s of sockets) s.destroy();
+    strictEqual(await server.stop(), 0);
+  }
+});
