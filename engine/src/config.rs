@@ -237,6 +237,16 @@ impl ServeArgs {
             Some(n) => Duration::from_secs(positive("client-timeout-secs", n)?),
             None => defaults.client_timeout,
         };
+        // One message must fit in a receiver's queue with room to spare, or a single
+        // send could close every healthy receiver (contract section 6).
+        if max_message_bytes > max_buffered_bytes / 2 {
+            return Err(invalid(
+                "max-message-bytes",
+                format!(
+                    "{max_message_bytes} is more than half of --max-buffered-bytes ({max_buffered_bytes})"
+                ),
+            ));
+        }
         if client_timeout <= keepalive {
             return Err(invalid(
                 "client-timeout-secs",
@@ -340,6 +350,20 @@ mod tests {
             ..Default::default()
         })
         .starts_with("--client-timeout-secs:"));
+        let too_big = bad(ServeArgs {
+            max_message_bytes: Some(600_000),
+            ..Default::default()
+        });
+        assert!(
+            too_big.starts_with("--max-message-bytes:") && too_big.contains("--max-buffered-bytes"),
+            "{too_big}"
+        );
+        assert!(ServeArgs {
+            max_message_bytes: Some(524_288),
+            ..Default::default()
+        }
+        .resolve()
+        .is_ok());
     }
 
     #[test]

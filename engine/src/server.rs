@@ -29,6 +29,10 @@ pub enum ServerError {
     AddressInUse { addr: SocketAddr },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error(
+        "--max-message-bytes: {message} is more than half of --max-buffered-bytes ({buffered})"
+    )]
+    MessageOverHalfTheQueue { message: usize, buffered: usize },
     #[error("--data: {0}")]
     Store(#[from] StoreError),
 }
@@ -79,6 +83,13 @@ impl ServerBuilder {
 
     /// Binds the listeners and starts the shards.
     pub fn start(self) -> Result<Server, ServerError> {
+        let (message, buffered) = (
+            self.config.max_message_bytes,
+            self.config.max_buffered_bytes,
+        );
+        if message > buffered / 2 {
+            return Err(ServerError::MessageOverHalfTheQueue { message, buffered });
+        }
         let threads = self.config.threads;
         let store: Arc<dyn MembershipStore> = match self.store {
             Some(store) => store,

@@ -245,3 +245,52 @@ fn the_embedding_api_refuses_what_the_contract_refuses_with_a_clear_error() {
     assert_eq!(context.group_presence("test", "c").connections, 0);
     server.shutdown();
 }
+
+#[test]
+fn a_slow_consumer_that_never_reads_again_gets_its_socket_closed_within_the_grace() {
+    let server = start(Config {
+        threads: 1,
+        max_buffered_bytes: 64 * 1024,
+        ..Config::default()
+    });
+    wait_ready(&server);
+    let addr = server.local_addr();
+    let mut sender = RawClient::connect(addr, None);
+    let before = open_descriptors();
+    // Joins, then never reads nor closes: its kernel buffers fill, then the server's queue.
+    let mut slow = RawClient::connect(addr, Some(4096));
+    assert!(slow.invoke("1", "JoinGroup", r#"["g"]"#).contains("null"));
+    assert_eq!(
+        open_descriptors(),
+        before + 2,
+        "both ends of it are in this process"
+    );
+    let payload = "p".repeat(8000);
+    let closes = || -> u64 {
+        server
+            .metrics()
+            .shards
+            .iter()
+            .map(|s| s.slow_consumer_closes.load(Relaxed))
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while closes() == 0 {
+        assert!(std::time::Instant::now() < deadline, "never closed as slow");
+        sender.send(&format!(
+            r#"{{"type":1,"target":"SendToGroup","arguments":["g","receive",["{payload}"]]}}"#
+        ));
+    }
+    // The close grace (3 s) and a tick later the server's end is gone; ours stays open.
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    while open_descriptors() > before + 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        open_descriptors(),
+        before + 1,
+        "the server closed its descriptor"
+    );
+    drop(slow);
+    server.shutdown();
+}
