@@ -320,6 +320,15 @@ async fn send(
             "A JSON body {\"target\": ..., \"arguments\": [...]} is required.",
         );
     }
+    let limit = context.message_limit();
+    if body.len() > limit {
+        return Reply::error(
+            413,
+            format!(
+                "The message is larger than the limit of {limit} bytes (half of --max-buffered-bytes)."
+            ),
+        );
+    }
     let message: MessageBody = match serde_json::from_slice(body) {
         Ok(m) => m,
         Err(e) => return Reply::error(400, format!("The body is not a valid message: {e}.")),

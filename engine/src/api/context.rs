@@ -52,6 +52,12 @@ impl HubContext {
         self.node.may_join(caller.claims.as_ref(), group)
     }
 
+    /// The largest message a send takes: half of `--max-buffered-bytes`, so that one
+    /// message can never fill a receiver's queue by itself (contract section 6).
+    pub fn message_limit(&self) -> usize {
+        self.node.config.max_buffered_bytes / 2
+    }
+
     /// Whether the server requires tokens (`--jwt-secret`).
     pub fn authentication_enabled(&self) -> bool {
         self.node.jwt.is_some()

@@ -183,6 +183,16 @@ describe("failures", () => {
     strictEqual(wrong.headers.get("allow"), "POST");
   });
 
+  test("a message over half of --max-buffered-bytes gets 413 naming the limit, and reaches nobody", async () => {
+    const a = await client();
+    await a.invoke("JoinGroup", "big-room");
+    const res = await call("POST", "/api/hubs/chat/groups/big-room/messages", { body: { target: "news", arguments: ["x".repeat(600000)] } });
+    strictEqual(res.status, 413);
+    ok(res.body.error.includes("524288"), res.body.error);
+    strictEqual(await a.invoke("Echo", "still connected"), "still connected");
+    deepStrictEqual(a.received, []);
+  });
+
   test("a body over the limit gets 413 and the server keeps serving", async () => {
     const res = await call("POST", "/api/hubs/chat/messages", { rawBody: JSON.stringify({ target: "t", arguments: ["x".repeat(1100000)] }) });
     strictEqual(res.status, 413);
