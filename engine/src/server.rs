@@ -171,10 +171,12 @@ fn bind_listeners(
     Ok(listeners)
 }
 
-/// Fails if something listens on `addr` already. The shards' own listeners share the
+/// Fails if a server listens on `addr` already. The shards' own listeners share the
 /// port (`SO_REUSEPORT`), which would also let a second process share it and take half
-/// the connections silently; a socket without `SO_REUSEPORT` cannot bind next to a
-/// listening one, so binding one first tells. (Port 0 picks a free port.)
+/// the connections silently. A socket without `SO_REUSEPORT` cannot bind next to a
+/// listening one, so binding one first tells; it cannot bind next to some other sockets
+/// either (a client's connection that happens to use the port), so a refused bind is
+/// confirmed by connecting: only a listener answers. (Port 0 picks a free port.)
 fn refuse_taken_address(addr: SocketAddr) -> Result<(), ServerError> {
     if addr.port() == 0 {
         return Ok(());
@@ -191,7 +193,16 @@ fn refuse_taken_address(addr: SocketAddr) -> Result<(), ServerError> {
     match probe.bind(&addr.into()) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            Err(ServerError::AddressInUse { addr })
+            let target = if addr.ip().is_unspecified() {
+                SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+            } else {
+                addr
+            };
+            let timeout = std::time::Duration::from_millis(300);
+            match std::net::TcpStream::connect_timeout(&target, timeout) {
+                Ok(_) => Err(ServerError::AddressInUse { addr }),
+                Err(_) => Ok(()),
+            }
         }
         Err(source) => Err(ServerError::Listen { addr, source }),
     }

@@ -100,6 +100,18 @@ pub fn run(
         while state.has_sessions() && Instant::now() < deadline {
             monoio::time::sleep(Duration::from_millis(20)).await;
         }
+        // Stop every session still open (long polls, streams) and let the ring finish
+        // what dropping their sockets and the listener started (cancellations, closes):
+        // a ring torn down with operations in flight keeps their sockets, the listener
+        // included, alive after the process exits, and a restart on the same address
+        // would find it still accepting.
+        for session in state.all_sessions() {
+            session.stop_now();
+        }
+        for channel in state.tokens.channels() {
+            crate::transport::channel::dispose(&state, &channel);
+        }
+        monoio::time::sleep(Duration::from_millis(50)).await;
     });
 }
 
