@@ -152,13 +152,7 @@ fn bind_listeners(
     let mut bind_addr = addr;
     for _ in 0..count {
         let err = |source| ServerError::Listen { addr, source };
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(bind_addr),
-            socket2::Type::STREAM,
-            None,
-        )
-        .map_err(err)?;
-        socket.set_reuse_address(true).map_err(err)?;
+        let socket = tcp_socket(bind_addr).map_err(err)?;
         socket.set_reuse_port(true).map_err(err)?;
         socket.set_nodelay(true).map_err(err)?;
         socket.set_nonblocking(true).map_err(err)?;
@@ -171,6 +165,18 @@ fn bind_listeners(
     Ok(listeners)
 }
 
+/// A TCP socket for `addr` with `SO_REUSEADDR`, which lets a bind succeed over
+/// connections in TIME_WAIT (a restart), never over a listener.
+fn tcp_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    Ok(socket)
+}
+
 /// Fails if a server listens on `addr` already. The shards' own listeners share the
 /// port (`SO_REUSEPORT`), which would also let a second process share it and take half
 /// the connections silently. A socket without `SO_REUSEPORT` cannot bind next to a
@@ -181,15 +187,7 @@ fn refuse_taken_address(addr: SocketAddr) -> Result<(), ServerError> {
     if addr.port() == 0 {
         return Ok(());
     }
-    let err = |source| ServerError::Listen { addr, source };
-    let probe = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )
-    .map_err(err)?;
-    // Lets the bind succeed over connections in TIME_WAIT, never over a listener.
-    probe.set_reuse_address(true).map_err(err)?;
+    let probe = tcp_socket(addr).map_err(|source| ServerError::Listen { addr, source })?;
     match probe.bind(&addr.into()) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
