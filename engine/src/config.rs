@@ -70,6 +70,13 @@ pub struct ServeArgs {
     /// (Stateful reconnect is not offered yet; validated now.)
     #[arg(long, env = "RINGHUB_STATEFUL_RECONNECT_BUFFER", value_name = "N")]
     pub stateful_reconnect_buffer: Option<usize>,
+    /// Seconds a receiver may stay above half its queue bound before it is closed as too
+    /// slow [default: 2].
+    #[arg(long, env = "RINGHUB_SLOW_CONSUMER_SECS", value_name = "N")]
+    pub slow_consumer_secs: Option<u64>,
+    /// This node's name in logs (and in a cluster) [default: host name and pid].
+    #[arg(long, env = "RINGHUB_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
     /// Groups one connection may be in at once, durable groups included [default: 1000].
     #[arg(long, env = "RINGHUB_MAX_GROUPS_PER_CONNECTION", value_name = "N")]
     pub max_groups_per_connection: Option<usize>,
@@ -106,6 +113,8 @@ struct FileSettings {
     long_poll_timeout_secs: Option<u64>,
     jwt_leeway_secs: Option<u64>,
     max_groups_per_connection: Option<usize>,
+    slow_consumer_secs: Option<u64>,
+    node_name: Option<String>,
 }
 
 /// A validated configuration.
@@ -128,6 +137,9 @@ pub struct Config {
     pub jwt_leeway: Duration,
     /// Groups one connection may be in at once (durable groups count).
     pub max_groups_per_connection: usize,
+    /// How long a receiver may stay above half its queue bound.
+    pub slow_consumer: Duration,
+    pub node_name: String,
 }
 
 impl Default for Config {
@@ -148,8 +160,18 @@ impl Default for Config {
             long_poll_timeout: Duration::from_secs(90),
             jwt_leeway: Duration::from_secs(30),
             max_groups_per_connection: 1000,
+            slow_consumer: Duration::from_secs(2),
+            node_name: default_node_name(),
         }
     }
+}
+
+/// The host name and the process id.
+fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "ringhub".to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 fn default_threads() -> usize {
@@ -282,6 +304,17 @@ impl ServeArgs {
             Some(n) => positive("max-groups-per-connection", n)?,
             None => defaults.max_groups_per_connection,
         };
+        let slow_consumer = match self.slow_consumer_secs.or(file.slow_consumer_secs) {
+            Some(n) => Duration::from_secs(positive("slow-consumer-secs", n)?),
+            None => defaults.slow_consumer,
+        };
+        let node_name = match self.node_name.or(file.node_name) {
+            Some(name) if name.trim().is_empty() => {
+                return Err(invalid("node-name", "must not be empty"))
+            }
+            Some(name) => name,
+            None => defaults.node_name,
+        };
         Ok(Config {
             listen,
             threads,
@@ -298,6 +331,8 @@ impl ServeArgs {
             long_poll_timeout,
             jwt_leeway,
             max_groups_per_connection,
+            slow_consumer,
+            node_name,
         })
     }
 }
@@ -325,6 +360,10 @@ mod tests {
         assert_eq!(c.keepalive, Duration::from_secs(15));
         assert_eq!(c.client_timeout, Duration::from_secs(30));
         assert_eq!(c.stateful_reconnect_buffer, 102_400);
+        assert_eq!(c.slow_consumer, Duration::from_secs(2));
+        assert_eq!(c.max_groups_per_connection, 1000);
+        assert_eq!(c.jwt_leeway, Duration::from_secs(30));
+        assert!(c.node_name.ends_with(&format!("-{}", std::process::id())));
     }
 
     #[test]

@@ -294,3 +294,61 @@ fn a_slow_consumer_that_never_reads_again_gets_its_socket_closed_within_the_grac
     drop(slow);
     server.shutdown();
 }
+
+#[test]
+fn a_receiver_above_half_its_bound_for_slow_consumer_secs_is_closed_and_no_one_else() {
+    let server = start(Config {
+        threads: 1,
+        max_buffered_bytes: 16 << 20,
+        slow_consumer: Duration::from_secs(1),
+        ..Config::default()
+    });
+    wait_ready(&server);
+    let addr = server.local_addr();
+    let mut slow = RawClient::connect(addr, Some(4096));
+    assert!(slow.invoke("1", "JoinGroup", r#"["g"]"#).contains("null"));
+    let mut fast = RawClient::connect(addr, None);
+    assert!(fast.invoke("1", "JoinGroup", r#"["g"]"#).contains("null"));
+    let mut sender = RawClient::connect(addr, None);
+    // ~14 MB: the kernel's buffers take a few MB, the rest waits in the slow member's
+    // queue, above half of its 16 MiB bound and below the bound itself.
+    let total = 3500;
+    let reader = std::thread::spawn(move || {
+        let mut count = 0;
+        while count < total {
+            if fast.next_message().contains(r#""target":"receive""#) {
+                count += 1;
+            }
+        }
+        count
+    });
+    let payload = "p".repeat(4000);
+    for seq in 0..total {
+        sender.send(&format!(
+            r#"{{"type":1,"target":"SendToGroup","arguments":["g","receive",[{seq},"{payload}"]]}}"#
+        ));
+    }
+    assert_eq!(
+        reader.join().unwrap(),
+        total,
+        "the reading member got everything"
+    );
+    let closes = || -> u64 {
+        server
+            .metrics()
+            .shards
+            .iter()
+            .map(|s| s.slow_consumer_closes.load(Relaxed))
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    while closes() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        closes(),
+        1,
+        "the member that stopped reading, after about a second"
+    );
+    server.shutdown();
+}

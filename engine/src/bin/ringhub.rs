@@ -46,6 +46,7 @@ fn main() -> ExitCode {
     }
     let listen = config.listen;
     let threads = config.threads;
+    let node = config.node_name.clone();
     let server = match ServerBuilder::new(config).start() {
         Ok(s) => s,
         Err(e) => {
@@ -53,7 +54,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    tracing::info!(address = %server.local_addr(), threads, requested = %listen, "ringhub listening");
+    tracing::info!(address = %server.local_addr(), threads, requested = %listen, node, "ringhub listening");
     if let Err(e) = server.run_until_signal() {
         eprintln!("ringhub: cannot watch signals: {e}");
         return ExitCode::from(1);

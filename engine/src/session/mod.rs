@@ -41,6 +41,11 @@ pub struct Session {
     /// Groups whose presence this session watches.
     pub watching: RefCell<HashSet<String>>,
     outbox: RefCell<Outbox>,
+    /// Bytes the transport took from the outbox and has not finished writing.
+    in_flight: Cell<usize>,
+    /// Since when the backlog (queued and in flight) has been above half the bound.
+    above_half_since: Cell<Option<Instant>>,
+    max_buffered_bytes: usize,
     /// The transport's task waiting for frames.
     writer: RefCell<Option<Waker>>,
     pub last_received: Cell<Instant>,
@@ -68,6 +73,9 @@ impl Session {
             groups: RefCell::default(),
             watching: RefCell::default(),
             outbox: RefCell::new(Outbox::new(max_buffered_bytes)),
+            in_flight: Cell::new(0),
+            above_half_since: Cell::new(None),
+            max_buffered_bytes,
             writer: RefCell::new(None),
             last_received: Cell::new(now),
             last_sent: Cell::new(now),
@@ -113,9 +121,7 @@ impl Session {
             }
             Pushed::Closing => false,
             Pushed::Overflow => {
-                ShardMetrics::add(&self.metrics().slow_consumer_closes, 1);
-                tracing::info!(connection = %self.caller.connection_id, "closing a slow consumer");
-                self.close(Some(SLOW_CONSUMER), false);
+                self.close_as_slow();
                 false
             }
         }
@@ -164,6 +170,27 @@ impl Session {
         self.outbox.borrow().bytes()
     }
 
+    /// Whether the session has stayed above half its queue bound (what is queued plus
+    /// what its writer holds) for longer than `allowed`, as of `now`: a receiver that
+    /// stopped reading, or reads far slower than the rest. Called on the shard's timer.
+    pub fn too_slow(&self, now: Instant, allowed: Duration) -> bool {
+        let backlog = self.queued_bytes() + self.in_flight.get();
+        if backlog <= self.max_buffered_bytes / 2 {
+            self.above_half_since.set(None);
+            return false;
+        }
+        let since = *self.above_half_since.get().get_or_insert(now);
+        self.above_half_since.set(Some(since));
+        now - since > allowed
+    }
+
+    /// Closes it as a slow consumer (contract section 6), counted in the metrics.
+    pub fn close_as_slow(&self) {
+        ShardMetrics::add(&self.metrics().slow_consumer_closes, 1);
+        tracing::info!(connection = %self.caller.connection_id, "closing a slow consumer");
+        self.close(Some(SLOW_CONSUMER), false);
+    }
+
     fn wake_writer(&self) {
         let waker = self.writer.borrow_mut().take();
         if let Some(waker) = waker {
@@ -177,6 +204,7 @@ impl Session {
         std::future::poll_fn(|cx| {
             let mut outbox = self.outbox.borrow_mut();
             if let Some(taken) = outbox.take(copied, batch) {
+                self.in_flight.set(taken.bytes);
                 return Poll::Ready(Some(taken));
             }
             if outbox.closing_since().is_some() || self.stop.is_fired() {
@@ -195,6 +223,7 @@ impl Session {
 
     /// Counts a batch as handed to the socket.
     pub fn sent(&self, taken: Taken) {
+        self.in_flight.set(0);
         let metrics = self.metrics();
         ShardMetrics::add(&metrics.deliveries, taken.frames);
         ShardMetrics::add(&metrics.bytes_sent, taken.bytes as u64);

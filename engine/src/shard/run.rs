@@ -239,6 +239,9 @@ async fn tick(state: Rc<ShardState>) {
                 if now - since > CLOSE_GRACE {
                     session.stop_now();
                 }
+            } else if judge_silence && session.too_slow(now, config.slow_consumer) {
+                // Above half its bound for too long (a stalled shard is not its fault).
+                session.close_as_slow();
             } else if inherent_keepalive {
             } else if now - session.last_received.get() > config.client_timeout {
                 // Silent by our clock; after a stall of this shard, what the client sent
