@@ -243,22 +243,32 @@ impl ServeArgs {
         if data.as_os_str().is_empty() {
             return Err(invalid("data", "must not be empty"));
         }
-        let max_message_bytes = match self.max_message_bytes.or(file.max_message_bytes) {
-            Some(n) => positive("max-message-bytes", n)?,
-            None => defaults.max_message_bytes,
+        // A positive count, or seconds, given as a flag or in the file; else the default.
+        let count =
+            |flag, value: Option<usize>, default| value.map_or(Ok(default), |n| positive(flag, n));
+        let secs = |flag, value: Option<u64>, default| {
+            value.map_or(Ok(default), |n| positive(flag, n).map(Duration::from_secs))
         };
-        let max_buffered_bytes = match self.max_buffered_bytes.or(file.max_buffered_bytes) {
-            Some(n) => positive("max-buffered-bytes", n)?,
-            None => defaults.max_buffered_bytes,
-        };
-        let keepalive = match self.keepalive_secs.or(file.keepalive_secs) {
-            Some(n) => Duration::from_secs(positive("keepalive-secs", n)?),
-            None => defaults.keepalive,
-        };
-        let client_timeout = match self.client_timeout_secs.or(file.client_timeout_secs) {
-            Some(n) => Duration::from_secs(positive("client-timeout-secs", n)?),
-            None => defaults.client_timeout,
-        };
+        let max_message_bytes = count(
+            "max-message-bytes",
+            self.max_message_bytes.or(file.max_message_bytes),
+            defaults.max_message_bytes,
+        )?;
+        let max_buffered_bytes = count(
+            "max-buffered-bytes",
+            self.max_buffered_bytes.or(file.max_buffered_bytes),
+            defaults.max_buffered_bytes,
+        )?;
+        let keepalive = secs(
+            "keepalive-secs",
+            self.keepalive_secs.or(file.keepalive_secs),
+            defaults.keepalive,
+        )?;
+        let client_timeout = secs(
+            "client-timeout-secs",
+            self.client_timeout_secs.or(file.client_timeout_secs),
+            defaults.client_timeout,
+        )?;
         // One message must fit in a receiver's queue with room to spare, or a single
         // send could close every healthy receiver (contract section 6).
         if max_message_bytes > max_buffered_bytes / 2 {
@@ -282,32 +292,32 @@ impl ServeArgs {
             .stateful_reconnect_buffer
             .or(file.stateful_reconnect_buffer)
             .unwrap_or(defaults.stateful_reconnect_buffer);
-        let disconnect_timeout = match self
-            .disconnect_timeout_secs
-            .or(file.disconnect_timeout_secs)
-        {
-            Some(n) => Duration::from_secs(positive("disconnect-timeout-secs", n)?),
-            None => defaults.disconnect_timeout,
-        };
-        let long_poll_timeout = match self.long_poll_timeout_secs.or(file.long_poll_timeout_secs) {
-            Some(n) => Duration::from_secs(positive("long-poll-timeout-secs", n)?),
-            None => defaults.long_poll_timeout,
-        };
+        let disconnect_timeout = secs(
+            "disconnect-timeout-secs",
+            self.disconnect_timeout_secs
+                .or(file.disconnect_timeout_secs),
+            defaults.disconnect_timeout,
+        )?;
+        let long_poll_timeout = secs(
+            "long-poll-timeout-secs",
+            self.long_poll_timeout_secs.or(file.long_poll_timeout_secs),
+            defaults.long_poll_timeout,
+        )?;
         let jwt_leeway = self
             .jwt_leeway_secs
             .or(file.jwt_leeway_secs)
             .map_or(defaults.jwt_leeway, Duration::from_secs);
-        let max_groups_per_connection = match self
-            .max_groups_per_connection
-            .or(file.max_groups_per_connection)
-        {
-            Some(n) => positive("max-groups-per-connection", n)?,
-            None => defaults.max_groups_per_connection,
-        };
-        let slow_consumer = match self.slow_consumer_secs.or(file.slow_consumer_secs) {
-            Some(n) => Duration::from_secs(positive("slow-consumer-secs", n)?),
-            None => defaults.slow_consumer,
-        };
+        let max_groups_per_connection = count(
+            "max-groups-per-connection",
+            self.max_groups_per_connection
+                .or(file.max_groups_per_connection),
+            defaults.max_groups_per_connection,
+        )?;
+        let slow_consumer = secs(
+            "slow-consumer-secs",
+            self.slow_consumer_secs.or(file.slow_consumer_secs),
+            defaults.slow_consumer,
+        )?;
         let node_name = match self.node_name.or(file.node_name) {
             Some(name) if name.trim().is_empty() => {
                 return Err(invalid("node-name", "must not be empty"))
