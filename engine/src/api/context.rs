@@ -281,9 +281,7 @@ impl HubContext {
         group: &str,
         op: fn(String) -> ConnectionOp,
     ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
-        let checked = check_group(group);
-        let operation = checked
-            .clone()
+        let operation = check_group(group)
             .map(|()| self.connection_op(hub, connection_id, op(group.to_owned())));
         async move {
             match operation {

@@ -179,7 +179,7 @@ impl Session {
             self.above_half_since.set(None);
             return false;
         }
-        let since = *self.above_half_since.get().get_or_insert(now);
+        let since = self.above_half_since.get().unwrap_or(now);
         self.above_half_since.set(Some(since));
         now - since > allowed
     }

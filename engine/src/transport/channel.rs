@@ -36,22 +36,36 @@ pub fn identify(
     Ok((token, claims))
 }
 
+/// Which kind of channel a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    ServerSentEvents,
+    LongPolling,
+    /// A POST: the send channel of either.
+    Either,
+}
+
 /// The channel of `token` for a request by `claims`' user, checked to be of the
-/// right kind (`long_polling` or SSE) and to belong to that user.
+/// `expected` kind and to belong to that user.
 pub fn existing(
     state: &ShardState,
     hub: &str,
     token: &str,
     claims: Option<&crate::auth::Claims>,
-    long_polling: bool,
+    expected: Kind,
 ) -> Option<Result<Rc<HttpChannel>, Refused>> {
     let channel = state.tokens.channel(token)?;
     let caller = &channel.session.caller;
+    let kind = if channel.long_polling {
+        Kind::LongPolling
+    } else {
+        Kind::ServerSentEvents
+    };
     Some(if caller.hub != hub {
         Err(Refused::Unknown)
     } else if caller.user_id != state.node.user_ids.user_id(claims) {
         Err(Refused::OtherUser)
-    } else if channel.long_polling != long_polling {
+    } else if expected != Kind::Either && expected != kind {
         Err(Refused::OtherTransport)
     } else {
         Ok(channel)
@@ -136,18 +150,18 @@ pub async fn send(state: &Rc<ShardState>, channel: &Rc<HttpChannel>, body: &[u8]
             Ok(None) => return 200,
             Ok(Some((request, used))) => match request.select() {
                 Ok(HubProtocol::MessagePack) if session.framing == Framing::ServerSentEvents => {
-                    TEXT_ONLY.to_owned()
+                    Some(TEXT_ONLY.to_owned())
                 }
                 Ok(protocol) => {
                     input.advance(used);
                     connect(state, channel, protocol).await;
-                    String::new()
+                    None
                 }
-                Err(error) => error,
+                Err(error) => Some(error),
             },
-            Err(e) => e.response_text().to_owned(),
+            Err(e) => Some(e.response_text().to_owned()),
         };
-        if !refusal.is_empty() {
+        if let Some(refusal) = refusal {
             ShardMetrics::add(&state.metrics().protocol_errors, 1);
             let answer = handshake::error_response(&refusal);
             session.end_with(vec![frame::frame_raw(

@@ -16,6 +16,7 @@ use crate::rest;
 use crate::shard::inbox::Command;
 use crate::shard::state::ShardState;
 use crate::shard::tokens::{owner_of, HttpChannel};
+use crate::transport::channel::Kind;
 use crate::transport::io::{discard_then_close, read_more, write_now, READ_CHUNK};
 use crate::transport::long_polling::{self, Polled};
 use crate::transport::websocket::{self, Upgrade};
@@ -369,9 +370,7 @@ fn route(state: &Rc<ShardState>, head: &RequestHead, body: &[u8]) -> Routed {
             "POST" => match channel::identify(state, head) {
                 Err(refusal) => Routed::Respond(refusal),
                 Ok((token, claims)) => {
-                    let sse = channel::existing(state, hub, &token, claims.as_ref(), false);
-                    let lp = || channel::existing(state, hub, &token, claims.as_ref(), true);
-                    match sse.filter(|found| found.is_ok()).or_else(lp) {
+                    match channel::existing(state, hub, &token, claims.as_ref(), Kind::Either) {
                         Some(Ok(channel)) => Routed::Send(channel),
                         Some(Err(refused)) => Routed::Respond(refused.response(keep_alive)),
                         None if state.tokens.is_websocket(&token) => respond(

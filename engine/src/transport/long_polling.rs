@@ -15,7 +15,7 @@ use ringhub_protocol::http::{self as wire, RequestHead};
 use crate::shard::state::ShardState;
 use crate::shard::tokens::HttpChannel;
 use crate::signal::Signal;
-use crate::transport::channel;
+use crate::transport::channel::{self, Kind};
 use crate::transport::io::read_up_to;
 use crate::transport::negotiate::Refused;
 use crate::transport::text_response;
@@ -43,7 +43,7 @@ pub fn open(state: &Rc<ShardState>, head: &RequestHead, hub: &str) -> Polled {
         Ok(found) => found,
         Err(refusal) => return Polled::Answer(refusal),
     };
-    match channel::existing(state, hub, &token, claims.as_ref(), true) {
+    match channel::existing(state, hub, &token, claims.as_ref(), Kind::LongPolling) {
         Some(Ok(channel)) => Polled::Wait(channel),
         Some(Err(refused)) => Polled::Answer(refused.response(keep_alive)),
         None => match channel::start(state, hub, &token, claims, true) {
@@ -127,7 +127,7 @@ pub async fn poll(
             let body = if frames.is_empty() {
                 copied
             } else {
-                frames.iter().flat_map(|f| f.iter().copied()).collect()
+                frames.concat()
             };
             session.sent(taken);
             answer(200, &body, keep_alive)
@@ -148,7 +148,7 @@ pub fn delete(state: &Rc<ShardState>, head: &RequestHead, hub: &str) -> Vec<u8> 
         Ok(found) => found,
         Err(refusal) => return refusal,
     };
-    match channel::existing(state, hub, &token, claims.as_ref(), true) {
+    match channel::existing(state, hub, &token, claims.as_ref(), Kind::LongPolling) {
         Some(Ok(channel)) => {
             channel::dispose(state, &channel);
             text_response(202, "", keep_alive)

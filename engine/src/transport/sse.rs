@@ -12,7 +12,7 @@ use ringhub_protocol::http::{self as wire, RequestHead};
 
 use crate::shard::state::ShardState;
 use crate::shard::tokens::HttpChannel;
-use crate::transport::channel;
+use crate::transport::channel::{self, Kind};
 use crate::transport::io::{read_up_to, write_loop, write_now};
 
 /// Whether a GET asks for an event stream.
@@ -29,12 +29,13 @@ pub fn open(
 ) -> Result<Rc<HttpChannel>, Vec<u8>> {
     let (token, claims) = channel::identify(state, head)?;
     let keep_alive = head.keep_alive();
-    let result = match channel::existing(state, hub, &token, claims.as_ref(), false) {
-        // One SSE stream per connection, ever: a second one is a conflict.
-        Some(Ok(_)) => Err(super::negotiate::Refused::Active),
-        Some(Err(refused)) => Err(refused),
-        None => channel::start(state, hub, &token, claims, false),
-    };
+    let result =
+        match channel::existing(state, hub, &token, claims.as_ref(), Kind::ServerSentEvents) {
+            // One SSE stream per connection, ever: a second one is a conflict.
+            Some(Ok(_)) => Err(super::negotiate::Refused::Active),
+            Some(Err(refused)) => Err(refused),
+            None => channel::start(state, hub, &token, claims, false),
+        };
     result.map_err(|refused| refused.response(keep_alive))
 }
 
