@@ -157,36 +157,22 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
         }
         let keep_alive = head.keep_alive();
         let origin = head.header_str("origin").map(str::to_owned);
-        let routed = match route(&state, &head, &body) {
+        // The answer, and whether the connection closes after it.
+        let (answer, close) = match route(&state, &head, &body) {
+            Routed::Respond(bytes) => (bytes, false),
+            Routed::Close(bytes) => (bytes, true),
             Routed::Poll(channel) => {
                 let polled =
                     long_polling::poll(&state, channel, keep_alive, &mut reader, &mut buf).await;
                 match polled {
-                    Some(answer) => Routed::Respond(answer),
+                    Some(answer) => (answer, false),
                     // The client went away.
                     None => return,
                 }
             }
             Routed::Send(channel) => {
                 let status = channel::send(&state, &channel, &body).await;
-                Routed::Respond(text_response(status, "", keep_alive))
-            }
-            routed => routed,
-        };
-        let routed = match routed {
-            Routed::Respond(bytes) => Routed::Respond(with_cors(bytes, origin.as_deref())),
-            Routed::Close(bytes) => Routed::Close(with_cors(bytes, origin.as_deref())),
-            other => other,
-        };
-        match routed {
-            Routed::Respond(bytes) => {
-                if write_now(&mut writer, bytes).await.is_err() || !keep_alive {
-                    return;
-                }
-            }
-            Routed::Close(bytes) => {
-                let _ = write_now(&mut writer, bytes).await;
-                return;
+                (text_response(status, "", keep_alive), false)
             }
             Routed::Upgrade(upgrade) => {
                 // A task of its own: this one's memory (sized for HTTP and REST work) is
@@ -201,8 +187,10 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
                 sse::run(state, reader, writer, channel, cors).await;
                 return;
             }
-            // Answered above.
-            Routed::Poll(_) | Routed::Send(_) => return,
+        };
+        let written = write_now(&mut writer, with_cors(answer, origin.as_deref())).await;
+        if written.is_err() || close || !keep_alive {
+            return;
         }
     }
 }
