@@ -139,19 +139,25 @@ impl ShardState {
         Ok(true)
     }
 
+    /// Puts a session in this shard's tables and in presence, then in its user's
+    /// durable groups. In that order: a durable add stores first and then lists the
+    /// user's connections, so a session registering meanwhile is covered by one side
+    /// or the other.
     pub fn register(&self, session: Rc<Session>) {
-        let caller = &session.caller;
+        let caller = session.caller.clone();
         self.node.presence.connected(
             &caller.hub,
             &caller.connection_id,
             caller.user_id.as_deref(),
             self.index,
         );
-        let mut hubs = self.hubs.borrow_mut();
-        hubs.entry_ref(caller.hub.as_str())
+        self.hubs
+            .borrow_mut()
+            .entry_ref(caller.hub.as_str())
             .or_default()
             .insert(session);
         self.metrics().connections.fetch_add(1, Relaxed);
+        self.join_durable_groups(&caller);
     }
 
     /// Takes the session out of every table and group, here and in presence.
@@ -177,7 +183,7 @@ impl ShardState {
     }
 
     /// Joins a new session to its user's durable groups.
-    pub fn join_durable_groups(&self, caller: &Caller) {
+    fn join_durable_groups(&self, caller: &Caller) {
         let Some(user) = &caller.user_id else {
             return;
         };

@@ -194,7 +194,6 @@ async fn connect(state: &Rc<ShardState>, channel: &Rc<HttpChannel>, protocol: Hu
     ));
     channel.connected.set(true);
     state.register(session.clone());
-    state.join_durable_groups(&session.caller);
     state
         .hub
         .on_connected(&session.caller, &state.context)

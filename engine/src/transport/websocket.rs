@@ -252,7 +252,6 @@ async fn run_session(
     // so that whatever the client or its backend does next already finds it. Frames
     // sent to it meanwhile wait in its queue until the writer starts.
     state.register(session.clone());
-    state.join_durable_groups(&caller);
     if Box::pin(write_now(
         &mut writer,
         frame::encode_raw(protocol, handshake::OK_RESPONSE),
