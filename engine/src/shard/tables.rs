@@ -165,34 +165,40 @@ impl HubTables {
                 .iter()
                 .filter_map(|key| self.sessions.get(key))
                 .for_each(&mut send),
-            Target::Group(group) => {
-                if let Some(members) = self.groups.get(group) {
-                    members.values().for_each(&mut send);
-                }
-            }
+            Target::Group(group) => each_named(&self.groups, group, None, &mut send),
             Target::GroupExcept(group, ids) => {
-                if let Some(members) = self.groups.get(group) {
-                    except(members, &keys_of(ids)).for_each(&mut send);
-                }
+                each_named(&self.groups, group, Some(&keys_of(ids)), &mut send)
             }
             Target::Groups(groups) => union(groups.iter().filter_map(|g| self.groups.get(g)))
                 .values()
                 .for_each(|session| send(session)),
-            Target::User(user) => {
-                if let Some(sessions) = self.users.get(user) {
-                    sessions.values().for_each(&mut send);
-                }
-            }
+            Target::User(user) => each_named(&self.users, user, None, &mut send),
             Target::UserExcept(user, ids) => {
-                if let Some(sessions) = self.users.get(user) {
-                    except(sessions, &keys_of(ids)).for_each(&mut send);
-                }
+                each_named(&self.users, user, Some(&keys_of(ids)), &mut send)
             }
             Target::Users(users) => union(users.iter().filter_map(|u| self.users.get(u)))
                 .values()
                 .for_each(|session| send(session)),
         }
         count
+    }
+}
+
+/// Calls `each` for every member of the set `name` (a group's or a user's), but those
+/// in `excluded`. Without exclusions, the members are walked as they are (the fan-out
+/// path).
+fn each_named(
+    sets: &HashMap<String, Members>,
+    name: &str,
+    excluded: Option<&HashSet<u64>>,
+    each: &mut impl FnMut(&Rc<Session>),
+) {
+    let Some(members) = sets.get(name) else {
+        return;
+    };
+    match excluded {
+        None => members.values().for_each(each),
+        Some(excluded) => except(members, excluded).for_each(each),
     }
 }
 
