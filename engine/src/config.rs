@@ -166,6 +166,32 @@ impl Default for Config {
     }
 }
 
+/// Flow control (contract section 6, `flow`): what sends may have on their way, derived
+/// from `--max-buffered-bytes` so that one setting scales them all.
+impl Config {
+    /// The largest message a send takes once encoded: half the queue bound, so one
+    /// message always fits in a queue that takes frames up to half its bound.
+    pub fn message_limit(&self) -> usize {
+        self.max_buffered_bytes / 2
+    }
+
+    /// What one connection's sends may have on their way (a quarter of the queue bound:
+    /// enough to keep the other shards busy, small beside every receiver's queue).
+    pub fn connection_publish_window(&self) -> usize {
+        self.max_buffered_bytes / 4
+    }
+
+    /// What all connections of one shard may have on their way together.
+    pub fn shard_publish_budget(&self) -> usize {
+        self.max_buffered_bytes.saturating_mul(16)
+    }
+
+    /// What sends through a `HubContext` (REST, embedders) may have on their way together.
+    pub fn context_publish_budget(&self) -> usize {
+        self.max_buffered_bytes.saturating_mul(16)
+    }
+}
+
 /// The host name and the process id.
 fn default_node_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -59,6 +59,44 @@ impl Broadcast {
     }
 }
 
+/// The most a framing adds to a hub record: a WebSocket header (10 bytes at most), or
+/// an SSE `data: ` prefix and the blank line after it.
+const MAX_FRAMING_OVERHEAD: usize = 16;
+
+/// How many times larger than its JSON form a message can be in MessagePack: a float
+/// is 9 bytes in MessagePack and can be 3 in JSON (`1.0`); nothing grows more.
+const MESSAGEPACK_GROWTH: usize = 3;
+
+impl Broadcast {
+    /// The size of the largest frame this message takes for any recipient, if it is at
+    /// most `limit` (contract section 6: a message is refused where it enters when it
+    /// could not fit); `Err` with that size otherwise. Encodes the JSON record (kept
+    /// for long-polling recipients), and the MessagePack one only when its size could
+    /// matter.
+    pub fn check_size(&self, limit: usize) -> Result<usize, usize> {
+        let record = |protocol| {
+            let kind = FrameKind {
+                protocol,
+                framing: Framing::Raw,
+            };
+            self.frames[kind.index()]
+                .get_or_init(|| frame::encode_framed(protocol, Framing::Raw, &self.message))
+                .len()
+        };
+        let json = record(HubProtocol::Json);
+        let mut largest = json;
+        if json * MESSAGEPACK_GROWTH + MAX_FRAMING_OVERHEAD > limit {
+            largest = largest.max(record(HubProtocol::MessagePack));
+        }
+        let size = largest + MAX_FRAMING_OVERHEAD;
+        if size > limit {
+            Err(size)
+        } else {
+            Ok(json)
+        }
+    }
+}
+
 /// The frames of one broadcast as this shard needs them: fetched from the shared
 /// cells once per kind, then cloned (a reference count) per recipient.
 pub struct FrameCache<'a> {
@@ -96,5 +134,24 @@ mod tests {
                 seen.push(first);
             }
         }
+    }
+
+    #[test]
+    fn a_message_is_measured_in_its_largest_encoding() {
+        let text = Broadcast::new(HubMessage::invocation("m", vec!["x".repeat(1000).into()]));
+        let json = text.check_size(2000).expect("fits");
+        assert!((1000..1100).contains(&json), "{json}");
+        assert_eq!(text.check_size(1000), Err(json + MAX_FRAMING_OVERHEAD));
+        // 300 floats: `1.5,` in JSON (4 bytes each), 9 bytes each in MessagePack.
+        let floats = Broadcast::new(HubMessage::invocation(
+            "m",
+            vec![ringhub_protocol::Value::Array(
+                vec![ringhub_protocol::Value::Float(1.5); 300],
+            )],
+        ));
+        let json = floats.check_size(1 << 20).expect("fits");
+        assert!(json < 1300, "{json}");
+        let size = floats.check_size(2000).expect_err("MessagePack is larger");
+        assert!(size > 2700, "measured in MessagePack: {size}");
     }
 }

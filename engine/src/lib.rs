@@ -5,6 +5,7 @@
 //! The layers, each using only those above it:
 //! - `signal`: one-shot shard-local events; [`metrics`], [`config`], [`auth`];
 //! - [`api`] types: [`Target`], [`Caller`], [`HubError`];
+//! - `flow`: publishers' windows and the tickets that hold them (backpressure);
 //! - `fanout`: a message encoded once per protocol for all its recipients;
 //! - `session`: one connection apart from its transport (identity, groups, outbox);
 //! - `shard::tables`, `shard::inbox`: a shard's routing tables and its inbox;
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod builtin;
 pub mod config;
 mod fanout;
+mod flow;
 pub mod metrics;
 mod node;
 pub mod presence;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::auth::{Claims, GroupAuthorizer, JwtVerifier, UserIdProvider};
 use crate::config::Config;
+use crate::flow::Window;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::shard::inbox::Inbox;
@@ -32,6 +33,9 @@ pub struct Node {
     pub(crate) shutting_down: AtomicBool,
     /// Round-robin over the shards for the sessions negotiate creates.
     pub(crate) next_owner: AtomicUsize,
+    /// What sends through `HubContext`s other than a hub method's (REST, embedders)
+    /// may have on their way together.
+    pub(crate) context_budget: Arc<Window>,
 }
 
 impl Node {
@@ -43,6 +47,7 @@ impl Node {
         store_jobs: std::sync::mpsc::Sender<StoreJob>,
     ) -> Node {
         let shards = config.threads;
+        let context_budget = Window::new(config.context_publish_budget(), None);
         Node {
             jwt: config
                 .jwt_secret
@@ -59,6 +64,7 @@ impl Node {
             ready_shards: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
             next_owner: AtomicUsize::new(0),
+            context_budget,
         }
     }
 

@@ -268,7 +268,11 @@ fn only(target: Target) -> impl FnOnce(Option<Vec<String>>) -> Result<Target, Re
 /// A context error as an answer: what the contract refuses is the caller's mistake
 /// (400), anything else the node's trouble (503).
 fn refused(error: ContextError) -> Reply {
-    let status = if error.is_refusal() { 400 } else { 503 };
+    let status = match &error {
+        ContextError::MessageTooLarge { .. } => 413,
+        e if e.is_refusal() => 400,
+        _ => 503,
+    };
     Reply::error(status, error.to_string())
 }
 

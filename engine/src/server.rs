@@ -223,6 +223,7 @@ impl Server {
     pub fn context(&self) -> HubContext {
         HubContext {
             node: self.node.clone(),
+            publisher: None,
         }
     }
 

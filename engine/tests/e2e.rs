@@ -5,7 +5,9 @@ mod common;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use common::{start, start_with_shards, wait_ready, RawClient};
+use common::{
+    server_end_open, server_end_open_between, start, start_with_shards, wait_ready, RawClient,
+};
 use ringhub_engine::{Config, Target};
 
 #[test]
@@ -155,32 +157,32 @@ fn a_hub_context_on_another_thread_sends_and_manages_groups() {
 }
 
 /// Open descriptors of this process (the server runs in it).
-fn open_descriptors() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
-}
-
 #[test]
 fn clients_that_vanish_leave_no_descriptor_behind() {
     let server = start_with_shards(2);
-    let before = open_descriptors();
     let clients: Vec<RawClient> = (0..20)
         .map(|_| RawClient::connect(server.local_addr(), None))
         .collect();
     assert!(
-        open_descriptors() >= before + 40,
-        "both ends are in this process"
+        clients.iter().all(|c| server_end_open(&c.stream)),
+        "the server holds an end of each"
     );
+    let ends: Vec<_> = clients
+        .iter()
+        .map(|c| (c.stream.local_addr().unwrap(), server.local_addr()))
+        .collect();
     // Dropped without a close frame: the server sees the end of the stream.
     drop(clients);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while open_descriptors() > before && std::time::Instant::now() < deadline {
+    let left = || {
+        ends.iter()
+            .filter(|(client, server)| server_end_open_between(*client, *server))
+            .count()
+    };
+    while left() > 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert!(
-        open_descriptors() <= before,
-        "{} descriptors left open",
-        open_descriptors() - before
-    );
+    assert_eq!(left(), 0, "descriptors left open by the server");
     server.shutdown();
 }
 
@@ -256,15 +258,10 @@ fn a_slow_consumer_that_never_reads_again_gets_its_socket_closed_within_the_grac
     wait_ready(&server);
     let addr = server.local_addr();
     let mut sender = RawClient::connect(addr, None);
-    let before = open_descriptors();
     // Joins, then never reads nor closes: its kernel buffers fill, then the server's queue.
     let mut slow = RawClient::connect(addr, Some(4096));
     assert!(slow.invoke("1", "JoinGroup", r#"["g"]"#).contains("null"));
-    assert_eq!(
-        open_descriptors(),
-        before + 2,
-        "both ends of it are in this process"
-    );
+    assert!(server_end_open(&slow.stream));
     let payload = "p".repeat(8000);
     let closes = || -> u64 {
         server
@@ -283,12 +280,11 @@ fn a_slow_consumer_that_never_reads_again_gets_its_socket_closed_within_the_grac
     }
     // The close grace (3 s) and a tick later the server's end is gone; ours stays open.
     let deadline = std::time::Instant::now() + Duration::from_secs(6);
-    while open_descriptors() > before + 1 && std::time::Instant::now() < deadline {
+    while server_end_open(&slow.stream) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(
-        open_descriptors(),
-        before + 1,
+    assert!(
+        !server_end_open(&slow.stream),
         "the server closed its descriptor"
     );
     drop(slow);

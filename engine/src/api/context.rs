@@ -10,6 +10,7 @@ use ringhub_protocol::Value;
 
 use crate::api::types::{check_group, check_user, Caller, ContextError, Target};
 use crate::fanout::Broadcast;
+use crate::flow::Window;
 use crate::node::Node;
 use crate::presence::GroupPresence;
 use crate::shard::inbox::{Command, ConnectionOp};
@@ -33,11 +34,40 @@ fn check_target(target: &Target) -> Result<(), ContextError> {
     }
 }
 
+/// Hands a send to every shard, this thread's own included: the inbox keeps one order
+/// for all sends, and a hub invocation's Completion is queued only after its shard has
+/// drained its inbox (see `shard::dispatch`). Each shard's copy holds the ticket.
+fn push_to_shards(
+    node: &Node,
+    hub: Arc<str>,
+    target: Arc<Target>,
+    broadcast: Arc<Broadcast>,
+    ticket: crate::flow::Ticket,
+) {
+    let ticket = Arc::new(ticket);
+    for inbox in &node.inboxes {
+        inbox.push(Command::Deliver {
+            hub: hub.clone(),
+            target: target.clone(),
+            broadcast: broadcast.clone(),
+            ticket: Some(ticket.clone()),
+        });
+    }
+}
+
 /// A handle on a running server: `Clone + Send + Sync`, usable from any thread or
 /// runtime (tokio included).
+///
+/// Sends are flow-controlled (contract section 6): a send through the context a hub
+/// method is given is charged to the calling connection, which is not read while its
+/// sends are still on their way to congested receivers; a send through any other
+/// context (REST, an embedder's) resolves only once its message is queued within
+/// bounds for every recipient.
 #[derive(Clone)]
 pub struct HubContext {
     pub(crate) node: Arc<Node>,
+    /// The window of the connection whose hub invocation this context serves.
+    pub(crate) publisher: Option<Arc<Window>>,
 }
 
 impl std::fmt::Debug for HubContext {
@@ -52,10 +82,19 @@ impl HubContext {
         self.node.may_join(caller.claims.as_ref(), group)
     }
 
-    /// The largest message a send takes: half of `--max-buffered-bytes`, so that one
-    /// message can never fill a receiver's queue by itself (contract section 6).
+    /// The largest message a send takes once encoded (a frame for any protocol and
+    /// transport): half of `--max-buffered-bytes`, so that one message can never fill a
+    /// receiver's queue by itself (contract section 6).
     pub fn message_limit(&self) -> usize {
-        self.node.config.max_buffered_bytes / 2
+        self.node.config.message_limit()
+    }
+
+    /// This context, with its sends charged to a connection's publish window.
+    pub(crate) fn publishing_as(&self, window: &Arc<Window>) -> HubContext {
+        HubContext {
+            node: self.node.clone(),
+            publisher: Some(window.clone()),
+        }
     }
 
     /// Whether the server requires tokens (`--jwt-secret`).
@@ -63,8 +102,12 @@ impl HubContext {
         self.node.jwt.is_some()
     }
 
-    /// Sends `method(arguments...)` to `target` in `hub`. Completes once the message
-    /// was handed to every shard: later sends to the same recipients arrive after it.
+    /// Sends `method(arguments...)` to `target` in `hub`. The message is handed to
+    /// every shard when the future is first polled with room in its window (sends of
+    /// one context, each awaited, arrive in order). Resolves then for a hub method's
+    /// context; for any other, once every recipient's queue took it (REST answers
+    /// then). Refused with [`ContextError::MessageTooLarge`] when one of its frames
+    /// would be larger than [`HubContext::message_limit`].
     pub fn send(
         &self,
         hub: &str,
@@ -72,37 +115,47 @@ impl HubContext {
         method: &str,
         arguments: Vec<Value>,
     ) -> impl Future<Output = Result<(), ContextError>> + Send + 'static {
-        let result = self.send_now(hub, target, method, arguments);
-        std::future::ready(result)
+        let prepared = self.prepare_send(hub, target, method, arguments);
+        let node = self.node.clone();
+        let publisher = self.publisher.clone();
+        async move {
+            let (hub, target, broadcast, size) = prepared?;
+            let window = publisher.as_ref().unwrap_or(&node.context_budget);
+            window.room().await;
+            if node.is_shutting_down() {
+                return Err(ContextError::ShuttingDown);
+            }
+            if publisher.is_some() {
+                push_to_shards(&node, hub, target, broadcast, window.charge(size));
+            } else {
+                let (ticket, released) = window.charge_and_notify(size);
+                push_to_shards(&node, hub, target, broadcast, ticket);
+                // A shard that stops drops what it held: the send is over either way.
+                let _ = released.await;
+            }
+            Ok(())
+        }
     }
 
-    fn send_now(
+    /// Checks a send and encodes what its size check needs: (hub, target, message, the
+    /// bytes its publisher is charged).
+    fn prepare_send(
         &self,
         hub: &str,
         target: Target,
         method: &str,
         arguments: Vec<Value>,
-    ) -> Result<(), ContextError> {
+    ) -> Result<(Arc<str>, Arc<Target>, Arc<Broadcast>, usize), ContextError> {
         if self.node.is_shutting_down() {
             return Err(ContextError::ShuttingDown);
         }
         check_target(&target)?;
-        let broadcast = Arc::new(Broadcast::new(ringhub_protocol::HubMessage::invocation(
-            method, arguments,
-        )));
-        let hub: Arc<str> = Arc::from(hub);
-        let target = Arc::new(target);
-        // Every shard, this thread's own included, takes it from its inbox: the inbox
-        // keeps one order for all sends, and a hub invocation's Completion is queued
-        // only after its shard has drained its inbox (see `shard::dispatch`).
-        for inbox in &self.node.inboxes {
-            inbox.push(Command::Deliver {
-                hub: hub.clone(),
-                target: target.clone(),
-                broadcast: broadcast.clone(),
-            });
-        }
-        Ok(())
+        let broadcast = Broadcast::new(ringhub_protocol::HubMessage::invocation(method, arguments));
+        let limit = self.message_limit();
+        let size = broadcast
+            .check_size(limit)
+            .map_err(|_| ContextError::MessageTooLarge { limit })?;
+        Ok((Arc::from(hub), Arc::new(target), Arc::new(broadcast), size))
     }
 
     /// Adds a connection to a group. Resolves to `false` if no such connection is

@@ -87,6 +87,9 @@ pub enum ContextError {
     /// `--max-groups-per-connection` (durable groups count).
     #[error("Too many groups for this connection (limit {limit}).")]
     TooManyGroups { limit: usize },
+    /// A message whose frame would be larger than half of `--max-buffered-bytes`.
+    #[error("The message is too large (limit {limit} bytes once encoded).")]
+    MessageTooLarge { limit: usize },
 }
 
 impl ContextError {

@@ -7,6 +7,7 @@ pub mod outbox;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use ringhub_protocol::{HubMessage, HubProtocol};
 
 use crate::api::types::Caller;
 use crate::fanout::FrameKind;
+use crate::flow::{Ticket, Window};
 use crate::metrics::{MetricsRef, ShardMetrics};
 use crate::signal::Signal;
 use outbox::{Outbox, Pushed, Taken};
@@ -41,13 +43,15 @@ pub struct Session {
     /// Groups whose presence this session watches.
     pub watching: RefCell<HashSet<String>>,
     outbox: RefCell<Outbox>,
-    /// Bytes the transport took from the outbox and has not finished writing.
-    in_flight: Cell<usize>,
-    /// Since when the backlog (queued and in flight) has been above half the bound.
-    above_half_since: Cell<Option<Instant>>,
-    max_buffered_bytes: usize,
+    /// Since when the session has been congested (its backlog above half the bound, or
+    /// frames held): the slow-consumer clock.
+    congested_since: Cell<Option<Instant>>,
     /// The transport's task waiting for frames.
     writer: RefCell<Option<Waker>>,
+    /// The task waiting for the backlog to come down before it reads more from the client.
+    reader: RefCell<Option<Waker>>,
+    /// What this connection's sends may have on their way (see `flow`).
+    pub publish_window: Arc<Window>,
     pub last_received: Cell<Instant>,
     pub last_sent: Cell<Instant>,
     /// Ends the transport's reading and writing at once, whatever they are doing: fire
@@ -62,6 +66,7 @@ impl Session {
         caller: Rc<Caller>,
         kind: FrameKind,
         max_buffered_bytes: usize,
+        publish_window: Arc<Window>,
         metrics: Rc<MetricsRef>,
     ) -> Session {
         let now = Instant::now();
@@ -73,10 +78,10 @@ impl Session {
             groups: RefCell::default(),
             watching: RefCell::default(),
             outbox: RefCell::new(Outbox::new(max_buffered_bytes)),
-            in_flight: Cell::new(0),
-            above_half_since: Cell::new(None),
-            max_buffered_bytes,
+            congested_since: Cell::new(None),
             writer: RefCell::new(None),
+            reader: RefCell::new(None),
+            publish_window,
             last_received: Cell::new(now),
             last_sent: Cell::new(now),
             stop: Signal::default(),
@@ -106,19 +111,28 @@ impl Session {
         frame::encode_framed(self.protocol(), self.framing, message)
     }
 
+    /// The largest frame its queue takes from one message: half the bound.
+    pub fn message_limit(&self) -> usize {
+        self.outbox.borrow().max_bytes() / 2
+    }
+
     pub fn metrics(&self) -> &ShardMetrics {
         self.metrics.get()
     }
 
-    /// Queues a frame. Returns false if it was not queued: the session is closing, or
-    /// it just fell too far behind and is being closed as a slow consumer.
-    pub fn enqueue(&self, frame: &Bytes) -> bool {
-        let pushed = self.outbox.borrow_mut().push(frame);
+    /// Queues a frame of the send `ticket` belongs to, or of the session's own (a
+    /// Completion, a ping: `None`). While the session is congested the frame is held, in
+    /// order, and its publisher stays charged. Returns false if it was not queued: the
+    /// session is closing, or it just fell too far behind and is being closed as a slow
+    /// consumer.
+    pub fn enqueue(&self, frame: &Bytes, ticket: Option<&Arc<Ticket>>) -> bool {
+        let pushed = self.outbox.borrow_mut().push(frame, ticket);
         match pushed {
             Pushed::Queued => {
                 self.wake_writer();
                 true
             }
+            Pushed::Held => true,
             Pushed::Closing => false,
             Pushed::Overflow => {
                 self.close_as_slow();
@@ -149,8 +163,10 @@ impl Session {
 
     /// Ends the session with `last` as its final frames (dropping what is queued).
     pub fn end_with(&self, last: Vec<Bytes>) {
-        if self.outbox.borrow_mut().close_with(last, Instant::now()) {
+        let closed = self.outbox.borrow_mut().close_with(last, Instant::now());
+        if closed {
             self.wake_writer();
+            self.wake_reader();
         }
     }
 
@@ -159,6 +175,7 @@ impl Session {
     pub fn stop_now(&self) {
         self.stop.fire();
         self.wake_writer();
+        self.wake_reader();
     }
 
     /// When the session started closing, if it is.
@@ -170,18 +187,42 @@ impl Session {
         self.outbox.borrow().bytes()
     }
 
-    /// Whether the session has stayed above half its queue bound (what is queued plus
-    /// what its writer holds) for longer than `allowed`, as of `now`: a receiver that
-    /// stopped reading, or reads far slower than the rest. Called on the shard's timer.
+    /// Whether the session has stayed congested (above half its queue bound, counting
+    /// what its writer holds, or with frames held) for longer than `allowed`, as of
+    /// `now`: a receiver that stopped reading, or reads far slower than the rest. Called
+    /// on the shard's timer; a write that brings the backlog down resets the clock.
     pub fn too_slow(&self, now: Instant, allowed: Duration) -> bool {
-        let backlog = self.queued_bytes() + self.in_flight.get();
-        if backlog <= self.max_buffered_bytes / 2 {
-            self.above_half_since.set(None);
+        if !self.outbox.borrow().is_congested() {
+            self.congested_since.set(None);
             return false;
         }
-        let since = self.above_half_since.get().unwrap_or(now);
-        self.above_half_since.set(Some(since));
+        let since = self.congested_since.get().unwrap_or(now);
+        self.congested_since.set(Some(since));
         now - since > allowed
+    }
+
+    /// Resolves once the session is not congested (or is ending): a transport reads the
+    /// client's next messages only then, so a client that does not read what it is sent
+    /// cannot make the server queue more for it (Completions, pongs).
+    pub async fn uncongested(&self) {
+        std::future::poll_fn(|cx| {
+            if !self.outbox.borrow().is_congested()
+                || self.closing_since().is_some()
+                || self.stop.is_fired()
+            {
+                return Poll::Ready(());
+            }
+            *self.reader.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn wake_reader(&self) {
+        let waker = self.reader.borrow_mut().take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
     /// Closes it as a slow consumer (contract section 6), counted in the metrics.
@@ -204,7 +245,6 @@ impl Session {
         std::future::poll_fn(|cx| {
             let mut outbox = self.outbox.borrow_mut();
             if let Some(taken) = outbox.take(copied, batch) {
-                self.in_flight.set(taken.bytes);
                 return Poll::Ready(Some(taken));
             }
             if outbox.closing_since().is_some() || self.stop.is_fired() {
@@ -221,9 +261,17 @@ impl Session {
         self.outbox.borrow_mut().recycle(written);
     }
 
-    /// Counts a batch as handed to the socket.
+    /// Counts a batch as handed to the socket, and admits what was held meanwhile.
     pub fn sent(&self, taken: Taken) {
-        self.in_flight.set(0);
+        let congested = {
+            let mut outbox = self.outbox.borrow_mut();
+            outbox.written();
+            outbox.is_congested()
+        };
+        if !congested {
+            self.congested_since.set(None);
+            self.wake_reader();
+        }
         let metrics = self.metrics();
         ShardMetrics::add(&metrics.deliveries, taken.frames);
         ShardMetrics::add(&metrics.bytes_sent, taken.bytes as u64);

@@ -1,11 +1,20 @@
 //! A session's bounded outbound queue: frames wait here until the transport that
 //! carries the session takes them all at once (one write per turn). Plain data, no
 //! I/O: the transports drive it, and the tests below drive it directly.
+//!
+//! Its backlog (queued, plus taken and not yet written) takes new frames while it is
+//! at most half the bound. Above that the receiver is congested: frames wait in
+//! order in a held queue, each keeping its publisher's [`Ticket`] (so the publisher is
+//! slowed, see `flow`), and are admitted as writes bring the backlog down again.
+//! Messages are at most half the bound, so an admitted one always fits.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+
+use crate::flow::{Ticket, HELD_ENTRY_CHARGE};
 
 /// Frames up to this size are copied into the session's send buffer; larger ones are
 /// queued by reference. Measured with `ringhub-bench` fanout-1k (frames of ~150 bytes):
@@ -21,6 +30,8 @@ const KEEP_SEND_BUFFER: usize = 16 << 10;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
     Queued,
+    /// The receiver is congested: the frame waits behind the others, with its ticket.
+    Held,
     /// The session is closing: nothing more is queued.
     Closing,
     /// The frame would take the queue past its bound: the session must be closed.
@@ -45,7 +56,16 @@ pub struct Outbox {
     /// taken and dropped per recipient).
     tail: Vec<u8>,
     frame_count: u64,
+    /// Bytes queued (admitted and not taken).
     bytes: usize,
+    /// Bytes taken by the transport and not yet written.
+    in_flight: usize,
+    /// Frames that came while the backlog was above half the bound, oldest first, with
+    /// the tickets of the sends they belong to.
+    held: VecDeque<(Bytes, Option<Arc<Ticket>>)>,
+    /// Bytes of held frames without a ticket (Completions, pongs, pings): they slow no
+    /// publisher, so they count toward the bound.
+    held_untracked: usize,
     max_bytes: usize,
     /// Set once the session is ending: nothing more is queued, what is queued is
     /// flushed, then the transport stops.
@@ -59,18 +79,40 @@ impl Outbox {
             tail: Vec::new(),
             frame_count: 0,
             bytes: 0,
+            in_flight: 0,
+            held: VecDeque::new(),
+            held_untracked: 0,
             max_bytes,
             closing_since: None,
         }
     }
 
-    pub fn push(&mut self, frame: &Bytes) -> Pushed {
+    /// Queues a frame of the send `ticket` belongs to (`None`: a frame of this session's
+    /// own, a Completion or a ping), or holds it while the receiver is congested.
+    pub fn push(&mut self, frame: &Bytes, ticket: Option<&Arc<Ticket>>) -> Pushed {
         if self.closing_since.is_some() {
             return Pushed::Closing;
         }
-        if self.bytes + frame.len() > self.max_bytes {
+        let untracked = if ticket.is_none() { frame.len() } else { 0 };
+        if self.backlog() + self.held_untracked + untracked > self.max_bytes {
             return Pushed::Overflow;
         }
+        if !self.held.is_empty() || self.is_above_half() {
+            if let Some(ticket) = ticket {
+                ticket.charge_more(HELD_ENTRY_CHARGE);
+            }
+            self.held_untracked += untracked;
+            self.held.push_back((frame.clone(), ticket.cloned()));
+            return Pushed::Held;
+        }
+        if self.backlog() + frame.len() > self.max_bytes {
+            return Pushed::Overflow;
+        }
+        self.admit(frame);
+        Pushed::Queued
+    }
+
+    fn admit(&mut self, frame: &Bytes) {
         self.bytes += frame.len();
         self.frame_count += 1;
         if frame.len() <= COPY_MAX {
@@ -79,7 +121,42 @@ impl Outbox {
             self.seal_tail();
             self.frames.push_back(frame.clone());
         }
-        Pushed::Queued
+    }
+
+    /// Queued and in-flight bytes.
+    pub fn backlog(&self) -> usize {
+        self.bytes + self.in_flight
+    }
+
+    /// Whether the backlog is above half the bound (new frames are held).
+    pub fn is_above_half(&self) -> bool {
+        self.backlog() > self.max_bytes / 2
+    }
+
+    /// Whether the receiver is congested: above half its bound, or frames are held.
+    pub fn is_congested(&self) -> bool {
+        self.is_above_half() || !self.held.is_empty()
+    }
+
+    /// Frames waiting in the held queue.
+    #[cfg(test)]
+    pub fn held_frames(&self) -> usize {
+        self.held.len()
+    }
+
+    /// The transport wrote what it took: held frames are admitted while the backlog is
+    /// at most half the bound, and their tickets dropped (the publishers may go on).
+    pub fn written(&mut self) {
+        self.in_flight = 0;
+        while !self.is_above_half() {
+            let Some((frame, ticket)) = self.held.pop_front() else {
+                break;
+            };
+            if ticket.is_none() {
+                self.held_untracked -= frame.len();
+            }
+            self.admit(&frame);
+        }
     }
 
     /// Drops what is queued and queues `last` instead, the final frames (a Close
@@ -91,6 +168,8 @@ impl Outbox {
         self.closing_since = Some(now);
         self.frames.clear();
         self.tail.clear();
+        self.held.clear();
+        self.held_untracked = 0;
         self.frames.extend(last);
         self.bytes = self.frames.iter().map(Bytes::len).sum();
         self.frame_count = self.frames.len() as u64;
@@ -103,6 +182,11 @@ impl Outbox {
 
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// The bound.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
     }
 
     /// Takes everything queued: into `copied` when only small frames are queued (the
@@ -118,10 +202,12 @@ impl Outbox {
             self.seal_tail();
             batch.extend(self.frames.drain(..));
         }
-        Some(Taken {
+        let taken = Taken {
             frames: std::mem::take(&mut self.frame_count),
             bytes: std::mem::take(&mut self.bytes),
-        })
+        };
+        self.in_flight += taken.bytes;
+        Some(taken)
     }
 
     /// Gives a written send buffer back if nothing was queued meanwhile, so the next
@@ -150,6 +236,7 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flow::{Window, MIN_CHARGE};
 
     fn take_all(outbox: &mut Outbox) -> (Option<Taken>, Vec<u8>) {
         let (mut copied, mut batch) = (Vec::new(), Vec::new());
@@ -166,9 +253,12 @@ mod tests {
         let mut outbox = Outbox::new(1 << 20);
         let small = Bytes::from_static(b"ab");
         let large = Bytes::from(vec![b'L'; COPY_MAX + 1]);
-        assert_eq!(outbox.push(&small), Pushed::Queued);
-        assert_eq!(outbox.push(&large), Pushed::Queued);
-        assert_eq!(outbox.push(&Bytes::from_static(b"cd")), Pushed::Queued);
+        assert_eq!(outbox.push(&small, None), Pushed::Queued);
+        assert_eq!(outbox.push(&large, None), Pushed::Queued);
+        assert_eq!(
+            outbox.push(&Bytes::from_static(b"cd"), None),
+            Pushed::Queued
+        );
         let (taken, bytes) = take_all(&mut outbox);
         let taken = taken.expect("queued");
         assert_eq!(taken.frames, 3);
@@ -184,21 +274,94 @@ mod tests {
     #[test]
     fn the_bound_is_never_passed() {
         let mut outbox = Outbox::new(10);
-        assert_eq!(outbox.push(&Bytes::from_static(b"123456")), Pushed::Queued);
-        assert_eq!(outbox.push(&Bytes::from_static(b"12345")), Pushed::Overflow);
+        assert_eq!(
+            outbox.push(&Bytes::from_static(b"123456"), None),
+            Pushed::Queued
+        );
+        assert_eq!(
+            outbox.push(&Bytes::from_static(b"12345"), None),
+            Pushed::Overflow
+        );
         assert_eq!(outbox.bytes(), 6);
-        assert_eq!(outbox.push(&Bytes::from_static(b"1234")), Pushed::Queued);
-        assert_eq!(outbox.bytes(), 10);
+        assert_eq!(
+            outbox.push(&Bytes::from_static(b"1234"), None),
+            Pushed::Held
+        );
+        assert_eq!(
+            outbox.push(&Bytes::from_static(b"1"), None),
+            Pushed::Overflow
+        );
+        assert_eq!(outbox.bytes(), 6, "held frames wait above half the bound");
+        let (taken, bytes) = take_all(&mut outbox);
+        assert_eq!(taken.map(|t| t.bytes), Some(6));
+        assert_eq!(bytes, b"123456");
+        assert!(outbox.is_congested(), "6 bytes are still being written");
+        outbox.written();
+        assert_eq!(outbox.bytes(), 4, "admitted once written");
+        assert!(!outbox.is_congested());
+    }
+
+    #[test]
+    fn a_congested_receiver_holds_frames_in_order_with_their_publishers_charged() {
+        let window = Window::new(1 << 20, None);
+        let mut outbox = Outbox::new(4096);
+        let frame = |c: u8| Bytes::from(vec![c; 1000]);
+        let mut tickets = Vec::new();
+        let mut pushed = Vec::new();
+        for c in b"abcd" {
+            let ticket = Arc::new(window.charge(1000));
+            pushed.push(outbox.push(&frame(*c), Some(&ticket)));
+            tickets.push(ticket);
+        }
+        assert_eq!(
+            pushed,
+            [Pushed::Queued, Pushed::Queued, Pushed::Queued, Pushed::Held],
+            "taken while at most half the bound (2048) was queued"
+        );
+        assert_eq!(
+            outbox.push(&Bytes::from_static(b"ping"), None),
+            Pushed::Held
+        );
+        drop(tickets);
+        assert_eq!(
+            window.used(),
+            MIN_CHARGE + HELD_ENTRY_CHARGE,
+            "the held send still charges its publisher"
+        );
+        let (taken, bytes) = take_all(&mut outbox);
+        assert_eq!(taken.map(|t| t.frames), Some(3));
+        assert_eq!(bytes, [frame(b'a'), frame(b'b'), frame(b'c')].concat());
+        outbox.written();
+        assert_eq!(window.used(), 0, "admitted: the publisher may go on");
+        let (_, bytes) = take_all(&mut outbox);
+        assert_eq!(bytes, [&frame(b'd')[..], b"ping"].concat());
+    }
+
+    #[test]
+    fn closing_drops_held_frames_and_releases_their_publishers() {
+        let window = Window::new(1 << 20, None);
+        let mut outbox = Outbox::new(100);
+        let ticket = Arc::new(window.charge(60));
+        outbox.push(&Bytes::from(vec![0; 60]), Some(&ticket));
+        outbox.push(&Bytes::from(vec![1; 30]), Some(&ticket));
+        assert_eq!(outbox.held_frames(), 1);
+        drop(ticket);
+        assert!(window.used() > 0);
+        outbox.close_with([Bytes::from_static(b"bye")], Instant::now());
+        assert_eq!(window.used(), 0);
     }
 
     #[test]
     fn closing_replaces_the_queue_with_the_last_frames_once() {
         let mut outbox = Outbox::new(100);
-        outbox.push(&Bytes::from_static(b"dropped"));
+        outbox.push(&Bytes::from_static(b"dropped"), None);
         let now = Instant::now();
         assert!(outbox.close_with([Bytes::from_static(b"bye")], now));
         assert!(!outbox.close_with([Bytes::from_static(b"again")], now));
-        assert_eq!(outbox.push(&Bytes::from_static(b"late")), Pushed::Closing);
+        assert_eq!(
+            outbox.push(&Bytes::from_static(b"late"), None),
+            Pushed::Closing
+        );
         assert_eq!(outbox.closing_since(), Some(now));
         let (taken, bytes) = take_all(&mut outbox);
         assert_eq!(taken.map(|t| t.frames), Some(1));
@@ -210,7 +373,7 @@ mod tests {
         let mut outbox = Outbox::new(1 << 20);
         let mut written = Vec::with_capacity(512);
         outbox.recycle(&mut written);
-        outbox.push(&Bytes::from_static(b"x"));
+        outbox.push(&Bytes::from_static(b"x"), None);
         let (mut copied, mut batch) = (Vec::new(), Vec::new());
         outbox.take(&mut copied, &mut batch);
         assert_eq!(

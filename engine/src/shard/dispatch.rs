@@ -61,6 +61,9 @@ pub async fn handle_records(
         hub_bytes.advance(used);
         match message {
             Ok(Some(message)) => {
+                // A client that does not read what it is sent gets nothing more handled
+                // (its Completions would pile up) until its queue came down.
+                session.uncongested().await;
                 // Boxed: a connection waits in its read far longer than it handles
                 // messages, so the task is sized for the read and this is allocated
                 // per message instead (idle connections hold less memory).
@@ -110,11 +113,12 @@ async fn invoke(state: &Rc<ShardState>, session: &Rc<Session>, invocation: Invoc
         arguments,
         ..
     } = invocation;
+    let context = state.context_of(session);
     let call = Call {
         caller: &session.caller,
         method: &target,
         arguments,
-        context: &state.context,
+        context: &context,
     };
     let result = state.hub.invoke(call).await;
     // What the method sent went to every shard's inbox, this one's too: queue it for
@@ -129,9 +133,16 @@ async fn invoke(state: &Rc<ShardState>, session: &Rc<Session>, invocation: Invoc
     }
 }
 
+/// Queues a Completion; a result too large for the session's queue becomes an error.
 fn complete(session: &Session, invocation_id: String, outcome: CompletionOutcome) {
-    let completion = HubMessage::completion(invocation_id, outcome);
-    session.enqueue(&session.encode(&completion));
+    let limit = session.message_limit();
+    let mut frame = session.encode(&HubMessage::completion(invocation_id.clone(), outcome));
+    if frame.len() > limit {
+        let error = format!("The result is too large (limit {limit} bytes once encoded).");
+        let completion = HubMessage::completion(invocation_id, CompletionOutcome::Error(error));
+        frame = session.encode(&completion);
+    }
+    session.enqueue(&frame, None);
 }
 
 #[cfg(test)]
@@ -185,13 +196,7 @@ mod tests {
             protocol: HubProtocol::Json,
             framing: Framing::Raw,
         };
-        let session = Rc::new(Session::new(
-            state.next_session_key(),
-            caller,
-            kind,
-            1 << 20,
-            state.metrics.clone(),
-        ));
+        let session = state.new_session(caller, kind);
         state.register(session.clone());
         session
     }

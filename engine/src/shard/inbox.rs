@@ -8,6 +8,7 @@ use futures_channel::oneshot;
 
 use crate::api::types::{ContextError, Target};
 use crate::fanout::Broadcast;
+use crate::flow::Ticket;
 use crate::shard::tokens::Negotiated;
 
 /// What one shard asks of another.
@@ -16,6 +17,9 @@ pub enum Command {
         hub: Arc<str>,
         target: Arc<Target>,
         broadcast: Arc<Broadcast>,
+        /// The send's charge on its publisher's window: every inbox's copy holds it, so
+        /// what waits in inboxes is bounded by the publishers' windows (see `flow`).
+        ticket: Option<Arc<Ticket>>,
     },
     /// Acts on a connection if it lives here; the reply says whether it did.
     Connection {
@@ -50,8 +54,9 @@ pub enum ConnectionOp {
     Close,
 }
 
-/// A shard's inbox: a lock-free unbounded MPSC queue (producers never block, a
-/// thread-per-core shard must never wait on another) with a waker that costs one
+/// A shard's inbox: a lock-free MPSC queue (producers never block, a thread-per-core
+/// shard must never wait on another; what it holds is bounded by the publishers'
+/// windows, each send holding its ticket until handled) with a waker that costs one
 /// atomic swap when the shard is busy and only wakes it when it is parked.
 #[derive(Default)]
 pub struct Inbox {

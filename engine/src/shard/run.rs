@@ -258,7 +258,7 @@ async fn tick(state: Rc<ShardState>) {
             {
                 if let Some((_, ping)) = pings.iter().find(|(kind, _)| *kind == session.kind()) {
                     session.last_sent.set(now);
-                    session.enqueue(ping);
+                    session.enqueue(ping, None);
                 }
             }
         }

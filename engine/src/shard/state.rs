@@ -12,7 +12,8 @@ use hashbrown::HashMap;
 use ringhub_protocol::HubMessage;
 
 use crate::api::{Caller, ContextError, Hub, HubContext, Target};
-use crate::fanout::Broadcast;
+use crate::fanout::{Broadcast, FrameKind};
+use crate::flow::{Ticket, Window};
 use crate::metrics::{MetricsRef, ShardMetrics};
 use crate::node::Node;
 use crate::presence::PRESENCE_CHANGED;
@@ -38,6 +39,9 @@ pub struct ShardState {
     /// Connections in the HTTP phase now, and the most this shard takes at once.
     pub http_connections: Cell<usize>,
     pub max_http_connections: usize,
+    /// What all this shard's connections' sends may have on their way together (each
+    /// connection's own window draws on it).
+    publish_budget: Arc<Window>,
 }
 
 /// What serves an HTTP connection handed over by another shard.
@@ -61,7 +65,10 @@ impl ShardState {
         ShardState {
             index,
             hub,
-            context: HubContext { node: node.clone() },
+            context: HubContext {
+                node: node.clone(),
+                publisher: None,
+            },
             hubs: RefCell::default(),
             next_key: Cell::new(0),
             metrics: Rc::new(MetricsRef(node.metrics.clone(), index)),
@@ -70,6 +77,7 @@ impl ShardState {
             adopter: OnceCell::new(),
             http_connections: Cell::new(0),
             max_http_connections: max_http_connections(node.inboxes.len()),
+            publish_budget: Window::new(node.config.shard_publish_budget(), None),
             node,
         }
     }
@@ -78,16 +86,39 @@ impl ShardState {
         self.metrics.get()
     }
 
-    /// A new shard-local key for a session.
-    pub fn next_session_key(&self) -> u64 {
-        let key = self.next_key.get();
-        self.next_key.set(key + 1);
-        key
+    /// The context a session's hub calls get: their sends are charged to its window.
+    pub fn context_of(&self, session: &Session) -> HubContext {
+        self.context.publishing_as(&session.publish_window)
     }
 
-    pub fn deliver(&self, hub: &str, target: &Target, broadcast: &Broadcast) {
+    /// A new session of this shard (not registered yet), with its own publish window.
+    pub fn new_session(&self, caller: Rc<Caller>, kind: FrameKind) -> Rc<Session> {
+        let key = self.next_key.get();
+        self.next_key.set(key + 1);
+        let config = &self.node.config;
+        let window = Window::new(
+            config.connection_publish_window(),
+            Some(self.publish_budget.clone()),
+        );
+        Rc::new(Session::new(
+            key,
+            caller,
+            kind,
+            config.max_buffered_bytes,
+            window,
+            self.metrics.clone(),
+        ))
+    }
+
+    pub fn deliver(
+        &self,
+        hub: &str,
+        target: &Target,
+        broadcast: &Broadcast,
+        ticket: Option<&Arc<Ticket>>,
+    ) {
         if let Some(tables) = self.hubs.borrow().get(hub) {
-            tables.deliver(target, broadcast);
+            tables.deliver(target, broadcast, ticket);
         }
     }
 
@@ -233,7 +264,8 @@ impl ShardState {
                 hub,
                 target,
                 broadcast,
-            } => self.deliver(&hub, &target, &broadcast),
+                ticket,
+            } => self.deliver(&hub, &target, &broadcast, ticket.as_ref()),
             Command::Connection {
                 hub,
                 connection_id,

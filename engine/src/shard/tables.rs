@@ -4,11 +4,13 @@
 //! taken on the message path.
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use hashbrown::{HashMap, HashSet};
 
 use crate::api::types::Target;
 use crate::fanout::{Broadcast, FrameCache};
+use crate::flow::Ticket;
 use crate::session::Session;
 
 /// One hub's tables on one shard. Connections are keyed by a shard-local number.
@@ -136,17 +138,23 @@ impl HubTables {
         };
         let mut frames = FrameCache::new(broadcast);
         for session in watchers.values() {
-            session.enqueue(frames.get(session.kind()));
+            session.enqueue(frames.get(session.kind()), None);
         }
     }
 
-    /// Hands the broadcast's frame to every local recipient of `target`, each once.
+    /// Hands the broadcast's frame to every local recipient of `target`, each once; a
+    /// congested recipient keeps `ticket` with the frame (its publisher waits for it).
     /// Returns how many connections it was queued for.
-    pub fn deliver(&self, target: &Target, broadcast: &Broadcast) -> usize {
+    pub fn deliver(
+        &self,
+        target: &Target,
+        broadcast: &Broadcast,
+        ticket: Option<&Arc<Ticket>>,
+    ) -> usize {
         let mut frames = FrameCache::new(broadcast);
         let mut count = 0;
         let mut send = |session: &Rc<Session>| {
-            if session.enqueue(frames.get(session.kind())) {
+            if session.enqueue(frames.get(session.kind()), ticket) {
                 count += 1;
             }
         };
@@ -274,8 +282,6 @@ fn union<'a>(sets: impl Iterator<Item = &'a Members>) -> HashMap<u64, &'a Rc<Ses
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use ringhub_protocol::frame::Framing;
     use ringhub_protocol::{HubMessage, HubProtocol, Value};
 
@@ -293,7 +299,8 @@ mod tests {
             claims: None,
         });
         let metrics = Rc::new(MetricsRef(Arc::new(Metrics::new(1)), 0));
-        Rc::new(Session::new(key, caller, kind, 1 << 20, metrics))
+        let window = crate::flow::Window::new(1 << 18, None);
+        Rc::new(Session::new(key, caller, kind, 1 << 20, window, metrics))
     }
 
     const JSON_WS: FrameKind = FrameKind {
@@ -335,7 +342,7 @@ mod tests {
 
     fn receivers(tables: &HubTables, sessions: &[Rc<Session>], target: Target) -> Vec<u64> {
         let broadcast = Broadcast::new(HubMessage::invocation("m", vec![Value::Int(1)]));
-        let count = tables.deliver(&target, &broadcast);
+        let count = tables.deliver(&target, &broadcast, None);
         let got: Vec<u64> = sessions
             .iter()
             .filter(|s| taken(s).0 == 1)
@@ -452,7 +459,7 @@ mod tests {
             tables.insert(s.clone());
         }
         let message = HubMessage::invocation("m", vec![Value::Int(1)]);
-        tables.deliver(&Target::All, &Broadcast::new(message.clone()));
+        tables.deliver(&Target::All, &Broadcast::new(message.clone()), None);
         for (session, kind) in sessions.iter().zip(kinds) {
             let expected =
                 ringhub_protocol::frame::encode_framed(kind.protocol, kind.framing, &message);

@@ -14,7 +14,6 @@ use ringhub_protocol::HubProtocol;
 use crate::api::Caller;
 use crate::fanout::FrameKind;
 use crate::metrics::ShardMetrics;
-use crate::session::Session;
 use crate::shard::dispatch::{self, Dispatched};
 use crate::shard::state::ShardState;
 use crate::shard::tokens::{HttpChannel, Token};
@@ -100,16 +99,13 @@ pub fn start(
             } else {
                 Framing::ServerSentEvents
             };
-            let session = Rc::new(Session::new(
-                state.next_session_key(),
+            let session = state.new_session(
                 caller,
                 FrameKind {
                     protocol: HubProtocol::Json,
                     framing,
                 },
-                state.node.config.max_buffered_bytes,
-                state.metrics.clone(),
-            ));
+            );
             let has_early_input = !early.is_empty();
             let channel = Rc::new(HttpChannel::new(
                 token.to_owned(),
@@ -187,16 +183,15 @@ pub async fn send(state: &Rc<ShardState>, channel: &Rc<HttpChannel>, body: &[u8]
 async fn connect(state: &Rc<ShardState>, channel: &Rc<HttpChannel>, protocol: HubProtocol) {
     let session = &channel.session;
     session.set_protocol(protocol);
-    session.enqueue(&frame::frame_raw(
-        protocol,
-        session.framing,
-        handshake::OK_RESPONSE,
-    ));
+    session.enqueue(
+        &frame::frame_raw(protocol, session.framing, handshake::OK_RESPONSE),
+        None,
+    );
     channel.connected.set(true);
     state.register(session.clone());
     state
         .hub
-        .on_connected(&session.caller, &state.context)
+        .on_connected(&session.caller, &state.context_of(session))
         .await;
     state.drain_inbox();
     tracing::debug!(
@@ -220,9 +215,10 @@ pub fn dispose(state: &Rc<ShardState>, channel: &Rc<HttpChannel>) {
     }
     if channel.connected.get() {
         state.unregister(session);
-        let (state, caller) = (state.clone(), session.caller.clone());
+        let (caller, context) = (session.caller.clone(), state.context_of(session));
+        let state = state.clone();
         monoio::spawn(async move {
-            state.hub.on_disconnected(&caller, &state.context).await;
+            state.hub.on_disconnected(&caller, &context).await;
             tracing::debug!(connection = %caller.connection_id, "disconnected");
         });
     }

@@ -17,7 +17,7 @@ use crate::api::Caller;
 use crate::auth::Claims;
 use crate::fanout::FrameKind;
 use crate::metrics::ShardMetrics;
-use crate::session::Session;
+use crate::session::{Session, CLOSE_GRACE};
 use crate::shard::dispatch::{self, BadInput, Dispatched};
 use crate::shard::state::ShardState;
 use crate::shard::tokens::Token;
@@ -211,7 +211,6 @@ async fn run_session(
     mut input: BytesMut,
     upgrade: Box<Upgrade>,
 ) {
-    let config = &state.node.config;
     let mut decoder = FrameDecoder::new(WsLimits {
         max_message_bytes: MAX_WS_MESSAGE,
     });
@@ -241,13 +240,7 @@ async fn run_session(
         hub: upgrade.hub,
         claims: upgrade.claims,
     });
-    let session = Rc::new(Session::new(
-        state.next_session_key(),
-        caller.clone(),
-        kind,
-        config.max_buffered_bytes,
-        state.metrics.clone(),
-    ));
+    let session = state.new_session(caller.clone(), kind);
     // Registered (and in its durable groups) before the client learns it is connected,
     // so that whatever the client or its backend does next already finds it. Frames
     // sent to it meanwhile wait in its queue until the writer starts.
@@ -263,7 +256,8 @@ async fn run_session(
         return;
     }
     monoio::spawn(write_loop(session.clone(), writer));
-    state.hub.on_connected(&caller, &state.context).await;
+    let context = state.context_of(&session);
+    state.hub.on_connected(&caller, &context).await;
     state.drain_inbox();
     tracing::debug!(connection = %caller.connection_id, hub = %caller.hub, ?protocol, "connected");
 
@@ -287,8 +281,15 @@ async fn run_session(
         }
     }
     state.unregister(&session);
-    state.hub.on_disconnected(&caller, &state.context).await;
-    session.stop.fired().await;
+    state.hub.on_disconnected(&caller, &context).await;
+    // Unregistered, the session is no longer on the shard's timer: the close grace is
+    // kept here, so a peer that reads nothing cannot keep the socket open.
+    if monoio::time::timeout(CLOSE_GRACE, session.stop.fired())
+        .await
+        .is_err()
+    {
+        session.stop_now();
+    }
     tracing::debug!(connection = %caller.connection_id, "disconnected");
 }
 
@@ -348,7 +349,7 @@ async fn read_loop(
         }
         let pumped = pump(&mut decoder, &mut input, &mut hub_bytes);
         for pong in pumped.pongs {
-            session.enqueue(&pong);
+            session.enqueue(&pong, None);
         }
         framing_error = pumped.error;
         client_closed = pumped.closed;

@@ -199,3 +199,45 @@ impl RawClient {
         }
     }
 }
+
+/// `addr` as `/proc/net/tcp` writes it (IPv4 only, which is what the tests use).
+fn proc_net_address(addr: std::net::SocketAddr) -> String {
+    match addr {
+        std::net::SocketAddr::V4(v4) => {
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_le_bytes(v4.ip().octets()),
+                v4.port()
+            )
+        }
+        std::net::SocketAddr::V6(_) => panic!("the tests listen on IPv4"),
+    }
+}
+
+/// Whether this process (where the test's server runs) still holds a descriptor of the
+/// server's end of `client`'s connection. Exact whatever other tests open meanwhile: the
+/// server's socket is found by its addresses, then among this process's descriptors.
+pub fn server_end_open(client: &TcpStream) -> bool {
+    server_end_open_between(
+        client.local_addr().expect("bound"),
+        client.peer_addr().expect("connected"),
+    )
+}
+
+/// [`server_end_open`] for a connection from `client` to `server` (once the client's
+/// socket is gone).
+pub fn server_end_open_between(client: std::net::SocketAddr, server: std::net::SocketAddr) -> bool {
+    let (local, remote) = (proc_net_address(server), proc_net_address(client));
+    let table = std::fs::read_to_string("/proc/self/net/tcp").expect("/proc/self/net/tcp");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 9 && f[1] == local && f[2] == remote && f[9] != "0")
+        .map(|f| format!("socket:[{}]", f[9]))
+        .collect();
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .any(|target| inodes.iter().any(|i| target.to_str() == Some(i)))
+}
