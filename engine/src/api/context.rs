@@ -34,6 +34,15 @@ fn check_target(target: &Target) -> Result<(), ContextError> {
     }
 }
 
+/// A checked send, ready to be handed to the shards.
+struct PreparedSend {
+    hub: Arc<str>,
+    target: Arc<Target>,
+    broadcast: Arc<Broadcast>,
+    /// What its publisher is charged: the JSON record's size.
+    size: usize,
+}
+
 /// Hands a send to every shard, this thread's own included: the inbox keeps one order
 /// for all sends, and a hub invocation's Completion is queued only after its shard has
 /// drained its inbox (see `shard::dispatch`). Each shard's copy holds the ticket.
@@ -119,7 +128,12 @@ impl HubContext {
         let node = self.node.clone();
         let publisher = self.publisher.clone();
         async move {
-            let (hub, target, broadcast, size) = prepared?;
+            let PreparedSend {
+                hub,
+                target,
+                broadcast,
+                size,
+            } = prepared?;
             let window = publisher.as_ref().unwrap_or(&node.context_budget);
             window.room().await;
             if node.is_shutting_down() {
@@ -137,15 +151,14 @@ impl HubContext {
         }
     }
 
-    /// Checks a send and encodes what its size check needs: (hub, target, message, the
-    /// bytes its publisher is charged).
+    /// Checks a send and encodes what its size check needs.
     fn prepare_send(
         &self,
         hub: &str,
         target: Target,
         method: &str,
         arguments: Vec<Value>,
-    ) -> Result<(Arc<str>, Arc<Target>, Arc<Broadcast>, usize), ContextError> {
+    ) -> Result<PreparedSend, ContextError> {
         if self.node.is_shutting_down() {
             return Err(ContextError::ShuttingDown);
         }
@@ -155,7 +168,12 @@ impl HubContext {
         let size = broadcast
             .check_size(limit)
             .map_err(|_| ContextError::MessageTooLarge { limit })?;
-        Ok((Arc::from(hub), Arc::new(target), Arc::new(broadcast), size))
+        Ok(PreparedSend {
+            hub: Arc::from(hub),
+            target: Arc::new(target),
+            broadcast: Arc::new(broadcast),
+            size,
+        })
     }
 
     /// Adds a connection to a group. Resolves to `false` if no such connection is
