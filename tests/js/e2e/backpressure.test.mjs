@@ -1,0 +1,144 @@
+// Backpressure (contract section 6): publishers faster than the fan-out are slowed,
+// never the cause of healthy receivers being closed; a receiver that stops reading is
+// closed as a slow consumer within --slow-consumer-secs and its socket freed.
+import { test } from "node:test";
+import { ok, strictEqual } from "node:assert/strict";
+import { createConnection } from "node:net";
+import { readFileSync, readdirSync, readlinkSync } from "node:fs";
+import { clientFrame, connect, sleep, startServer, until, upgradeRequest } from "./helpers.mjs";
+
+const RS = "\u001e";
+
+/** `host:port` as /proc/net/tcp writes it (IPv4). */
+function procAddress(host, port) {
+  const hex = host.split(".").map(Number).reverse().map((b) => b.toString(16).padStart(2, "0")).join("");
+  return `${hex}:${port.toString(16).padStart(4, "0")}`.toUpperCase();
+}
+
+/** Whether the server process still holds a descriptor of its end of `socket` (whose
+ *  `ends` were noted when it connected). */
+function serverHoldsSocket(server, socket) {
+  const pid = server.child.pid;
+  const local = procAddress(socket.ends.server.address, socket.ends.server.port);
+  const remote = procAddress(socket.ends.client.address, socket.ends.client.port);
+  const inodes = readFileSync(`/proc/${pid}/net/tcp`, "latin1")
+    .split("\n")
+    .slice(1)
+    .map((line) => line.trim().split(/\s+/))
+    .filter((f) => f[1] === local && f[2] === remote && f[9] !== "0")
+    .map((f) => `socket:[${f[9]}]`);
+  return readdirSync(`/proc/${pid}/fd`).some((fd) => {
+    try {
+      return inodes.includes(readlinkSync(`/proc/${pid}/fd/${fd}`));
+    } catch {
+      return false;
+    }
+  });
+}
+
+/** A raw WebSocket member of `group` that stops reading once it joined. */
+async function stalledMember(base, group) {
+  const { hostname, port } = new URL(base);
+  const socket = createConnection({ host: hostname, port: Number(port) });
+  socket.on("error", () => {});
+  let seen = "";
+  const joined = new Promise((resolve, reject) => {
+    socket.on("data", (chunk) => {
+      seen += chunk.toString("latin1");
+      if (seen.includes('"invocationId":"j"')) resolve();
+    });
+    socket.on("close", () => reject(new Error(`closed before joining: ${seen}`)));
+  });
+  await new Promise((resolve) => socket.on("connect", resolve));
+  socket.ends = {
+    server: { address: socket.remoteAddress, port: socket.remotePort },
+    client: { address: socket.localAddress, port: socket.localPort },
+  };
+  socket.write(upgradeRequest("/hubs/chat"));
+  socket.write(clientFrame(`{"protocol":"json","version":1}${RS}`));
+  socket.write(clientFrame(`{"type":1,"invocationId":"j","target":"JoinGroup","arguments":["${group}"]}${RS}`));
+  await joined;
+  socket.removeAllListeners("data");
+  socket.pause();
+  // It keeps sending pings (a client whose reading is stuck, not a dead one), so that
+  // only its reading decides its fate, not the client timeout.
+  const pings = setInterval(() => socket.write(clientFrame(`{"type":6}${RS}`)), 1000);
+  socket.on("close", () => clearInterval(pings));
+  socket.stopPinging = () => clearInterval(pings);
+  return socket;
+}
+
+async function metric(base, name) {
+  const text = await (await fetch(`${base}/metrics`)).text();
+  return [...text.matchAll(new RegExp(`^${name}(?:\\{[^}]*\\})? (\\d+)$`, "gm"))].reduce((sum, m) => sum + Number(m[1]), 0);
+}
+
+test("four publishers flooding 4 KiB messages to 200 members: nobody healthy is closed, everyone gets every send in order, a stalled member is closed and its socket freed", { timeout: 180000 }, async () => {
+  const server = await startServer(["--threads", "2"]);
+  const clients = [];
+  try {
+    const members = [];
+    for (let i = 0; i < 200; i++) {
+      const member = await connect(server.base);
+      clients.push(member);
+      member.next = [0, 0, 0, 0];
+      member.disorder = 0;
+      member.closed = false;
+      member.onclose(() => (member.closed = true));
+      member.on("flood", (publisher, seq) => {
+        if (seq !== member.next[publisher]) member.disorder++;
+        member.next[publisher] = seq + 1;
+      });
+      await member.invoke("JoinGroup", "flood");
+      members.push(member);
+    }
+    const stalled = await stalledMember(server.base, "flood");
+    ok(serverHoldsSocket(server, stalled), "the server holds the stalled member's socket");
+
+    const payload = "x".repeat(4096);
+    const publishers = [];
+    for (let p = 0; p < 4; p++) publishers.push(await connect(server.base));
+    clients.push(...publishers);
+    const sent = [0, 0, 0, 0];
+    // At least 5 s, and until the stalled member was closed (its kernel buffers take
+    // megabytes before its queue on the server fills).
+    const started = Date.now();
+    let slowClosed = false;
+    const watcher = (async () => {
+      while (!slowClosed && Date.now() - started < 60000) {
+        slowClosed = (await metric(server.base, "ringhub_slow_consumer_closes_total")) >= 1;
+        await sleep(250);
+      }
+    })();
+    const flooding = () => Date.now() - started < 5000 || (!slowClosed && Date.now() - started < 60000);
+    await Promise.all(
+      publishers.map(async (publisher, p) => {
+        const inFlight = new Set();
+        while (flooding()) {
+          const seq = sent[p]++;
+          const send = publisher.invoke("SendToGroup", "flood", "flood", [p, seq, payload]);
+          inFlight.add(send);
+          send.finally(() => inFlight.delete(send));
+          if (inFlight.size >= 16) await Promise.race(inFlight);
+        }
+        await Promise.all(inFlight);
+      }),
+    );
+    const floodFor = Date.now() - started;
+    await watcher;
+    const total = sent.reduce((a, b) => a + b, 0);
+    ok(total > 100, `the publishers got ${total} sends through`);
+    await until(() => members.every((m) => m.next.every((n, p) => n === sent[p]) || m.closed), 90000, "every member to get every send");
+    strictEqual(members.filter((m) => m.closed).length, 0, "no healthy member was closed");
+    strictEqual(members.reduce((sum, m) => sum + m.disorder, 0), 0, "every member got the sends in order");
+
+    ok(slowClosed, `the stalled member was closed as a slow consumer (after ${total} sends)`);
+    await until(() => !serverHoldsSocket(server, stalled), 8000, "the server to free the stalled member's socket");
+    stalled.stopPinging();
+    stalled.destroy();
+    console.log(`# ${total} sends of 4 KiB to 200 members in ${floodFor} ms`);
+  } finally {
+    await Promise.all(clients.map((c) => c.stop().catch(() => {})));
+    await server.stop();
+  }
+});
