@@ -5,7 +5,7 @@ import { test } from "node:test";
 import { ok, strictEqual } from "node:assert/strict";
 import { createConnection } from "node:net";
 import { readFileSync, readdirSync, readlinkSync } from "node:fs";
-import { clientFrame, connect, sleep, startServer, until, upgradeRequest } from "./helpers.mjs";
+import { ONCE, clientFrame, connect, sleep, startServer, until, upgradeRequest } from "./helpers.mjs";
 
 const RS = "\u001e";
 
@@ -137,6 +137,93 @@ test("four publishers flooding 4 KiB messages to 200 members: nobody healthy is 
     stalled.stopPinging();
     stalled.destroy();
     console.log(`# ${total} sends of 4 KiB to 200 members in ${floodFor} ms`);
+  } finally {
+    await Promise.all(clients.map((c) => c.stop().catch(() => {})));
+    await server.stop();
+  }
+});
+
+/** The server's resident memory in bytes. */
+function rssOf(server) {
+  const status = readFileSync(`/proc/${server.child.pid}/status`, "latin1");
+  return Number(/^VmRSS:\s+(\d+) kB/m.exec(status)[1]) * 1024;
+}
+
+/** A raw WebSocket connection negotiated by hand (its token names its shard). */
+async function rawSession(base) {
+  const negotiated = await (await fetch(`${base}/hubs/chat/negotiate?negotiateVersion=1`, { method: "POST" })).json();
+  const { hostname, port } = new URL(base);
+  const socket = createConnection({ host: hostname, port: Number(port) });
+  socket.on("error", () => {});
+  await new Promise((resolve) => socket.on("connect", resolve));
+  let seen = "";
+  const handshaken = new Promise((resolve) => {
+    const onData = (chunk) => {
+      seen += chunk.toString("latin1");
+      if (seen.includes(`{}${RS}`)) {
+        socket.off("data", onData);
+        resolve();
+      }
+    };
+    socket.on("data", onData);
+  });
+  socket.write(upgradeRequest(`/hubs/chat?id=${negotiated.connectionToken}`));
+  socket.write(clientFrame(`{"protocol":"json","version":1}${RS}`));
+  await handshaken;
+  // Whatever comes next (pings) is read and dropped.
+  socket.on("data", () => {});
+  return { socket, shard: parseInt(negotiated.connectionToken.slice(0, 2), 16) };
+}
+
+test("a publisher flooding non-blocking sends to members on the other shard for 10 s: memory stays bounded, and a new client is served at once", { skip: ONCE, timeout: 120000 }, async () => {
+  const server = await startServer(["--threads", "2"]);
+  const clients = [];
+  try {
+    // Negotiate hands sessions to the shards in turn: every second one is on shard 1.
+    const members = [];
+    for (let i = 0; i < 40; i++) {
+      const client = await connect(server.base);
+      clients.push(client);
+      client.count = 0;
+      client.closed = false;
+      client.onclose(() => (client.closed = true));
+      client.on("m", () => client.count++);
+      if (i % 2 === 1) {
+        await client.invoke("JoinGroup", "cross");
+        members.push(client);
+      }
+    }
+    const { socket: publisher, shard } = await rawSession(server.base);
+    strictEqual(shard, 0, "the publisher is on shard 0");
+    const before = rssOf(server);
+    const frame = clientFrame(`{"type":1,"target":"SendToGroup","arguments":["cross","m",["${"y".repeat(1024)}"]]}${RS}`);
+    let written = 0;
+    let peak = before;
+    const started = Date.now();
+    while (Date.now() - started < 10000) {
+      if (!publisher.write(frame)) {
+        await Promise.race([new Promise((resolve) => publisher.once("drain", resolve)), sleep(100)]);
+      }
+      written += frame.length;
+      if (written % (256 * frame.length) === 0) {
+        peak = Math.max(peak, rssOf(server));
+        await sleep(0);
+      }
+    }
+    peak = Math.max(peak, rssOf(server));
+    ok(members.every((m) => m.count > 10), "the members on shard 1 got the sends");
+    const mib = (n) => (n / 1048576).toFixed(0);
+    console.log(`# flood: ${mib(written)} MiB written in 10 s; server RSS ${mib(before)} -> peak ${mib(peak)} MiB`);
+    ok(peak < 256 * 1048576, `server RSS peaked at ${mib(peak)} MiB (bound 256 MiB)`);
+
+    const fresh = Date.now();
+    const late = await connect(server.base);
+    clients.push(late);
+    strictEqual(await late.invoke("Echo", 7), 7);
+    const took = Date.now() - fresh;
+    ok(took < 2000, `a new client was served in ${took} ms`);
+    publisher.destroy();
+    strictEqual(members.filter((m) => m.closed).length, 0, "no member was closed");
   } finally {
     await Promise.all(clients.map((c) => c.stop().catch(() => {})));
     await server.stop();
