@@ -51,6 +51,11 @@ pub struct LoadArgs {
     /// only; publishers always use WebSockets).
     #[arg(long, default_value = "websockets")]
     pub receivers: String,
+    /// One receiver (of the first group) stops reading when the measurement starts and
+    /// never reads again (the slow-reader workload): it is left out of the delivery
+    /// counts, and the report says when the server closed it (ringhub's `/metrics`).
+    #[arg(long)]
+    pub stall_one: bool,
     /// Pin the load generator to this core.
     #[arg(long)]
     pub core: Option<usize>,
@@ -89,6 +94,12 @@ pub struct LoadReport {
     pub latency_us_max: u64,
     pub loadgen_cpu_ns_per_delivery: f64,
     pub loadgen_cpu_busy: f64,
+    /// The longest a publisher waited for room in its window of sends in flight during
+    /// the measurement (the server slowing it down), in milliseconds.
+    pub publisher_stall_ms_max: f64,
+    /// With `--stall-one`: seconds from the receiver's last read to the server's
+    /// slow-consumer close (`None`: not closed, or the server has no such metric).
+    pub stalled_closed_after_secs: Option<f64>,
 }
 
 impl LoadReport {
@@ -140,6 +151,9 @@ struct Shared {
     sent_to_group: RefCell<Vec<u64>>,
     sent: Cell<u64>,
     in_flight: Cell<u64>,
+    publisher_stall_max: Cell<Duration>,
+    /// When the stalled receiver stopped reading.
+    stalled_at: Cell<Option<Instant>>,
 }
 
 impl Shared {
@@ -155,12 +169,20 @@ struct Tally {
     joined: bool,
     /// Next expected sequence number per publisher.
     next: Vec<u64>,
+    /// Whether its deliveries count (not for the receiver that stalls).
+    counted: bool,
 }
 
 impl Tally {
     fn take(&mut self, payload: &[u8]) {
         let shared = &self.shared;
+        if !self.counted && self.joined {
+            return;
+        }
         if let Some((publisher, seq, sent_ns)) = self.wire.delivery(payload) {
+            if !self.counted {
+                return;
+            }
             shared.delivered.set(shared.delivered.get() + 1);
             let Some(expected) = self.next.get_mut(publisher as usize) else {
                 return;
@@ -198,6 +220,7 @@ async fn receiver(
     wire: Wire,
     transport: ReceiverTransport,
     group: usize,
+    stalls: bool,
     shared: Rc<Shared>,
 ) {
     let mut tally = Tally {
@@ -205,6 +228,7 @@ async fn receiver(
         wire,
         joined: false,
         next: vec![0u64; args.publishers],
+        counted: !stalls,
     };
     let group = format!("g{group}");
     if let (Wire::SignalR(protocol), false) = (wire, transport == ReceiverTransport::WebSockets) {
@@ -242,6 +266,14 @@ async fn receiver(
         return;
     }
     loop {
+        if stalls && tally.shared.measuring.get() {
+            // Stops reading for good; the socket stays open until the run ends.
+            tally.shared.stalled_at.set(Some(Instant::now()));
+            while !tally.shared.stop.get() {
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+            return;
+        }
         if client::read(&mut stream, &mut buf).await.is_err() {
             tally.ended();
             return;
@@ -341,7 +373,14 @@ async fn publisher(args: Rc<LoadArgs>, wire: Wire, index: usize, shared: Rc<Shar
         if due == 0 {
             let window = args.window;
             let in_flight = in_flight.clone();
+            let waited_from = Instant::now();
             room.wait(move || in_flight.get() < window).await;
+            if shared.measuring.get() {
+                let waited = waited_from.elapsed();
+                if waited > shared.publisher_stall_max.get() {
+                    shared.publisher_stall_max.set(waited);
+                }
+            }
             continue;
         }
         let mut batch = std::mem::take(&mut *pongs.borrow_mut());
@@ -495,6 +534,8 @@ pub async fn run(args: LoadArgs, wire: Wire, receivers: ReceiverTransport) -> Lo
         sent_to_group: RefCell::new(vec![0; args.groups]),
         sent: Cell::new(0),
         in_flight: Cell::new(0),
+        publisher_stall_max: Cell::new(Duration::ZERO),
+        stalled_at: Cell::new(None),
     });
     spawn_paced(args.connections, |i| {
         monoio::spawn(receiver(
@@ -502,6 +543,7 @@ pub async fn run(args: LoadArgs, wire: Wire, receivers: ReceiverTransport) -> Lo
             wire,
             receivers,
             i % args.groups,
+            args.stall_one && i == 0,
             shared.clone(),
         ));
     })
@@ -525,6 +567,13 @@ pub async fn run(args: LoadArgs, wire: Wire, receivers: ReceiverTransport) -> Lo
         cpu_time(),
         Instant::now(),
     );
+    // The stalled receiver stops at its next read; the server's slow-consumer closes
+    // are watched from here, on a thread (a blocking HTTP request each time).
+    let slow_close = args.stall_one.then(|| {
+        let addr = args.addr;
+        let deadline = Duration::from_secs(args.duration_secs + 5);
+        std::thread::spawn(move || watch_slow_consumer_close(addr, t0, deadline))
+    });
     monoio::time::sleep(Duration::from_secs(args.duration_secs)).await;
     let (d1, s1, c1, t1) = (
         shared.delivered.get(),
@@ -539,7 +588,11 @@ pub async fn run(args: LoadArgs, wire: Wire, receivers: ReceiverTransport) -> Lo
     // Stop sending, let what was sent arrive, then count what is missing.
     shared.stop.set(true);
     let drain_deadline = Instant::now() + Duration::from_secs(5);
-    let members = |group: usize| (args.connections + args.groups - 1 - group) / args.groups;
+    let members = |group: usize| {
+        let members = (args.connections + args.groups - 1 - group) / args.groups;
+        // The stalled receiver (the first, in group 0) is not counted.
+        members - usize::from(args.stall_one && group == 0)
+    };
     let expected = || -> u64 {
         shared
             .sent_to_group
@@ -549,6 +602,10 @@ pub async fn run(args: LoadArgs, wire: Wire, receivers: ReceiverTransport) -> Lo
             .map(|(g, sent)| sent * members(g) as u64)
             .sum()
     };
+    let stalled_closed_after_secs = slow_close
+        .and_then(|watch| watch.join().ok().flatten())
+        .zip(shared.stalled_at.get())
+        .map(|(closed, stalled)| closed.saturating_duration_since(stalled).as_secs_f64());
     let mut quiet_since = Instant::now();
     let mut last = shared.delivered.get();
     while Instant::now() < drain_deadline {
@@ -597,5 +654,39 @@ pub async fn run(args: LoadArgs, wire: Wire, receivers: ReceiverTransport) -> Lo
             0.0
         },
         loadgen_cpu_busy: 100.0 * (c1 - c0).as_secs_f64() / secs,
+        publisher_stall_ms_max: shared.publisher_stall_max.get().as_secs_f64() * 1000.0,
+        stalled_closed_after_secs,
     }
+}
+
+/// Polls the server's `/metrics` until `ringhub_slow_consumer_closes_total` counts a
+/// close or `deadline` passed since `from`; when the count rose (`None`: it did not, or
+/// the server has no such metric).
+fn watch_slow_consumer_close(
+    addr: SocketAddr,
+    from: Instant,
+    deadline: Duration,
+) -> Option<Instant> {
+    use std::io::{Read, Write};
+    let closes = || -> Option<u64> {
+        let mut stream = std::net::TcpStream::connect(addr).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).ok()?;
+        answer
+            .lines()
+            .find_map(|l| l.strip_prefix("ringhub_slow_consumer_closes_total "))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let before = closes()?;
+    while from.elapsed() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        if closes()? > before {
+            return Some(Instant::now());
+        }
+    }
+    None
 }

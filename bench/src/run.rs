@@ -20,7 +20,7 @@ use crate::plot;
 #[derive(Parser, Clone, Debug)]
 pub struct RunArgs {
     /// Comma-separated workloads, or `all`: fanout-1k, fanout-10k, broadcast-big,
-    /// latency, idle-100k, churn.
+    /// slow-reader, latency, idle-100k, churn.
     #[arg(long, default_value = "all")]
     pub workloads: String,
     /// Comma-separated servers, or `all`: ringhub, ceiling, socketioxide, naive,
@@ -49,10 +49,11 @@ pub struct RunArgs {
     pub repeat: usize,
 }
 
-const WORKLOADS: [&str; 6] = [
+const WORKLOADS: [&str; 7] = [
     "fanout-1k",
     "fanout-10k",
     "broadcast-big",
+    "slow-reader",
     "latency",
     "idle-100k",
     "churn",
@@ -122,6 +123,11 @@ impl Server {
     fn runs(&self, workload: &str) -> bool {
         if self.receivers != "websockets" {
             return workload == "fanout-1k";
+        }
+        if workload == "slow-reader" {
+            // Two shards add nothing to the question (is the stalled one closed, is
+            // anyone else hurt), and its receivers need WebSockets.
+            return !self.two_shards;
         }
         workload != "churn" || self.name.starts_with("ringhub")
     }
@@ -292,10 +298,13 @@ impl Context {
     }
 
     fn fanout(&mut self, workload: &str, server: &Server) -> Result<Value, String> {
+        // broadcast-big and slow-reader: open-loop publishers, as fast as the server
+        // takes their sends with 64 in flight each (faster than any fan-out of 4 KiB to
+        // 1,000: the server has to slow them down).
         let (connections, groups, publishers, payload, window, rate) = match workload {
             "fanout-1k" => (1000, 10, 4, 64, 16, None),
             "fanout-10k" => (10_000, 100, 4, 64, 16, None),
-            "broadcast-big" => (1000, 1, 4, 4096, 4, None),
+            "broadcast-big" | "slow-reader" => (1000, 1, 4, 4096, 64, None),
             _ => (1000, 10, 4, 64, 16, Some(2000)),
         };
         let connections = self.scaled(connections);
@@ -317,6 +326,9 @@ impl Context {
         ];
         if let Some(rate) = rate {
             args.push(format!("--rate={rate}"));
+        }
+        if workload == "slow-reader" {
+            args.push("--stall-one".into());
         }
         self.bench(server, server_process.0.id(), &args)
     }
@@ -656,6 +668,38 @@ fn write_results(
                             p["bytes_per_connection"]
                         )?;
                     }
+                }
+                writeln!(md)?;
+            }
+            "slow-reader" => {
+                writeln!(md, "## slow-reader\n")?;
+                writeln!(
+                    md,
+                    "1,000 members of one group, 4 publishers sending 4 KiB messages with 64 in flight each; \
+                     one member stops reading when the measurement starts. Losses and closes count the \
+                     999 others.\n"
+                )?;
+                writeln!(
+                    md,
+                    "| server | deliveries/s | lost | reordered | others closed | stalled one closed after | longest publisher stall |\n|---|---|---|---|---|---|---|"
+                )?;
+                for server in servers {
+                    let Some(report) = find(results, workload, server) else {
+                        continue;
+                    };
+                    let deliveries = report["deliveries_per_sec"].as_f64().unwrap_or(0.0);
+                    let closed_after = report["stalled_closed_after_secs"]
+                        .as_f64()
+                        .map_or("not closed".to_owned(), |s| format!("{s:.1} s"));
+                    writeln!(
+                        md,
+                        "| {server} | {} | {} | {} | {} | {closed_after} | {:.0} ms |",
+                        with_range(results, workload, server, "deliveries_per_sec", deliveries),
+                        total(results, workload, server, "lost"),
+                        total(results, workload, server, "reordered"),
+                        total(results, workload, server, "disconnected"),
+                        report["publisher_stall_ms_max"].as_f64().unwrap_or(0.0),
+                    )?;
                 }
                 writeln!(md)?;
             }
