@@ -11,7 +11,8 @@ use bytes::Bytes;
 use ringhub_protocol::frame::{self, Framing};
 use ringhub_protocol::{HubMessage, HubProtocol};
 
-/// How many frames were encoded for broadcasts since start (for the fan-out tests).
+/// How many times broadcasts were serialized since start (once per hub protocol a
+/// message is sent in, whatever the framings; for the fan-out tests).
 pub static BROADCAST_ENCODES: AtomicU64 = AtomicU64::new(0);
 
 /// How a recipient needs a message: its hub protocol and its transport's framing.
@@ -48,12 +49,22 @@ impl Broadcast {
         }
     }
 
-    /// The complete frame for `kind` (a reference-count clone).
+    /// The complete frame for `kind` (a reference-count clone). The message is
+    /// serialized once per protocol (its bare record); each framing wraps that record.
     pub fn frame(&self, kind: FrameKind) -> Bytes {
         self.frames[kind.index()]
-            .get_or_init(|| {
-                BROADCAST_ENCODES.fetch_add(1, Relaxed);
-                frame::encode_framed(kind.protocol, kind.framing, &self.message)
+            .get_or_init(|| match kind.framing {
+                Framing::Raw => {
+                    BROADCAST_ENCODES.fetch_add(1, Relaxed);
+                    frame::encode_framed(kind.protocol, Framing::Raw, &self.message)
+                }
+                framing => {
+                    let record = self.frame(FrameKind {
+                        protocol: kind.protocol,
+                        framing: Framing::Raw,
+                    });
+                    frame::frame_raw(kind.protocol, framing, &record)
+                }
             })
             .clone()
     }
@@ -70,18 +81,16 @@ const MESSAGEPACK_GROWTH: usize = 3;
 impl Broadcast {
     /// The size of the largest frame this message takes for any recipient, if it is at
     /// most `limit` (contract section 6: a message is refused where it enters when it
-    /// could not fit); `Err` with that size otherwise. Encodes the JSON record (kept
-    /// for long-polling recipients), and the MessagePack one only when its size could
-    /// matter.
+    /// could not fit); `Err` with that size otherwise. Serializes the JSON record
+    /// (which every JSON frame is made from), and the MessagePack one only when its
+    /// size could matter.
     pub fn check_size(&self, limit: usize) -> Result<usize, usize> {
         let record = |protocol| {
-            let kind = FrameKind {
+            self.frame(FrameKind {
                 protocol,
                 framing: Framing::Raw,
-            };
-            self.frames[kind.index()]
-                .get_or_init(|| frame::encode_framed(protocol, Framing::Raw, &self.message))
-                .len()
+            })
+            .len()
         };
         let json = record(HubProtocol::Json);
         let mut largest = json;
@@ -122,18 +131,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_kind_is_encoded_once_and_differs_from_the_others() {
-        let broadcast = Broadcast::new(HubMessage::invocation("m", vec![]));
+    fn each_kind_is_made_once_from_one_serialization_per_protocol() {
+        let message = HubMessage::invocation("m", vec!["é\n".into()]);
+        let broadcast = Broadcast::new(message.clone());
+        let before = BROADCAST_ENCODES.load(Relaxed);
         let mut seen = Vec::new();
         for protocol in [HubProtocol::Json, HubProtocol::MessagePack] {
             for framing in Framing::ALL {
                 let kind = FrameKind { protocol, framing };
                 let first = broadcast.frame(kind);
+                assert_eq!(first, frame::encode_framed(protocol, framing, &message));
                 assert_eq!(first.as_ptr(), broadcast.frame(kind).as_ptr(), "shared");
                 assert!(!seen.contains(&first), "{kind:?} has its own bytes");
                 seen.push(first);
             }
         }
+        // Other tests may run meanwhile: at least one per protocol, and not one per kind.
+        let serialized = BROADCAST_ENCODES.load(Relaxed) - before;
+        assert!(serialized >= 2, "{serialized}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Encode once across transports: one group send to members over WebSockets, Server-Sent
-//! Events and long polling, on two shards, is encoded once per (protocol, framing) in
-//! the whole process. Its own test binary: the encode counter is process-wide.
+//! Events and long polling, on two shards, is serialized once per protocol in the whole
+//! process (each framing wraps that one record). Its own test binary: the counter is
+//! process-wide.
 
 mod common;
 
@@ -23,7 +24,7 @@ const HANDSHAKE: &str = r#"{"protocol":"json","version":1}"#;
 const JOIN: &str = r#"{"type":1,"invocationId":"j","target":"JoinGroup","arguments":["room"]}"#;
 
 #[test]
-fn a_group_of_mixed_transports_is_encoded_once_per_protocol_and_framing() {
+fn a_group_of_mixed_transports_is_serialized_once_per_protocol() {
     use std::io::Read;
     let server = start_with_shards(2);
     let addr = server.local_addr();
@@ -102,8 +103,8 @@ fn a_group_of_mixed_transports_is_encoded_once_per_protocol_and_framing() {
     }
     assert_eq!(
         broadcast_encodes() - encodes,
-        3,
-        "one encode for each of WebSocket, SSE and long polling (JSON), over two shards"
+        1,
+        "one serialization (JSON) for WebSocket, SSE and long polling, over two shards"
     );
     server.shutdown();
 }

@@ -129,10 +129,14 @@ impl Session {
         let pushed = self.outbox.borrow_mut().push(frame, ticket);
         match pushed {
             Pushed::Queued => {
+                self.note_congestion();
                 self.wake_writer();
                 true
             }
-            Pushed::Held => true,
+            Pushed::Held => {
+                self.note_congestion();
+                true
+            }
             Pushed::Closing => false,
             Pushed::Overflow => {
                 self.close_as_slow();
@@ -187,10 +191,18 @@ impl Session {
         self.outbox.borrow().bytes()
     }
 
+    /// Starts the slow-consumer clock when the session becomes congested (the clock is
+    /// read only then: no time is taken per frame otherwise).
+    fn note_congestion(&self) {
+        if self.congested_since.get().is_none() && self.outbox.borrow().is_congested() {
+            self.congested_since.set(Some(Instant::now()));
+        }
+    }
+
     /// Whether the session has stayed congested (above half its queue bound, counting
     /// what its writer holds, or with frames held) for longer than `allowed`, as of
-    /// `now`: a receiver that stopped reading, or reads far slower than the rest. Called
-    /// on the shard's timer; a write that brings the backlog down resets the clock.
+    /// `now`: a receiver that stopped reading, or reads far slower than the rest. A
+    /// write that brings the backlog down resets the clock.
     pub fn too_slow(&self, now: Instant, allowed: Duration) -> bool {
         if !self.outbox.borrow().is_congested() {
             self.congested_since.set(None);
@@ -199,6 +211,14 @@ impl Session {
         let since = self.congested_since.get().unwrap_or(now);
         self.congested_since.set(Some(since));
         now - since > allowed
+    }
+
+    /// Restarts a running slow-consumer clock at `now` (after the shard itself was
+    /// stalled: the time it did not run is not the receiver's fault).
+    pub fn forgive_congestion(&self, now: Instant) {
+        if self.congested_since.get().is_some() {
+            self.congested_since.set(Some(now));
+        }
     }
 
     /// Resolves once the session is not congested (or is ending): a transport reads the

@@ -68,6 +68,7 @@ pub fn run(
         });
         monoio::spawn(tick(state.clone()));
         monoio::spawn(presence_notifier(state.clone()));
+        monoio::spawn(slow_consumer_watch(state.clone()));
         state
             .node
             .ready_shards
@@ -239,9 +240,6 @@ async fn tick(state: Rc<ShardState>) {
                 if now - since > CLOSE_GRACE {
                     session.stop_now();
                 }
-            } else if judge_silence && session.too_slow(now, config.slow_consumer) {
-                // Above half its bound for too long (a stalled shard is not its fault).
-                session.close_as_slow();
             } else if inherent_keepalive {
             } else if now - session.last_received.get() > config.client_timeout {
                 // Silent by our clock; after a stall of this shard, what the client sent
@@ -284,6 +282,36 @@ async fn tick(state: Rc<ShardState>) {
         state
             .tokens
             .purge_negotiated(now, config.disconnect_timeout);
+    }
+}
+
+/// How often a shard looks for slow consumers: a congested receiver slows its
+/// publishers until it is closed, so it is closed at most this long after
+/// `--slow-consumer-secs` (a check costs a comparison per session).
+const SLOW_CONSUMER_CHECK: Duration = Duration::from_millis(100);
+
+/// Closes the receivers that stayed congested for `--slow-consumer-secs`.
+async fn slow_consumer_watch(state: Rc<ShardState>) {
+    let allowed = state.node.config.slow_consumer;
+    let mut interval = monoio::time::interval(SLOW_CONSUMER_CHECK);
+    let mut last = Instant::now();
+    while !state.shutdown.is_fired() {
+        interval.tick().await;
+        let now = Instant::now();
+        // A shard that did not run for a while (its process stopped, its core starved)
+        // could not write: its receivers' clocks start again.
+        let stalled = now - last > StallGuard::LATE;
+        last = now;
+        for session in state.all_sessions() {
+            if session.closing_since().is_some() {
+                continue;
+            }
+            if stalled {
+                session.forgive_congestion(now);
+            } else if session.too_slow(now, allowed) {
+                session.close_as_slow();
+            }
+        }
     }
 }
 
