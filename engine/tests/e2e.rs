@@ -249,6 +249,45 @@ fn the_embedding_api_refuses_what_the_contract_refuses_with_a_clear_error() {
 }
 
 #[test]
+fn a_message_whose_frame_could_not_fit_half_a_queue_is_refused_where_it_enters() {
+    use ringhub_engine::{ContextError, Value};
+    let server = start(Config {
+        threads: 2,
+        max_message_bytes: 512 * 1024,
+        ..Config::default()
+    });
+    wait_ready(&server);
+    let context = server.context();
+    let limit = 512 * 1024;
+    let text = |n: usize| vec![Value::Str("t".repeat(n))];
+    use futures_executor::block_on;
+    assert_eq!(
+        block_on(context.send("test", Target::All, "m", text(100_000))),
+        Ok(())
+    );
+    let refused = block_on(context.send("test", Target::All, "m", text(600_000)));
+    assert_eq!(refused, Err(ContextError::MessageTooLarge { limit }));
+    assert!(refused.unwrap_err().to_string().contains("524288"));
+    // 240 KB of JSON, but every 1.5 is 9 bytes in MessagePack: over the limit for a
+    // MessagePack recipient, so refused for all.
+    let floats = || format!("[{}]", vec!["1.5"; 60_000].join(","));
+    let floats_value = Value::Array(vec![Value::Float(1.5); 60_000]);
+    assert_eq!(
+        block_on(context.send("test", Target::All, "m", vec![floats_value])),
+        Err(ContextError::MessageTooLarge { limit })
+    );
+    // The same from a client: a Completion error, and the connection stays.
+    let mut client = RawClient::connect(server.local_addr(), None);
+    let answer = client.invoke("1", "SendToAll", &format!(r#"["m",[{}]]"#, floats()));
+    assert!(
+        answer.contains(r#""error":"The message is too large (limit 524288 bytes once encoded).""#),
+        "{answer}"
+    );
+    assert!(client.invoke("2", "Echo", "[3]").contains(r#""result":3"#));
+    server.shutdown();
+}
+
+#[test]
 fn a_slow_consumer_that_never_reads_again_gets_its_socket_closed_within_the_grace() {
     let server = start(Config {
         threads: 1,
