@@ -15,6 +15,11 @@ pub struct ShardMetrics {
     pub bytes_sent: AtomicU64,
     pub slow_consumer_closes: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Stateful reconnect: sessions resumed on a new WebSocket, resumes refused, and
+    /// frames sent again on resume.
+    pub resumes: AtomicU64,
+    pub resumes_refused: AtomicU64,
+    pub replayed_messages: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -72,7 +77,7 @@ impl Metrics {
             "# HELP ringhub_groups Groups with at least one member.\n# TYPE ringhub_groups gauge\n",
         );
         let _ = writeln!(out, "ringhub_groups {groups}");
-        let counters: [(&str, &str, u64); 5] = [
+        let counters: [(&str, &str, u64); 8] = [
             (
                 "ringhub_messages_received_total",
                 "Hub messages received from clients.",
@@ -97,6 +102,21 @@ impl Metrics {
                 "ringhub_protocol_errors_total",
                 "Connections closed for malformed input.",
                 self.sum(|s| &s.protocol_errors),
+            ),
+            (
+                "ringhub_resumes_total",
+                "Connections resumed on a new WebSocket (stateful reconnect).",
+                self.sum(|s| &s.resumes),
+            ),
+            (
+                "ringhub_resumes_refused_total",
+                "Resumes refused (another user, or too much unacknowledged).",
+                self.sum(|s| &s.resumes_refused),
+            ),
+            (
+                "ringhub_replayed_messages_total",
+                "Messages sent again on resumed connections.",
+                self.sum(|s| &s.replayed_messages),
             ),
         ];
         for (name, help, value) in counters {

@@ -4,6 +4,7 @@
 //! [`Session::stop`] fires.
 
 pub mod outbox;
+pub mod replay;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -24,6 +25,7 @@ use crate::flow::{Ticket, Window};
 use crate::metrics::{MetricsRef, ShardMetrics};
 use crate::signal::Signal;
 use outbox::{Outbox, Pushed, Taken};
+use replay::{ClientSequence, Incoming, Replay};
 
 /// The error sentence of a slow-consumer close (contract section 6).
 pub const SLOW_CONSUMER: &str = "Connection closed: client too slow.";
@@ -54,10 +56,26 @@ pub struct Session {
     pub publish_window: Arc<Window>,
     pub last_received: Cell<Instant>,
     pub last_sent: Cell<Instant>,
-    /// Ends the transport's reading and writing at once, whatever they are doing: fire
-    /// it with [`Session::stop_now`], which also wakes a writer waiting for frames.
+    /// Ends the session: fire it with [`Session::stop_now`], which also ends its
+    /// transport.
     pub stop: Signal,
+    /// Ends the current transport's reading and writing at once, whatever they are
+    /// doing (fired with `stop` too; a resumable session gets a new one per transport).
+    transport: RefCell<Signal>,
+    /// Stateful reconnect's state, when the client negotiated it.
+    stateful: Option<Stateful>,
     metrics: Rc<MetricsRef>,
+}
+
+/// A session's stateful-reconnect state.
+struct Stateful {
+    replay: RefCell<Replay>,
+    client: RefCell<ClientSequence>,
+    /// Between transports: tracked frames only go to the replay buffer.
+    detached: Cell<bool>,
+    /// The task waiting for a new transport (woken when the session can no longer be
+    /// resumed).
+    waiter: RefCell<Option<Waker>>,
 }
 
 impl Session {
@@ -85,8 +103,22 @@ impl Session {
             last_received: Cell::new(now),
             last_sent: Cell::new(now),
             stop: Signal::default(),
+            transport: RefCell::default(),
+            stateful: None,
             metrics,
         }
+    }
+
+    /// Makes the session resumable (stateful reconnect), keeping up to `buffer` bytes
+    /// of unacknowledged frames.
+    pub fn with_stateful_reconnect(mut self, buffer: usize) -> Session {
+        self.stateful = Some(Stateful {
+            replay: RefCell::new(Replay::new(buffer)),
+            client: RefCell::new(ClientSequence::default()),
+            detached: Cell::new(false),
+            waiter: RefCell::new(None),
+        });
+        self
     }
 
     pub fn protocol(&self) -> HubProtocol {
@@ -126,6 +158,29 @@ impl Session {
     /// session is closing, or it just fell too far behind and is being closed as a slow
     /// consumer.
     pub fn enqueue(&self, frame: &Bytes, ticket: Option<&Arc<Ticket>>) -> bool {
+        if let Some(stateful) = &self.stateful {
+            let kept = stateful.replay.borrow_mut().push(frame);
+            if stateful.detached.get() {
+                // Kept for the resume; no transport to hold publishers up for.
+                if !kept {
+                    self.wake_resume_waiter();
+                }
+                return kept;
+            }
+        }
+        self.push(frame, ticket)
+    }
+
+    /// Queues a frame that stateful reconnect does not count (a ping, a pong, an Ack,
+    /// the handshake answer); dropped while no transport carries the session.
+    pub fn enqueue_untracked(&self, frame: &Bytes) -> bool {
+        if self.is_detached() {
+            return false;
+        }
+        self.push(frame, None)
+    }
+
+    fn push(&self, frame: &Bytes, ticket: Option<&Arc<Ticket>>) -> bool {
         let pushed = self.outbox.borrow_mut().push(frame, ticket);
         match pushed {
             Pushed::Queued => {
@@ -174,12 +229,125 @@ impl Session {
         }
     }
 
-    /// Stops the session's transport now (its writer too, even while it waits for
-    /// frames), without a Close message.
+    /// Stops the session and its transport now (its writer too, even while it waits
+    /// for frames), without a Close message.
     pub fn stop_now(&self) {
         self.stop.fire();
+        self.end_transport();
+        self.wake_resume_waiter();
+    }
+
+    /// The signal that ends the current transport.
+    pub fn transport_signal(&self) -> Signal {
+        self.transport.borrow().clone()
+    }
+
+    /// Ends the current transport (its reader and writer), not the session.
+    pub fn end_transport(&self) {
+        self.transport.borrow().fire();
         self.wake_writer();
         self.wake_reader();
+    }
+
+    /// The transport failed (a write did): a resumable session waits for a new one,
+    /// any other ends with it.
+    pub fn transport_failed(&self) {
+        if self.stateful.is_some() {
+            self.end_transport();
+        } else {
+            self.stop_now();
+        }
+    }
+
+    /// Whether stateful reconnect could resume this session now.
+    pub fn can_resume(&self) -> bool {
+        self.stateful
+            .as_ref()
+            .is_some_and(|s| s.replay.borrow().can_resume())
+    }
+
+    pub fn is_detached(&self) -> bool {
+        self.stateful.as_ref().is_some_and(|s| s.detached.get())
+    }
+
+    /// The transport is gone and the session waits for a new one: what was queued is
+    /// dropped (every message of it is in the replay buffer, and its publishers are
+    /// released), and until the resume tracked frames only go to the replay buffer.
+    pub fn detach(&self) {
+        if let Some(stateful) = &self.stateful {
+            stateful.detached.set(true);
+            self.outbox.borrow_mut().reset();
+            self.congested_since.set(None);
+        }
+    }
+
+    /// A new transport carries the session: its first frames are a Sequence message
+    /// and every unacknowledged frame again, and the client's messages count once it
+    /// sent its own Sequence. Returns how many frames were sent again.
+    pub fn resume(&self) -> usize {
+        *self.transport.borrow_mut() = Signal::default();
+        let Some(stateful) = &self.stateful else {
+            return 0;
+        };
+        stateful.detached.set(false);
+        stateful.client.borrow_mut().resumed();
+        let replay = stateful.replay.borrow();
+        let (first, frames) = replay.resend();
+        let sequence = self.encode(&HubMessage::Sequence { sequence_id: first });
+        self.push(&sequence, None);
+        let mut resent = 0;
+        for frame in frames {
+            self.push(frame, None);
+            resent += 1;
+        }
+        resent
+    }
+
+    /// Counts a message from the client for stateful reconnect: whether to handle it.
+    pub fn client_message(&self, message: &HubMessage) -> Incoming {
+        match &self.stateful {
+            Some(stateful) => stateful.client.borrow_mut().receive(message),
+            None => Incoming::Process,
+        }
+    }
+
+    /// The client processed every frame up to `sequence_id`.
+    pub fn acknowledged(&self, sequence_id: u64) {
+        if let Some(stateful) = &self.stateful {
+            stateful.replay.borrow_mut().ack(sequence_id);
+        }
+    }
+
+    /// Queues an Ack for the client's messages processed since the last one (stateful
+    /// reconnect; the shard's timer calls it once a second).
+    pub fn acknowledge_client(&self) {
+        let Some(stateful) = &self.stateful else {
+            return;
+        };
+        if stateful.detached.get() {
+            return;
+        }
+        let due = stateful.client.borrow_mut().ack_due();
+        if let Some(sequence_id) = due {
+            self.enqueue_untracked(&self.encode(&HubMessage::Ack { sequence_id }));
+        }
+    }
+
+    /// Wakes `waker` when the session can no longer be resumed.
+    pub fn wake_on_resume_change(&self, waker: &Waker) {
+        if let Some(stateful) = &self.stateful {
+            *stateful.waiter.borrow_mut() = Some(waker.clone());
+        }
+    }
+
+    fn wake_resume_waiter(&self) {
+        let waker = self
+            .stateful
+            .as_ref()
+            .and_then(|s| s.waiter.borrow_mut().take());
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
     /// When the session started closing, if it is.
@@ -228,7 +396,7 @@ impl Session {
         std::future::poll_fn(|cx| {
             if !self.outbox.borrow().is_congested()
                 || self.closing_since().is_some()
-                || self.stop.is_fired()
+                || self.transport.borrow().is_fired()
             {
                 return Poll::Ready(());
             }
@@ -267,7 +435,7 @@ impl Session {
             if let Some(taken) = outbox.take(copied, batch) {
                 return Poll::Ready(Some(taken));
             }
-            if outbox.closing_since().is_some() || self.stop.is_fired() {
+            if outbox.closing_since().is_some() || self.transport.borrow().is_fired() {
                 return Poll::Ready(None);
             }
             *self.writer.borrow_mut() = Some(cx.waker().clone());

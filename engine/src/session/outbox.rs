@@ -176,6 +176,18 @@ impl Outbox {
         true
     }
 
+    /// Drops everything queued, held and in flight (a transport that is gone): held
+    /// frames' publishers are released.
+    pub fn reset(&mut self) {
+        self.frames.clear();
+        self.tail.clear();
+        self.held.clear();
+        self.held_untracked = 0;
+        self.frame_count = 0;
+        self.bytes = 0;
+        self.in_flight = 0;
+    }
+
     pub fn closing_since(&self) -> Option<Instant> {
         self.closing_since
     }

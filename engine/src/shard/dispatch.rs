@@ -5,9 +5,11 @@ use std::rc::Rc;
 
 use bytes::{Buf, BytesMut};
 use ringhub_protocol::hub::{CompletionOutcome, HubMessage, Invocation};
+use ringhub_protocol::ws::close_code;
 
 use crate::api::Call;
 use crate::metrics::ShardMetrics;
+use crate::session::replay::Incoming;
 use crate::session::Session;
 use crate::shard::state::ShardState;
 
@@ -61,6 +63,17 @@ pub async fn handle_records(
         hub_bytes.advance(used);
         match message {
             Ok(Some(message)) => {
+                match session.client_message(&message) {
+                    Incoming::Process => {}
+                    // Sent again after a resume, or before the client's Sequence.
+                    Incoming::Ignore => continue,
+                    Incoming::Invalid => {
+                        return Dispatched::BadInput(BadInput::new(
+                            "Sequence ID greater than amount of messages we've received.",
+                            close_code::PROTOCOL_ERROR,
+                        ))
+                    }
+                }
                 // A client that does not read what it is sent gets nothing more handled
                 // (its Completions would pile up) until its queue came down.
                 session.uncongested().await;
@@ -100,6 +113,10 @@ async fn handle_message(
             false
         }
         HubMessage::Close(_) => true,
+        HubMessage::Ack { sequence_id } => {
+            session.acknowledged(sequence_id);
+            false
+        }
         // Pings only reset the timeout; client results, upload streams, cancellation and
         // stateful-reconnect acks have nothing to act on here.
         _ => false,
@@ -196,7 +213,7 @@ mod tests {
             protocol: HubProtocol::Json,
             framing: Framing::Raw,
         };
-        let session = state.new_session(caller, kind);
+        let session = state.new_session(caller, kind, None);
         state.register(session.clone());
         session
     }

@@ -233,6 +233,11 @@ async fn tick(state: Rc<ShardState>) {
         let judge_silence = stall.judge_silence(state.index, now);
         let mut timed_out = 0usize;
         for session in state.all_sessions() {
+            // Between transports (stateful reconnect) the resume's own timeout applies.
+            if session.is_detached() {
+                continue;
+            }
+            session.acknowledge_client();
             // Long polling keeps itself alive: no pings, no client timeout (the channel
             // check below disposes a connection whose polls stopped).
             let inherent_keepalive = session.framing == Framing::Raw;
@@ -256,7 +261,7 @@ async fn tick(state: Rc<ShardState>) {
             {
                 if let Some((_, ping)) = pings.iter().find(|(kind, _)| *kind == session.kind()) {
                     session.last_sent.set(now);
-                    session.enqueue(ping, None);
+                    session.enqueue_untracked(ping);
                 }
             }
         }

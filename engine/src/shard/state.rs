@@ -92,7 +92,14 @@ impl ShardState {
     }
 
     /// A new session of this shard (not registered yet), with its own publish window.
-    pub fn new_session(&self, caller: Rc<Caller>, kind: FrameKind) -> Rc<Session> {
+    /// `stateful_reconnect`: the session is resumable, with a replay buffer of that
+    /// many bytes.
+    pub fn new_session(
+        &self,
+        caller: Rc<Caller>,
+        kind: FrameKind,
+        stateful_reconnect: Option<usize>,
+    ) -> Rc<Session> {
         let key = self.next_key.get();
         self.next_key.set(key + 1);
         let config = &self.node.config;
@@ -100,14 +107,18 @@ impl ShardState {
             config.connection_publish_window(),
             Some(self.publish_budget.clone()),
         );
-        Rc::new(Session::new(
+        let session = Session::new(
             key,
             caller,
             kind,
             config.max_buffered_bytes,
             window,
             self.metrics.clone(),
-        ))
+        );
+        Rc::new(match stateful_reconnect {
+            Some(buffer) => session.with_stateful_reconnect(buffer),
+            None => session,
+        })
     }
 
     pub fn deliver(

@@ -36,8 +36,65 @@ pub enum Token {
     Negotiated(Negotiated),
     /// A WebSocket carries its session.
     WebSocket,
+    /// A WebSocket carries its session, and a new one may take over (stateful reconnect).
+    Resumable(Rc<Resumable>),
     /// Server-Sent Events or long polling carry its session, request by request.
     Http(Rc<HttpChannel>),
+}
+
+/// A session whose WebSocket may be replaced by a new one (stateful reconnect): the
+/// session's task waits here for the new socket when the old one drops, and a resume
+/// request hands it over here (a newer one replaces an older one not yet taken).
+pub struct Resumable {
+    pub session: Rc<Session>,
+    incoming: RefCell<Option<Attach>>,
+    waiter: RefCell<Option<std::task::Waker>>,
+}
+
+/// A new WebSocket for a resumable session, upgraded and answered: the socket, the
+/// bytes read after the upgrade request, and the claims of the token it came with.
+pub struct Attach {
+    pub reader: monoio::io::OwnedReadHalf<monoio::net::TcpStream>,
+    pub writer: monoio::io::OwnedWriteHalf<monoio::net::TcpStream>,
+    pub input: bytes::BytesMut,
+    pub claims: Option<crate::auth::Claims>,
+}
+
+impl Resumable {
+    pub fn new(session: Rc<Session>) -> Resumable {
+        Resumable {
+            session,
+            incoming: RefCell::new(None),
+            waiter: RefCell::new(None),
+        }
+    }
+
+    /// Hands a new WebSocket to the session: the old transport, if it still runs (its
+    /// socket may not have looked dead yet), is told to let go.
+    pub fn offer(&self, attach: Attach) {
+        self.incoming.replace(Some(attach));
+        self.session.end_transport();
+        if let Some(waker) = self.waiter.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
+    /// The next WebSocket offered, or `None` once the session cannot be resumed (its
+    /// replay buffer overflowed, it was stopped). The caller bounds the wait.
+    pub async fn next_transport(&self) -> Option<Attach> {
+        std::future::poll_fn(|cx| {
+            if let Some(attach) = self.incoming.borrow_mut().take() {
+                return std::task::Poll::Ready(Some(attach));
+            }
+            if !self.session.can_resume() || self.session.stop.is_fired() {
+                return std::task::Poll::Ready(None);
+            }
+            *self.waiter.borrow_mut() = Some(cx.waker().clone());
+            self.session.wake_on_resume_change(cx.waker());
+            std::task::Poll::Pending
+        })
+        .await
+    }
 }
 
 pub struct Negotiated {
@@ -49,6 +106,8 @@ pub struct Negotiated {
     /// Bytes POSTed before the first receive request (some clients send the handshake
     /// first; ASP.NET Core keeps them for the transport too).
     pub early_input: bytes::BytesMut,
+    /// The client asked for stateful reconnect, and negotiate offered it.
+    pub stateful_reconnect: bool,
 }
 
 /// The transport side of a session carried by HTTP requests: one receive request at a
@@ -129,7 +188,10 @@ impl Tokens {
     }
 
     pub fn is_websocket(&self, token: &str) -> bool {
-        matches!(self.map.borrow().get(token), Some(Token::WebSocket))
+        matches!(
+            self.map.borrow().get(token),
+            Some(Token::WebSocket | Token::Resumable(_))
+        )
     }
 
     pub fn channels(&self) -> Vec<Rc<HttpChannel>> {
@@ -170,6 +232,7 @@ mod tests {
                 user_id: None,
                 created: old,
                 early_input: bytes::BytesMut::new(),
+                stateful_reconnect: false,
             }),
         );
         tokens.insert("00b".into(), Token::WebSocket);

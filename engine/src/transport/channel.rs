@@ -105,6 +105,7 @@ pub fn start(
                     protocol: HubProtocol::Json,
                     framing,
                 },
+                None,
             );
             let has_early_input = !early.is_empty();
             let channel = Rc::new(HttpChannel::new(
@@ -183,10 +184,11 @@ pub async fn send(state: &Rc<ShardState>, channel: &Rc<HttpChannel>, body: &[u8]
 async fn connect(state: &Rc<ShardState>, channel: &Rc<HttpChannel>, protocol: HubProtocol) {
     let session = &channel.session;
     session.set_protocol(protocol);
-    session.enqueue(
-        &frame::frame_raw(protocol, session.framing, handshake::OK_RESPONSE),
-        None,
-    );
+    session.enqueue_untracked(&frame::frame_raw(
+        protocol,
+        session.framing,
+        handshake::OK_RESPONSE,
+    ));
     channel.connected.set(true);
     state.register(session.clone());
     state

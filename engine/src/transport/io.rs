@@ -22,7 +22,8 @@ const MAX_IOVECS: usize = 512;
 pub async fn write_loop(session: Rc<Session>, mut socket: OwnedWriteHalf<TcpStream>) {
     let mut batch = FrameBatch::default();
     let mut copied = Vec::new();
-    let stop = session.stop.watch();
+    let transport = session.transport_signal();
+    let stop = transport.watch();
     loop {
         let mut frames = std::mem::take(&mut batch.frames);
         frames.clear();
@@ -54,7 +55,7 @@ pub async fn write_loop(session: Rc<Session>, mut socket: OwnedWriteHalf<TcpStre
         session.sent(taken);
     }
     let _ = socket.shutdown().await;
-    session.stop_now();
+    session.transport_failed();
 }
 
 /// Frames for vectored writes: the iovecs point into the frames' own memory, so

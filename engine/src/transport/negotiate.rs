@@ -34,12 +34,15 @@ pub fn negotiate(state: &ShardState, head: &RequestHead, hub: &str) -> Vec<u8> {
     } else {
         token.clone()
     };
+    // Offered whenever the client asks (contract section 10); a client that did not ask
+    // must not be told (the JS client then refuses the connection).
+    let stateful_reconnect =
+        version >= 1 && head.query_param("useStatefulReconnect").as_deref() == Some("true");
     let body = Negotiation {
         negotiate_version: version,
         connection_id: &connection_id,
         connection_token: &token,
-        // Stateful reconnect is not offered yet: never claim it.
-        use_stateful_reconnect: false,
+        use_stateful_reconnect: stateful_reconnect,
     }
     .body();
     let negotiated = Negotiated {
@@ -48,6 +51,7 @@ pub fn negotiate(state: &ShardState, head: &RequestHead, hub: &str) -> Vec<u8> {
         user_id: state.node.user_ids.user_id(claims.as_ref()),
         created: Instant::now(),
         early_input: BytesMut::new(),
+        stateful_reconnect,
     };
     if owner == state.index {
         state.tokens.insert(token, Token::Negotiated(negotiated));
@@ -87,6 +91,13 @@ impl Refused {
     }
 }
 
+/// A negotiated token taken by a transport.
+pub struct Redeemed {
+    pub connection_id: String,
+    /// Negotiate offered stateful reconnect.
+    pub stateful_reconnect: bool,
+}
+
 /// Takes a negotiated token for a new transport: its connection id, once the token is
 /// known, for this hub, unexpired, and presented by the user who negotiated it. The
 /// token then stands for `started` (what the transport keeps there).
@@ -96,15 +107,18 @@ pub fn redeem(
     token: &str,
     user_id: Option<&str>,
     started: impl FnOnce(&str, BytesMut) -> Token,
-) -> Result<String, Refused> {
+) -> Result<Redeemed, Refused> {
     with_negotiated(state, hub, token, user_id, |entry| {
         let Token::Negotiated(n) = entry else {
             return Err(Refused::Unknown);
         };
-        let connection_id = n.connection_id.clone();
+        let redeemed = Redeemed {
+            connection_id: n.connection_id.clone(),
+            stateful_reconnect: n.stateful_reconnect,
+        };
         let early_input = std::mem::take(&mut n.early_input);
-        *entry = started(&connection_id, early_input);
-        Ok(connection_id)
+        *entry = started(&redeemed.connection_id, early_input);
+        Ok(redeemed)
     })
 }
 
@@ -150,7 +164,7 @@ fn with_negotiated<R>(
             }
             Token::Negotiated(n) if n.user_id.as_deref() != user_id => Err(Refused::OtherUser),
             Token::Negotiated(_) => f(entry),
-            Token::WebSocket => Err(Refused::Active),
+            Token::WebSocket | Token::Resumable(_) => Err(Refused::Active),
             Token::Http(_) => Err(Refused::OtherTransport),
         }
     })

@@ -19,11 +19,13 @@ use crate::fanout::FrameKind;
 use crate::metrics::ShardMetrics;
 use crate::session::{Session, CLOSE_GRACE};
 use crate::shard::dispatch::{self, BadInput, Dispatched};
+use crate::shard::inbox::ConnectionOp;
 use crate::shard::state::ShardState;
-use crate::shard::tokens::Token;
+use crate::shard::tokens::{Attach, Resumable, Token};
 use crate::transport::io::{
     read_more, read_up_to, write_loop, write_now, ReadSize, MIN_READ_CHUNK,
 };
+use crate::transport::negotiate::Refused;
 use crate::transport::{authenticate, negotiate, random_id};
 
 /// SignalR's handshake timeout (every transport's).
@@ -35,15 +37,27 @@ const MAX_WS_MESSAGE: usize = 64 << 20;
 /// An accepted upgrade request, before the answer is written.
 pub struct Upgrade {
     accept: String,
-    hub: String,
-    connection_id: String,
     claims: Option<Claims>,
-    /// The negotiate token it redeemed (freed when the session ends).
-    token: Option<String>,
+    kind: UpgradeKind,
+}
+
+enum UpgradeKind {
+    /// A new session.
+    New {
+        hub: String,
+        connection_id: String,
+        /// The negotiate token it redeemed (freed when the session ends).
+        token: Option<String>,
+        /// Negotiate offered stateful reconnect (the handshake decides).
+        stateful_reconnect: bool,
+    },
+    /// A new WebSocket for a session whose previous one dropped (stateful reconnect).
+    Resume(Rc<Resumable>),
 }
 
 /// Checks an upgrade request: the WebSocket headers, the access token, the negotiate
-/// token (`?id=`, or a new connection without one). `Err` is the answer to close with.
+/// token (`?id=`, or a new connection without one), or the token of a session to
+/// resume. `Err` is the answer to close with.
 pub fn upgrade(state: &ShardState, head: &RequestHead, hub: &str) -> Result<Upgrade, Vec<u8>> {
     let accept = match head.websocket_accept() {
         Ok(a) => a,
@@ -64,23 +78,72 @@ pub fn upgrade(state: &ShardState, head: &RequestHead, hub: &str) -> Result<Upgr
     };
     let claims = authenticate(&state.node, head)?;
     let token = head.query_param("id");
-    let connection_id = match &token {
-        None => random_id(),
+    let user_id = state.node.user_ids.user_id(claims.as_ref());
+    if let Some(token) = &token {
+        if let Some(resumable) = resumable(state, hub, token, user_id.as_deref())? {
+            return Ok(Upgrade {
+                accept,
+                claims,
+                kind: UpgradeKind::Resume(resumable),
+            });
+        }
+    }
+    let (connection_id, stateful_reconnect) = match &token {
+        None => (random_id(), false),
         Some(token) => {
-            let user_id = state.node.user_ids.user_id(claims.as_ref());
-            negotiate::redeem(state, hub, token, user_id.as_deref(), |_, _| {
+            let redeemed = negotiate::redeem(state, hub, token, user_id.as_deref(), |_, _| {
                 Token::WebSocket
             })
-            .map_err(|refused| refused.response(false))?
+            .map_err(|refused| refused.response(false))?;
+            (redeemed.connection_id, redeemed.stateful_reconnect)
         }
     };
     Ok(Upgrade {
         accept,
-        hub: hub.to_owned(),
-        connection_id,
         claims,
-        token,
+        kind: UpgradeKind::New {
+            hub: hub.to_owned(),
+            connection_id,
+            token,
+            stateful_reconnect,
+        },
     })
+}
+
+/// The session a token names if it waits for (or may take) a new WebSocket: the
+/// request must be for its hub and from its user (`403`, as on connect); once the
+/// session cannot be resumed (its replay buffer overflowed) it is refused with `404`
+/// and ended, and the client connects anew.
+fn resumable(
+    state: &ShardState,
+    hub: &str,
+    token: &str,
+    user_id: Option<&str>,
+) -> Result<Option<Rc<Resumable>>, Vec<u8>> {
+    let found = state.tokens.with(token, |entry| match entry {
+        Some(Token::Resumable(resumable)) => Some(resumable.clone()),
+        _ => None,
+    });
+    let Some(resumable) = found else {
+        return Ok(None);
+    };
+    let session = &resumable.session;
+    let refused = |refusal: Refused| {
+        ShardMetrics::add(&state.metrics().resumes_refused, 1);
+        Err(refusal.response(false))
+    };
+    if session.caller.hub != hub {
+        return refused(Refused::Unknown);
+    }
+    if session.caller.user_id.as_deref() != user_id {
+        return refused(Refused::OtherUser);
+    }
+    if !session.can_resume() || session.closing_since().is_some() {
+        tracing::debug!(connection = %session.caller.connection_id, "resume refused: too much was unacknowledged");
+        session.stop_now();
+        return refused(Refused::Unknown);
+    }
+    Ok(Some(resumable))
 }
 
 /// What reading a WebSocket produced besides hub bytes.
@@ -122,6 +185,8 @@ fn pump(decoder: &mut FrameDecoder, input: &mut BytesMut, hub_bytes: &mut BytesM
 /// messages before it still count).
 struct Handshaken {
     protocol: HubProtocol,
+    /// The hub protocol version the client asked for (2: stateful reconnect).
+    version: u64,
     /// What else the read that brought the handshake held: a framing error after it,
     /// or the client's close (messages before either still count).
     then: Pumped,
@@ -133,12 +198,12 @@ async fn take_handshake(
     state: &ShardState,
     reader: &mut OwnedReadHalf<TcpStream>,
     writer: &mut OwnedWriteHalf<TcpStream>,
-    upgrade: &Upgrade,
+    accept: &str,
     input: &mut BytesMut,
     decoder: &mut FrameDecoder,
     hub_bytes: &mut BytesMut,
 ) -> Option<Handshaken> {
-    write_now(writer, wire::upgrade_response(&upgrade.accept))
+    write_now(writer, wire::upgrade_response(accept))
         .await
         .ok()?;
     let max_message = state.node.config.max_message_bytes;
@@ -170,7 +235,11 @@ async fn take_handshake(
     match handshake.and_then(|(request, used, then)| {
         let protocol = request.select()?;
         hub_bytes.advance(used);
-        Ok(Handshaken { protocol, then })
+        Ok(Handshaken {
+            protocol,
+            version: request.version,
+            then,
+        })
     }) {
         Ok(handshaken) => Some(handshaken),
         Err(error) => {
@@ -197,50 +266,132 @@ pub async fn run(
     input: BytesMut,
     upgrade: Box<Upgrade>,
 ) {
-    let token = upgrade.token.clone();
-    run_session(&state, reader, writer, input, upgrade).await;
-    if let Some(token) = token {
-        state.tokens.remove(&token);
+    let Upgrade {
+        accept,
+        claims,
+        kind,
+    } = *upgrade;
+    match kind {
+        UpgradeKind::Resume(resumable) => {
+            // Answered here; the session's own task takes the socket from there (no
+            // handshake on a resumed connection: the Sequence message comes first).
+            let mut writer = writer;
+            if write_now(&mut writer, wire::upgrade_response(&accept))
+                .await
+                .is_ok()
+            {
+                resumable.offer(Attach {
+                    reader,
+                    writer,
+                    input,
+                    claims,
+                });
+            }
+        }
+        UpgradeKind::New {
+            hub,
+            connection_id,
+            token,
+            stateful_reconnect,
+        } => {
+            let new = NewSession {
+                accept,
+                claims,
+                hub,
+                connection_id,
+                token: token.clone(),
+                stateful_reconnect,
+            };
+            run_session(&state, reader, writer, input, new).await;
+            if let Some(token) = token {
+                state.tokens.remove(&token);
+            }
+        }
+    }
+}
+
+/// An upgrade for a new session.
+struct NewSession {
+    accept: String,
+    claims: Option<Claims>,
+    hub: String,
+    connection_id: String,
+    token: Option<String>,
+    stateful_reconnect: bool,
+}
+
+/// What one WebSocket carrying a session reads from.
+struct Carrier {
+    reader: OwnedReadHalf<TcpStream>,
+    decoder: FrameDecoder,
+    input: BytesMut,
+    hub_bytes: BytesMut,
+    /// What the read before the carrier started held besides hub bytes.
+    early: Pumped,
+}
+
+impl Carrier {
+    fn new(reader: OwnedReadHalf<TcpStream>, input: BytesMut) -> Carrier {
+        Carrier {
+            reader,
+            decoder: FrameDecoder::new(WsLimits {
+                max_message_bytes: MAX_WS_MESSAGE,
+            }),
+            input,
+            hub_bytes: BytesMut::new(),
+            early: Pumped::default(),
+        }
     }
 }
 
 async fn run_session(
     state: &Rc<ShardState>,
-    mut reader: OwnedReadHalf<TcpStream>,
+    reader: OwnedReadHalf<TcpStream>,
     mut writer: OwnedWriteHalf<TcpStream>,
-    mut input: BytesMut,
-    upgrade: Box<Upgrade>,
+    input: BytesMut,
+    new: NewSession,
 ) {
-    let mut decoder = FrameDecoder::new(WsLimits {
-        max_message_bytes: MAX_WS_MESSAGE,
-    });
-    let mut hub_bytes = BytesMut::new();
+    let mut carrier = Carrier::new(reader, input);
     // Boxed: the handshake's state is large and needed once; the task keeps only what a
     // connected session needs for the rest of its life.
     let handshaken = Box::pin(take_handshake(
         state,
-        &mut reader,
+        &mut carrier.reader,
         &mut writer,
-        &upgrade,
-        &mut input,
-        &mut decoder,
-        &mut hub_bytes,
+        &new.accept,
+        &mut carrier.input,
+        &mut carrier.decoder,
+        &mut carrier.hub_bytes,
     ))
     .await;
-    let Some(Handshaken { protocol, then }) = handshaken else {
+    let Some(Handshaken {
+        protocol,
+        version,
+        then,
+    }) = handshaken
+    else {
         return;
     };
+    carrier.early = then;
     let kind = FrameKind {
         protocol,
         framing: Framing::WebSocket,
     };
     let caller = Rc::new(Caller {
-        user_id: state.node.user_ids.user_id(upgrade.claims.as_ref()),
-        connection_id: upgrade.connection_id,
-        hub: upgrade.hub,
-        claims: upgrade.claims,
+        user_id: state.node.user_ids.user_id(new.claims.as_ref()),
+        connection_id: new.connection_id,
+        hub: new.hub,
+        claims: new.claims,
     });
-    let session = state.new_session(caller.clone(), kind);
+    // Stateful reconnect needs the negotiated token (the resume names it) and a client
+    // that said so in its handshake (version 2).
+    let resumable_with = new.token.filter(|_| new.stateful_reconnect && version >= 2);
+    let buffer = state.node.config.stateful_reconnect_buffer;
+    let session = state.new_session(
+        caller.clone(),
+        kind,
+        resumable_with.as_ref().map(|_| buffer),
+    );
     // Registered (and in its durable groups) before the client learns it is connected,
     // so that whatever the client or its backend does next already finds it. Frames
     // sent to it meanwhile wait in its queue until the writer starts.
@@ -255,24 +406,50 @@ async fn run_session(
         state.unregister(&session);
         return;
     }
-    monoio::spawn(write_loop(session.clone(), writer));
+    let resumable = resumable_with.map(|token| {
+        let resumable = Rc::new(Resumable::new(session.clone()));
+        state
+            .tokens
+            .insert(token, Token::Resumable(resumable.clone()));
+        resumable
+    });
     let context = state.context_of(&session);
+    let mut writer_task = monoio::spawn(write_loop(session.clone(), writer));
     state.hub.on_connected(&caller, &context).await;
     state.drain_inbox();
-    tracing::debug!(connection = %caller.connection_id, hub = %caller.hub, ?protocol, "connected");
+    tracing::debug!(connection = %caller.connection_id, hub = %caller.hub, ?protocol, resumable = resumable.is_some(), "connected");
 
-    let end = read_loop(
-        state,
-        &session,
-        &mut reader,
-        decoder,
-        input,
-        hub_bytes,
-        then,
-    )
-    .await;
+    let end = loop {
+        let end = read_loop(state, &session, &mut carrier).await;
+        let Some(resumable) = &resumable else {
+            break end;
+        };
+        if !matches!(end, SessionEnd::ClientLeft | SessionEnd::Detached) || !session.can_resume() {
+            break end;
+        }
+        // The socket dropped: the session keeps its groups, presence and everything
+        // sent to it, and waits for the client's new WebSocket.
+        session.end_transport();
+        writer_task.await;
+        session.detach();
+        tracing::debug!(connection = %caller.connection_id, "transport lost; waiting for a resume");
+        let timeout = state.node.config.disconnect_timeout;
+        let Ok(Some(attach)) = monoio::time::timeout(timeout, resumable.next_transport()).await
+        else {
+            break SessionEnd::ClientLeft;
+        };
+        let resent = session.resume();
+        let metrics = state.metrics();
+        ShardMetrics::add(&metrics.resumes, 1);
+        ShardMetrics::add(&metrics.replayed_messages, resent as u64);
+        tracing::debug!(connection = %caller.connection_id, resent, "resumed");
+        rejoin_check(state, &session, attach.claims.as_ref());
+        carrier = Carrier::new(attach.reader, attach.input);
+        session.last_received.set(Instant::now());
+        writer_task = monoio::spawn(write_loop(session.clone(), attach.writer));
+    };
     match end {
-        SessionEnd::ClientLeft => session.stop_now(),
+        SessionEnd::ClientLeft | SessionEnd::Detached => session.stop_now(),
         SessionEnd::ClientClosed | SessionEnd::Stopped => session.close(None, false),
         SessionEnd::BadInput(bad) => {
             ShardMetrics::add(&state.metrics().protocol_errors, 1);
@@ -300,24 +477,53 @@ enum SessionEnd {
     ClientClosed,
     /// The server ended it (shutdown, slow consumer, timeout).
     Stopped,
+    /// The transport ended (its writer failed, or a resume took the session over).
+    Detached,
     BadInput(BadInput),
+}
+
+/// A resumed session is authorized again, as SignalR 1.x rejoined groups with a check:
+/// groups the authorizer no longer allows for the token it came back with are left
+/// (the client is not told of the others).
+fn rejoin_check(state: &ShardState, session: &Session, claims: Option<&Claims>) {
+    let groups: Vec<String> = session.groups.borrow().iter().cloned().collect();
+    let caller = &session.caller;
+    for group in groups {
+        if !state.node.may_join(claims, &group) {
+            tracing::debug!(connection = %caller.connection_id, group, "left on resume: no longer allowed");
+            let leave = ConnectionOp::Leave(group);
+            let _ = state.connection_op(&caller.hub, &caller.connection_id, &leave);
+        }
+    }
 }
 
 async fn read_loop(
     state: &Rc<ShardState>,
     session: &Rc<Session>,
-    reader: &mut OwnedReadHalf<TcpStream>,
-    mut decoder: FrameDecoder,
-    mut input: BytesMut,
-    mut hub_bytes: BytesMut,
-    early: Pumped,
+    carrier: &mut Carrier,
 ) -> SessionEnd {
+    let Carrier {
+        reader,
+        decoder,
+        input,
+        hub_bytes,
+        early,
+    } = carrier;
+    let early = std::mem::take(early);
     let mut framing_error = early.error;
     let mut client_closed = early.closed;
     let mut read_size = ReadSize(MIN_READ_CHUNK);
-    let stop = session.stop.watch();
+    let transport = session.transport_signal();
+    let stop = transport.watch();
+    let ended_by_server = || {
+        if session.closing_since().is_some() || session.stop.is_fired() {
+            SessionEnd::Stopped
+        } else {
+            SessionEnd::Detached
+        }
+    };
     loop {
-        match dispatch::handle_records(state, session, &mut hub_bytes).await {
+        match dispatch::handle_records(state, session, hub_bytes).await {
             Dispatched::More => {}
             Dispatched::ClientClosed => return SessionEnd::ClientClosed,
             Dispatched::BadInput(bad) => return SessionEnd::BadInput(bad),
@@ -329,16 +535,16 @@ async fn read_loop(
             let code = error.close_code();
             return SessionEnd::BadInput(BadInput::new(error, code));
         }
-        if session.closing_since().is_some() || session.stop.is_fired() {
-            return SessionEnd::Stopped;
+        if session.closing_since().is_some() || transport.is_fired() {
+            return ended_by_server();
         }
         // Everything read was used: after a burst, give the large buffer back, so that
         // a quiet connection waits with a small one.
         if input.is_empty() && input.capacity() > 2 * read_size.0 {
-            input = BytesMut::new();
+            *input = BytesMut::new();
         }
-        let Some(read) = stop.run(read_up_to(reader, &mut input, read_size.0)).await else {
-            return SessionEnd::Stopped;
+        let Some(read) = stop.run(read_up_to(reader, input, read_size.0)).await else {
+            return ended_by_server();
         };
         match read {
             Ok(got) if got > 0 => {
@@ -347,9 +553,9 @@ async fn read_loop(
             }
             _ => return SessionEnd::ClientLeft,
         }
-        let pumped = pump(&mut decoder, &mut input, &mut hub_bytes);
+        let pumped = pump(decoder, input, hub_bytes);
         for pong in pumped.pongs {
-            session.enqueue(&pong, None);
+            session.enqueue_untracked(&pong);
         }
         framing_error = pumped.error;
         client_closed = pumped.closed;
