@@ -222,6 +222,11 @@ impl Session {
 
     /// Ends the session with `last` as its final frames (dropping what is queued).
     pub fn end_with(&self, last: Vec<Bytes>) {
+        if self.is_detached() {
+            // No transport to say it on: ended at once (a resume then finds nothing).
+            self.stop_now();
+            return;
+        }
         let closed = self.outbox.borrow_mut().close_with(last, Instant::now());
         if closed {
             self.wake_writer();

@@ -199,3 +199,36 @@ test("a resume is authorized again: another user's token is refused, and groups 
     await server.stop();
   }
 });
+
+test("a connection that does not come back within the disconnect timeout leaves its groups then, and its resume is refused", { skip: ONCE, timeout: 60000 }, async () => {
+  const server = await startServer(["--threads", "1", "--disconnect-timeout-secs", "2"]);
+  const cutter = await proxy(server.base);
+  const clients = [];
+  try {
+    const a = await statefulClient(cutter.base);
+    clients.push(a);
+    await a.invoke("JoinGroup", "gone");
+    const b = await connect(server.base);
+    clients.push(b);
+    const cutAt = Date.now();
+    cutter.cut(4000);
+    await sleep(1000);
+    deepStrictEqual(await b.invoke("GroupCount", "gone"), { connections: 1, users: 0 }, "kept during the gap");
+    let left;
+    while (Date.now() - cutAt < 3500) {
+      const count = await b.invoke("GroupCount", "gone");
+      if (count.connections === 0) {
+        left = Date.now() - cutAt;
+        break;
+      }
+      await sleep(50);
+    }
+    ok(left !== undefined && left >= 1900, `left the group ${left} ms after the cut (timeout 2 s)`);
+    await until(() => a.state === HubConnectionState.Disconnected, 10000, "the late resume to be refused");
+    strictEqual(await metric(server.base, "ringhub_resumes_total"), 0);
+  } finally {
+    await Promise.all(clients.map((c) => c.stop().catch(() => {})));
+    await cutter.close();
+    await server.stop();
+  }
+});
