@@ -207,12 +207,27 @@ pub async fn open(
     hub: &str,
     wire: Wire,
 ) -> std::io::Result<(TcpStream, BytesMut)> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let path = match wire {
+    open_with(addr, hub, wire, false).await
+}
+
+/// [`open`]; with `stateful`, a SignalR connection negotiates stateful reconnect first
+/// and asks for it in its handshake (version 2), as `withStatefulReconnect()` does.
+pub async fn open_with(
+    addr: SocketAddr,
+    hub: &str,
+    wire: Wire,
+    stateful: bool,
+) -> std::io::Result<(TcpStream, BytesMut)> {
+    let mut path = match wire {
         Wire::SignalR(_) => format!("/hubs/{hub}"),
         Wire::SocketIo => "/socket.io/?EIO=4&transport=websocket".to_owned(),
     };
+    if stateful {
+        let token = negotiate_stateful(addr, hub).await?;
+        path = format!("/hubs/{hub}?id={token}");
+    }
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
     let head = format!(
         "GET {path} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     );
@@ -235,8 +250,9 @@ pub async fn open(
     match wire {
         Wire::SignalR(protocol) => {
             let handshake = format!(
-                "{{\"protocol\":\"{}\",\"version\":1}}\u{1e}",
-                protocol.name()
+                "{{\"protocol\":\"{}\",\"version\":{}}}\u{1e}",
+                protocol.name(),
+                if stateful { 2 } else { 1 }
             );
             write(&mut stream, text_frame(handshake.as_bytes())).await?;
             next_frame(&mut stream, &mut buf).await?;
@@ -258,6 +274,38 @@ pub async fn open(
         }
     }
     Ok((stream, buf))
+}
+
+/// `POST /hubs/{hub}/negotiate` asking for stateful reconnect; the connection token.
+async fn negotiate_stateful(addr: SocketAddr, hub: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let request = format!(
+        "POST /hubs/{hub}/negotiate?negotiateVersion=1&useStatefulReconnect=true HTTP/1.1\r\nHost: bench\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    write(&mut stream, request.into_bytes()).await?;
+    let mut buf = BytesMut::new();
+    while read(&mut stream, &mut buf).await.is_ok() {}
+    let body = memmem::find(&buf, b"\r\n\r\n").map_or(&buf[..], |end| &buf[end + 4..]);
+    let answer: serde_json::Value = serde_json::from_slice(body).map_err(std::io::Error::other)?;
+    if answer["useStatefulReconnect"] != true {
+        return Err(std::io::Error::other(
+            "the server did not offer stateful reconnect",
+        ));
+    }
+    answer["connectionToken"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| std::io::Error::other("no connection token"))
+}
+
+/// A client frame acknowledging every tracked message up to `sequence_id` (stateful
+/// reconnect's Ack).
+pub fn ack_frame(protocol: HubProtocol, sequence_id: u64) -> Vec<u8> {
+    let mut record = BytesMut::new();
+    protocol.encode(&HubMessage::Ack { sequence_id }, &mut record);
+    let mut frame = BytesMut::new();
+    encode_client_frame(protocol.opcode(), true, &record, [9, 8, 7, 6], &mut frame);
+    frame.to_vec()
 }
 
 async fn write(stream: &mut TcpStream, bytes: Vec<u8>) -> std::io::Result<()> {

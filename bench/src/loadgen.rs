@@ -56,6 +56,11 @@ pub struct LoadArgs {
     /// counts, and the report says when the server closed it (ringhub's `/metrics`).
     #[arg(long)]
     pub stall_one: bool,
+    /// Receivers negotiate stateful reconnect (handshake version 2) and acknowledge
+    /// what they got once a second, as the JS client's `withStatefulReconnect()` does
+    /// (SignalR over WebSockets only).
+    #[arg(long)]
+    pub stateful: bool,
     /// Pin the load generator to this core.
     #[arg(long)]
     pub core: Option<usize>,
@@ -255,16 +260,20 @@ async fn receiver(
         tally.ended();
         return;
     }
-    let (mut stream, mut buf) = match client::open(args.addr, &args.hub, wire).await {
-        Ok(opened) => opened,
-        Err(error) => {
-            eprintln!("receiver could not connect: {error}");
-            return;
-        }
-    };
+    let (mut stream, mut buf) =
+        match client::open_with(args.addr, &args.hub, wire, args.stateful).await {
+            Ok(opened) => opened,
+            Err(error) => {
+                eprintln!("receiver could not connect: {error}");
+                return;
+            }
+        };
     if stream.write_all(wire.join(&group)).await.0.is_err() {
         return;
     }
+    // Stateful reconnect: tracked messages received (deliveries and completions), and
+    // when they were last acknowledged.
+    let (mut tracked, mut acked, mut acked_at) = (0u64, 0u64, Instant::now());
     loop {
         if stalls && tally.shared.measuring.get() {
             // Stops reading for good; the socket stays open until the run ends.
@@ -278,7 +287,18 @@ async fn receiver(
             tally.ended();
             return;
         }
-        let replies = client::drain_frames(&mut buf, wire, |payload| tally.take(payload));
+        let mut replies = client::drain_frames(&mut buf, wire, |payload| {
+            if args.stateful && (wire.delivery(payload).is_some() || wire.is_completion(payload)) {
+                tracked += 1;
+            }
+            tally.take(payload)
+        });
+        if let (Wire::SignalR(protocol), true) = (wire, args.stateful) {
+            if tracked > acked && acked_at.elapsed() >= Duration::from_secs(1) {
+                replies.extend_from_slice(&client::ack_frame(protocol, tracked));
+                (acked, acked_at) = (tracked, Instant::now());
+            }
+        }
         if !replies.is_empty() && stream.write_all(replies).await.0.is_err() {
             return;
         }

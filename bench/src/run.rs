@@ -26,7 +26,8 @@ pub struct RunArgs {
     /// Comma-separated servers, or `all`: ringhub, ceiling, socketioxide, naive,
     /// ringhub-2t (two shards, load generator sharing both cores), ringhub-sse and
     /// ringhub-lp (ringhub with receivers over Server-Sent Events or long polling;
-    /// fanout-1k only).
+    /// fanout-1k only), ringhub-stateful (receivers with stateful reconnect, acking
+    /// once a second; fanout-1k only).
     #[arg(long, default_value = "all")]
     pub servers: String,
     #[arg(long, default_value_t = 2)]
@@ -58,7 +59,7 @@ const WORKLOADS: [&str; 7] = [
     "idle-100k",
     "churn",
 ];
-const SERVERS: [&str; 7] = [
+const SERVERS: [&str; 8] = [
     "ringhub",
     "ceiling",
     "socketioxide",
@@ -66,6 +67,7 @@ const SERVERS: [&str; 7] = [
     "ringhub-2t",
     "ringhub-sse",
     "ringhub-lp",
+    "ringhub-stateful",
 ];
 
 /// A server under test.
@@ -77,12 +79,14 @@ struct Server {
     two_shards: bool,
     /// The receivers' transport (the load generator's `--receivers`).
     receivers: &'static str,
+    /// Receivers use stateful reconnect (the load generator's `--stateful`).
+    stateful: bool,
 }
 
 impl Server {
     fn of(name: &str) -> Option<Server> {
         let (protocol, two_shards, receivers) = match name {
-            "ringhub" | "ceiling" | "naive" => ("json", false, "websockets"),
+            "ringhub" | "ceiling" | "naive" | "ringhub-stateful" => ("json", false, "websockets"),
             "ringhub-2t" => ("json", true, "websockets"),
             "ringhub-sse" => ("json", false, "sse"),
             "ringhub-lp" => ("json", false, "longpolling"),
@@ -95,13 +99,14 @@ impl Server {
             protocol,
             two_shards,
             receivers,
+            stateful: name == "ringhub-stateful",
         })
     }
 
     fn command(&self, bin: &Path, addr: SocketAddr, data: &Path) -> Vec<String> {
         let addr = addr.to_string();
         match self.name {
-            "ringhub" | "ringhub-2t" | "ringhub-sse" | "ringhub-lp" => vec![
+            "ringhub" | "ringhub-2t" | "ringhub-sse" | "ringhub-lp" | "ringhub-stateful" => vec![
                 bin.join("ringhub").display().to_string(),
                 "serve".into(),
                 "--listen".into(),
@@ -121,7 +126,7 @@ impl Server {
     /// real membership, which only ringhub implements among the peers; the SSE and
     /// long-polling receivers are measured on fanout-1k).
     fn runs(&self, workload: &str) -> bool {
-        if self.receivers != "websockets" {
+        if self.receivers != "websockets" || self.stateful {
             return workload == "fanout-1k";
         }
         if workload == "slow-reader" {
@@ -329,6 +334,9 @@ impl Context {
         }
         if workload == "slow-reader" {
             args.push("--stall-one".into());
+        }
+        if server.stateful {
+            args.push("--stateful".into());
         }
         self.bench(server, server_process.0.id(), &args)
     }
