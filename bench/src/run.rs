@@ -27,7 +27,9 @@ pub struct RunArgs {
     /// ringhub-2t (two shards, load generator sharing both cores), ringhub-sse and
     /// ringhub-lp (ringhub with receivers over Server-Sent Events or long polling;
     /// fanout-1k only), ringhub-stateful (receivers with stateful reconnect, acking
-    /// once a second; fanout-1k only).
+    /// once a second; fanout-1k only). Not in `all`: ringhub-mimalloc (the `ringhub`
+    /// binary built with `--features mimalloc` and copied to `ringhub-mimalloc` beside
+    /// it).
     #[arg(long, default_value = "all")]
     pub servers: String,
     #[arg(long, default_value_t = 2)]
@@ -69,6 +71,8 @@ const SERVERS: [&str; 8] = [
     "ringhub-lp",
     "ringhub-stateful",
 ];
+/// Servers run only when named (they need a binary built apart).
+const NAMED_ONLY_SERVERS: [&str; 1] = ["ringhub-mimalloc"];
 
 /// A server under test.
 struct Server {
@@ -86,14 +90,19 @@ struct Server {
 impl Server {
     fn of(name: &str) -> Option<Server> {
         let (protocol, two_shards, receivers) = match name {
-            "ringhub" | "ceiling" | "naive" | "ringhub-stateful" => ("json", false, "websockets"),
+            "ringhub" | "ceiling" | "naive" | "ringhub-stateful" | "ringhub-mimalloc" => {
+                ("json", false, "websockets")
+            }
             "ringhub-2t" => ("json", true, "websockets"),
             "ringhub-sse" => ("json", false, "sse"),
             "ringhub-lp" => ("json", false, "longpolling"),
             "socketioxide" => ("socketio", false, "websockets"),
             _ => return None,
         };
-        let name = SERVERS.into_iter().find(|s| *s == name)?;
+        let name = SERVERS
+            .into_iter()
+            .chain(NAMED_ONLY_SERVERS)
+            .find(|s| *s == name)?;
         Some(Server {
             name,
             protocol,
@@ -106,8 +115,15 @@ impl Server {
     fn command(&self, bin: &Path, addr: SocketAddr, data: &Path) -> Vec<String> {
         let addr = addr.to_string();
         match self.name {
-            "ringhub" | "ringhub-2t" | "ringhub-sse" | "ringhub-lp" | "ringhub-stateful" => vec![
-                bin.join("ringhub").display().to_string(),
+            "ringhub" | "ringhub-2t" | "ringhub-sse" | "ringhub-lp" | "ringhub-stateful"
+            | "ringhub-mimalloc" => vec![
+                bin.join(if self.name == "ringhub-mimalloc" {
+                    "ringhub-mimalloc"
+                } else {
+                    "ringhub"
+                })
+                .display()
+                .to_string(),
                 "serve".into(),
                 "--listen".into(),
                 addr,
@@ -463,13 +479,20 @@ fn summary(record: &Value) -> String {
     }
 }
 
-fn pick<'a>(list: &'a str, all: &[&'a str]) -> Result<Vec<&'a str>, String> {
+/// The items of a comma-separated list (`all`: every one of `all`), each from `all` or
+/// `named_only`.
+fn pick<'a>(
+    list: &'a str,
+    all: &[&'a str],
+    named_only: &[&'a str],
+) -> Result<Vec<&'a str>, String> {
     if list == "all" {
         return Ok(all.to_vec());
     }
     list.split(',')
         .map(|item| {
             all.iter()
+                .chain(named_only)
                 .find(|known| **known == item)
                 .copied()
                 .ok_or_else(|| format!("unknown `{item}` (known: {})", all.join(", ")))
@@ -489,8 +512,8 @@ fn utc_date() -> String {
 pub fn main(args: RunArgs) -> i32 {
     let (workload_list, server_list) = (args.workloads.clone(), args.servers.clone());
     let (workloads, servers) = match (
-        pick(&workload_list, &WORKLOADS),
-        pick(&server_list, &SERVERS),
+        pick(&workload_list, &WORKLOADS, &[]),
+        pick(&server_list, &SERVERS, &NAMED_ONLY_SERVERS),
     ) {
         (Ok(w), Ok(s)) => (w, s),
         (Err(e), _) => {

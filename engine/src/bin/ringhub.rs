@@ -6,6 +6,10 @@ use clap::{Parser, Subcommand};
 use ringhub_engine::{ServeArgs, ServerBuilder};
 use tracing_subscriber::EnvFilter;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ringhub",
