@@ -454,15 +454,21 @@ impl Session {
         self.outbox.borrow_mut().recycle(written);
     }
 
-    /// Counts a batch as handed to the socket, and admits what was held meanwhile.
+    /// Counts a batch as handed to the socket, and admits what was held meanwhile. A
+    /// write that brought the backlog down to half the bound restarts the slow-consumer
+    /// clock even when held frames fill it again at once: the receiver reads, the
+    /// publishers are paced by it (contract: closed when it *stayed* above half).
     pub fn sent(&self, taken: Taken) {
-        let congested = {
+        let (came_down, congested) = {
             let mut outbox = self.outbox.borrow_mut();
-            outbox.written();
-            outbox.is_congested()
+            let came_down = outbox.written();
+            (came_down, outbox.is_congested())
         };
-        if !congested {
+        if came_down {
             self.congested_since.set(None);
+            self.note_congestion();
+        }
+        if !congested {
             self.wake_reader();
         }
         let metrics = self.metrics();

@@ -146,8 +146,11 @@ impl Outbox {
 
     /// The transport wrote what it took: held frames are admitted while the backlog is
     /// at most half the bound, and their tickets dropped (the publishers may go on).
-    pub fn written(&mut self) {
+    /// Returns whether the backlog came down to half the bound or less (before the held
+    /// frames went in): the receiver keeps up, whatever is admitted next.
+    pub fn written(&mut self) -> bool {
         self.in_flight = 0;
+        let came_down = !self.is_above_half();
         while !self.is_above_half() {
             let Some((frame, ticket)) = self.held.pop_front() else {
                 break;
@@ -157,6 +160,7 @@ impl Outbox {
             }
             self.admit(&frame);
         }
+        came_down
     }
 
     /// Drops what is queued and queues `last` instead, the final frames (a Close
@@ -308,7 +312,7 @@ mod tests {
         assert_eq!(taken.map(|t| t.bytes), Some(6));
         assert_eq!(bytes, b"123456");
         assert!(outbox.is_congested(), "6 bytes are still being written");
-        outbox.written();
+        assert!(outbox.written(), "the backlog came down");
         assert_eq!(outbox.bytes(), 4, "admitted once written");
         assert!(!outbox.is_congested());
     }
@@ -343,7 +347,7 @@ mod tests {
         let (taken, bytes) = take_all(&mut outbox);
         assert_eq!(taken.map(|t| t.frames), Some(3));
         assert_eq!(bytes, [frame(b'a'), frame(b'b'), frame(b'c')].concat());
-        outbox.written();
+        assert!(outbox.written(), "the backlog came down before d was admitted");
         assert_eq!(window.used(), 0, "admitted: the publisher may go on");
         let (_, bytes) = take_all(&mut outbox);
         assert_eq!(bytes, [&frame(b'd')[..], b"ping"].concat());
