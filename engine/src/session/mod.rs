@@ -62,8 +62,9 @@ pub struct Session {
     /// Ends the current transport's reading and writing at once, whatever they are
     /// doing (fired with `stop` too; a resumable session gets a new one per transport).
     transport: RefCell<Signal>,
-    /// Stateful reconnect's state, when the client negotiated it.
-    stateful: Option<Stateful>,
+    /// Stateful reconnect's state, when the client negotiated it (boxed: most sessions
+    /// have none, and idle sessions' memory is mostly this struct and their tasks).
+    stateful: Option<Box<Stateful>>,
     metrics: Rc<MetricsRef>,
 }
 
@@ -112,12 +113,12 @@ impl Session {
     /// Makes the session resumable (stateful reconnect), keeping up to `buffer` bytes
     /// of unacknowledged frames.
     pub fn with_stateful_reconnect(mut self, buffer: usize) -> Session {
-        self.stateful = Some(Stateful {
+        self.stateful = Some(Box::new(Stateful {
             replay: RefCell::new(Replay::new(buffer)),
             client: RefCell::new(ClientSequence::default()),
             detached: Cell::new(false),
             waiter: RefCell::new(None),
-        });
+        }));
         self
     }
 

@@ -347,7 +347,10 @@ mod tests {
         let (taken, bytes) = take_all(&mut outbox);
         assert_eq!(taken.map(|t| t.frames), Some(3));
         assert_eq!(bytes, [frame(b'a'), frame(b'b'), frame(b'c')].concat());
-        assert!(outbox.written(), "the backlog came down before d was admitted");
+        assert!(
+            outbox.written(),
+            "the backlog came down before d was admitted"
+        );
         assert_eq!(window.used(), 0, "admitted: the publisher may go on");
         let (_, bytes) = take_all(&mut outbox);
         assert_eq!(bytes, [&frame(b'd')[..], b"ping"].concat());
