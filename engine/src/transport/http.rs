@@ -177,7 +177,7 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
             Routed::Upgrade(upgrade) => {
                 // A task of its own: this one's memory (sized for HTTP and REST work) is
                 // freed instead of being held for the connection's lifetime.
-                monoio::spawn(websocket::run(state, reader, writer, buf, upgrade));
+                monoio::spawn(websocket::run(state, reader, writer, buf, *upgrade));
                 return;
             }
             Routed::EventStream(channel) => {

@@ -265,12 +265,12 @@ pub fn run(
     reader: OwnedReadHalf<TcpStream>,
     writer: OwnedWriteHalf<TcpStream>,
     input: BytesMut,
-    upgrade: Box<Upgrade>,
+    upgrade: Upgrade,
 ) -> impl std::future::Future<Output = ()> {
     // This task lives as long as the connection, and whatever it holds across the
     // session's awaits is memory every idle connection pays for: the upgrade is split
     // without an await, and the future is an `async move` block (see `run_session`).
-    let start = start(*upgrade);
+    let start = start(upgrade);
     async move {
         match start {
             Start::Resume(resume) => {
