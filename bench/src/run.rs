@@ -27,9 +27,9 @@ pub struct RunArgs {
     /// ringhub-2t (two shards, load generator sharing both cores), ringhub-sse and
     /// ringhub-lp (ringhub with receivers over Server-Sent Events or long polling;
     /// fanout-1k only), ringhub-stateful (receivers with stateful reconnect, acking
-    /// once a second; fanout-1k only). Not in `all`: ringhub-mimalloc (the `ringhub`
-    /// binary built with `--features mimalloc` and copied to `ringhub-mimalloc` beside
-    /// it).
+    /// once a second; fanout-1k only). Not in `all`: ringhub-sysalloc (the `ringhub`
+    /// binary built with the system allocator, `--no-default-features --features cli`,
+    /// and copied to `ringhub-sysalloc` beside it).
     #[arg(long, default_value = "all")]
     pub servers: String,
     #[arg(long, default_value_t = 2)]
@@ -72,7 +72,7 @@ const SERVERS: [&str; 8] = [
     "ringhub-stateful",
 ];
 /// Servers run only when named (they need a binary built apart).
-const NAMED_ONLY_SERVERS: [&str; 1] = ["ringhub-mimalloc"];
+const NAMED_ONLY_SERVERS: [&str; 1] = ["ringhub-sysalloc"];
 
 /// A server under test.
 struct Server {
@@ -90,7 +90,7 @@ struct Server {
 impl Server {
     fn of(name: &str) -> Option<Server> {
         let (protocol, two_shards, receivers) = match name {
-            "ringhub" | "ceiling" | "naive" | "ringhub-stateful" | "ringhub-mimalloc" => {
+            "ringhub" | "ceiling" | "naive" | "ringhub-stateful" | "ringhub-sysalloc" => {
                 ("json", false, "websockets")
             }
             "ringhub-2t" => ("json", true, "websockets"),
@@ -116,9 +116,9 @@ impl Server {
         let addr = addr.to_string();
         match self.name {
             "ringhub" | "ringhub-2t" | "ringhub-sse" | "ringhub-lp" | "ringhub-stateful"
-            | "ringhub-mimalloc" => vec![
-                bin.join(if self.name == "ringhub-mimalloc" {
-                    "ringhub-mimalloc"
+            | "ringhub-sysalloc" => vec![
+                bin.join(if self.name == "ringhub-sysalloc" {
+                    "ringhub-sysalloc"
                 } else {
                     "ringhub"
                 })
