@@ -229,3 +229,33 @@ test("a publisher flooding non-blocking sends to members on the other shard for 
     await server.stop();
   }
 });
+
+test("a REST send to a group with a stalled member answers once its message is queued: slowed while the member holds it up, never failed, and no later than the member's close", { skip: ONCE, timeout: 60000 }, async () => {
+  const key = "bp-key";
+  const server = await startServer(["--threads", "1", "--api-key", key, "--max-buffered-bytes", "262144"]);
+  try {
+    const stalled = await stalledMember(server.base, "rest-flood");
+    const body = JSON.stringify({ target: "m", arguments: ["z".repeat(60000)] });
+    let slowest = 0;
+    let sent = 0;
+    const started = Date.now();
+    while (Date.now() - started < 15000 && !(await metric(server.base, "ringhub_slow_consumer_closes_total"))) {
+      const t0 = Date.now();
+      const res = await fetch(`${server.base}/api/hubs/chat/groups/rest-flood/messages`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+        body,
+      });
+      strictEqual(res.status, 202, "accepted, never refused for the member's sake");
+      slowest = Math.max(slowest, Date.now() - t0);
+      sent++;
+    }
+    ok((await metric(server.base, "ringhub_slow_consumer_closes_total")) >= 1, `the stalled member was closed (after ${sent} sends)`);
+    ok(slowest >= 500, `a send waited for the stalled member (longest ${slowest} ms)`);
+    ok(slowest < 4000, `but no longer than --slow-consumer-secs and a little (longest ${slowest} ms)`);
+    stalled.stopPinging();
+    stalled.destroy();
+  } finally {
+    await server.stop();
+  }
+});
