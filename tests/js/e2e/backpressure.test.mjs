@@ -5,7 +5,7 @@ import { test } from "node:test";
 import { ok, strictEqual } from "node:assert/strict";
 import { createConnection } from "node:net";
 import { readFileSync, readdirSync, readlinkSync } from "node:fs";
-import { ONCE, clientFrame, connect, sleep, startServer, until, upgradeRequest } from "./helpers.mjs";
+import { ONCE, clientFrame, connect, metric, sleep, startServer, until, upgradeRequest } from "./helpers.mjs";
 
 const RS = "\u001e";
 
@@ -66,11 +66,6 @@ async function stalledMember(base, group) {
   socket.on("close", () => clearInterval(pings));
   socket.stopPinging = () => clearInterval(pings);
   return socket;
-}
-
-async function metric(base, name) {
-  const text = await (await fetch(`${base}/metrics`)).text();
-  return [...text.matchAll(new RegExp(`^${name}(?:\\{[^}]*\\})? (\\d+)$`, "gm"))].reduce((sum, m) => sum + Number(m[1]), 0);
 }
 
 test("four publishers flooding 4 KiB messages to 200 members: nobody healthy is closed, everyone gets every send in order, a stalled member is closed and its socket freed", { timeout: 180000 }, async () => {

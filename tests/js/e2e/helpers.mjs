@@ -125,6 +125,13 @@ export async function until(predicate, ms = 5000, what = "condition") {
   }
 }
 
+/** A counter or gauge from /metrics, summed over its labels (NaN if absent). */
+export async function metric(base, name) {
+  const text = await (await fetch(`${base}/metrics`)).text();
+  const values = [...text.matchAll(new RegExp(`^${name}(?:\\{[^}]*\\})? (\\d+)$`, "gm"))].map((m) => Number(m[1]));
+  return values.length ? values.reduce((sum, v) => sum + v, 0) : NaN;
+}
+
 /** Connections per shard, from /metrics. */
 export async function connectionsPerShard(base) {
   const text = await (await fetch(`${base}/metrics`)).text();

@@ -7,7 +7,7 @@ import { deepStrictEqual, notStrictEqual, ok, strictEqual } from "node:assert/st
 import { createServer, createConnection } from "node:net";
 import { HubConnectionBuilder, HttpTransportType, HubConnectionState, LogLevel } from "@microsoft/signalr";
 import { MessagePackHubProtocol } from "@microsoft/signalr-protocol-msgpack";
-import { ONCE, connect, sleep, startServer, token, until } from "./helpers.mjs";
+import { ONCE, connect, metric, sleep, startServer, token, until } from "./helpers.mjs";
 
 /** A TCP proxy in front of `base`; `cut()` drops every connection through it (both
  *  ends, no close frame), and connections opened within `holdMs` after a cut wait that
@@ -68,11 +68,6 @@ async function statefulClient(base, { msgpack = false, accessToken, automaticRec
   connection.onclose(() => connection.events.push("closed"));
   await connection.start();
   return connection;
-}
-
-async function metric(base, name) {
-  const text = await (await fetch(`${base}/metrics`)).text();
-  return Number(new RegExp(`^${name} (\\d+)$`, "m").exec(text)?.[1] ?? NaN);
 }
 
 for (const msgpack of [false, true]) {
