@@ -30,6 +30,10 @@ use replay::{ClientSequence, Incoming, Replay};
 /// The error sentence of a slow-consumer close (contract section 6).
 pub const SLOW_CONSUMER: &str = "Connection closed: client too slow.";
 
+/// What a congested receiver must take within `--slow-consumer-secs` not to be closed
+/// as a slow consumer (see [`Session::wrote`]).
+pub const PROGRESS: usize = 64 << 10;
+
 /// How long a closing session may take to flush its last frames.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
@@ -46,8 +50,10 @@ pub struct Session {
     pub watching: RefCell<HashSet<String>>,
     outbox: RefCell<Outbox>,
     /// Since when the session has been congested (its backlog above half the bound, or
-    /// frames held): the slow-consumer clock.
+    /// frames held) without its reader making progress: the slow-consumer clock.
     congested_since: Cell<Option<Instant>>,
+    /// Bytes written since the clock last restarted (see [`Session::wrote`]).
+    progress: Cell<usize>,
     /// The transport's task waiting for frames.
     writer: RefCell<Option<Waker>>,
     /// The task waiting for the backlog to come down before it reads more from the client.
@@ -98,6 +104,7 @@ impl Session {
             watching: RefCell::default(),
             outbox: RefCell::new(Outbox::new(max_buffered_bytes)),
             congested_since: Cell::new(None),
+            progress: Cell::new(0),
             writer: RefCell::new(None),
             reader: RefCell::new(None),
             publish_window,
@@ -385,6 +392,23 @@ impl Session {
         let since = self.congested_since.get().unwrap_or(now);
         self.congested_since.set(Some(since));
         now - since > allowed
+    }
+
+    /// The transport handed `bytes` more to the socket: the reader made room for them.
+    /// Every [`PROGRESS`] bytes restart a running slow-consumer clock, so a receiver
+    /// that keeps reading is not closed however long one write of its queue takes (all
+    /// receivers slowed by one flood, say); one that takes less than that in
+    /// `--slow-consumer-secs` while congested is.
+    pub fn wrote(&self, bytes: usize) {
+        let progress = self.progress.get() + bytes;
+        if progress < PROGRESS {
+            self.progress.set(progress);
+            return;
+        }
+        self.progress.set(0);
+        if self.congested_since.get().is_some() {
+            self.congested_since.set(Some(Instant::now()));
+        }
     }
 
     /// Restarts a running slow-consumer clock at `now` (after the shard itself was

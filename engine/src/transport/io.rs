@@ -5,7 +5,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use monoio::buf::IoBufMut;
+use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
 
@@ -32,17 +32,17 @@ pub async fn write_loop(session: Rc<Session>, mut socket: OwnedWriteHalf<TcpStre
             break;
         };
         let result = if frames.is_empty() {
-            let write = socket.write_all(std::mem::take(&mut copied));
+            let write = write_copied(&mut socket, std::mem::take(&mut copied), &session);
             stop.run(write).await.map(|(result, buffer)| {
                 copied = buffer;
                 session.recycle_send_buffer(&mut copied);
-                result.map(drop)
+                result
             })
         } else {
             batch.set(frames);
             // Boxed: frames over COPY_MAX are the rare case, and an unboxed second
             // kind of write would make every session's writer task larger.
-            let write = Box::pin(write_all(&mut socket, std::mem::take(&mut batch)));
+            let write = Box::pin(write_all(&mut socket, std::mem::take(&mut batch), &session));
             stop.run(write).await.map(|(result, written)| {
                 batch = written;
                 result
@@ -103,17 +103,21 @@ impl FrameBatch {
 
 /// Writes the whole batch with as few `writev` calls as the socket allows (monoio's
 /// `write_vectored_all` allocates a copy of the iovec array on every call; this
-/// reuses the batch's own).
+/// reuses the batch's own). Each partial write counts as the reader's progress.
 async fn write_all(
     socket: &mut OwnedWriteHalf<TcpStream>,
     mut batch: FrameBatch,
+    session: &Session,
 ) -> (std::io::Result<()>, FrameBatch) {
     while !batch.is_empty() {
         let (result, returned) = socket.writev(batch).await;
         batch = returned;
         match result {
             Ok(0) => return (Err(std::io::ErrorKind::WriteZero.into()), batch),
-            Ok(n) => batch.consume(n),
+            Ok(n) => {
+                batch.consume(n);
+                session.wrote(n);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return (Err(e), batch),
         }
@@ -135,6 +139,30 @@ unsafe impl monoio::buf::IoVecBuf for FrameBatch {
     fn read_iovec_len(&self) -> usize {
         self.iovecs.len()
     }
+}
+
+/// Writes a session's send buffer whole; each partial write (the kernel takes what the
+/// reader made room for) counts as the reader's progress.
+async fn write_copied(
+    socket: &mut OwnedWriteHalf<TcpStream>,
+    mut buffer: Vec<u8>,
+    session: &Session,
+) -> (std::io::Result<()>, Vec<u8>) {
+    let mut offset = 0;
+    while offset < buffer.len() {
+        let (result, slice) = socket.write(buffer.slice(offset..)).await;
+        buffer = slice.into_inner();
+        match result {
+            Ok(0) => return (Err(std::io::ErrorKind::WriteZero.into()), buffer),
+            Ok(n) => {
+                offset += n;
+                session.wrote(n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (Err(e), buffer),
+        }
+    }
+    (Ok(()), buffer)
 }
 
 /// Writes bytes before the writer task exists (HTTP responses, the handshake answer).

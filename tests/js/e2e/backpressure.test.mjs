@@ -254,3 +254,44 @@ test("a REST send to a group with a stalled member answers once its message is q
     await server.stop();
   }
 });
+
+test("a member that reads slowly but steadily is not closed, however long one write of its queue takes; a stalled one is", { skip: ONCE, timeout: 60000 }, async () => {
+  const server = await startServer(["--threads", "1", "--slow-consumer-secs", "1"]);
+  const clients = [];
+  try {
+    // Reads about one socket chunk (at most 64 KiB) every 250 ms: ~256 KB/s at most,
+    // so one write of half its 1 MiB queue takes 2 s, twice --slow-consumer-secs.
+    const slow = await stalledMember(server.base, "steady");
+    let taken = 0;
+    slow.on("data", (chunk) => {
+      taken += chunk.length;
+      slow.pause();
+    });
+    const throttle = setInterval(() => slow.resume(), 250);
+    slow.on("close", () => clearInterval(throttle));
+    const stalled = await stalledMember(server.base, "steady");
+    const publisher = await connect(server.base);
+    clients.push(publisher);
+    const payload = "s".repeat(4096);
+    const started = Date.now();
+    const inFlight = new Set();
+    while (Date.now() - started < 8000) {
+      const send = publisher.invoke("SendToGroup", "steady", "m", [payload]);
+      inFlight.add(send);
+      send.finally(() => inFlight.delete(send));
+      if (inFlight.size >= 16) await Promise.race(inFlight);
+    }
+    await Promise.all(inFlight);
+    strictEqual(await metric(server.base, "ringhub_slow_consumer_closes_total"), 1, "only the stalled member was closed");
+    ok(serverHoldsSocket(server, slow), "the steady reader is still connected");
+    ok(taken > 1 << 20, `the steady reader took ${taken} bytes`);
+    clearInterval(throttle);
+    for (const socket of [slow, stalled]) {
+      socket.stopPinging();
+      socket.destroy();
+    }
+  } finally {
+    await Promise.all(clients.map((c) => c.stop().catch(() => {})));
+    await server.stop();
+  }
+});
