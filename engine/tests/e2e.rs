@@ -5,9 +5,7 @@ mod common;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use common::{
-    server_end_open, server_end_open_between, start, start_with_shards, wait_ready, RawClient,
-};
+use common::{server_end_open, server_end_open_between, start, start_with_shards, RawClient};
 use ringhub_engine::{Config, Target};
 
 #[test]
@@ -17,7 +15,6 @@ fn a_reader_that_stops_is_closed_and_its_group_gets_everything() {
         max_buffered_bytes: 256 * 1024,
         ..Config::default()
     });
-    wait_ready(&server);
     let addr = server.local_addr();
     // A 4 KiB receive buffer turns off the kernel's autotuning: the server's queue
     // fills after a few MB instead of tens.
@@ -219,7 +216,6 @@ fn the_embedding_api_refuses_what_the_contract_refuses_with_a_clear_error() {
         max_groups_per_connection: 2,
         ..Config::default()
     });
-    wait_ready(&server);
     let context = server.context();
     let (_client, id) = RawClient::connect_negotiated(server.local_addr());
     use futures_executor::block_on;
@@ -256,7 +252,6 @@ fn a_message_whose_frame_could_not_fit_half_a_queue_is_refused_where_it_enters()
         max_message_bytes: 512 * 1024,
         ..Config::default()
     });
-    wait_ready(&server);
     let context = server.context();
     let limit = 512 * 1024;
     let text = |n: usize| vec![Value::Str("t".repeat(n))];
@@ -294,7 +289,6 @@ fn a_slow_consumer_that_never_reads_again_gets_its_socket_closed_within_the_grac
         max_buffered_bytes: 64 * 1024,
         ..Config::default()
     });
-    wait_ready(&server);
     let addr = server.local_addr();
     let mut sender = RawClient::connect(addr, None);
     // Joins, then never reads nor closes: its kernel buffers fill, then the server's queue.
@@ -338,7 +332,6 @@ fn a_receiver_above_half_its_bound_for_slow_consumer_secs_is_closed_and_no_one_e
         slow_consumer: Duration::from_secs(1),
         ..Config::default()
     });
-    wait_ready(&server);
     let addr = server.local_addr();
     let mut slow = RawClient::connect(addr, Some(4096));
     assert!(slow.invoke("1", "JoinGroup", r#"["g"]"#).contains("null"));

@@ -11,27 +11,28 @@ use bytes::BytesMut;
 use ringhub_engine::{Config, MemoryStore, Server, ServerBuilder};
 use ringhub_protocol::ws::{encode_client_frame, Opcode};
 
+/// A server with `config` on a free loopback port and a memory store, ready to accept.
 pub fn start(config: Config) -> Server {
-    ServerBuilder::new(Config {
+    let server = ServerBuilder::new(Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         ..config
     })
     .membership_store(MemoryStore::default())
     .start()
-    .expect("server starts")
-}
-
-/// A server with `threads` shards and otherwise default settings, ready to accept.
-pub fn start_with_shards(threads: usize) -> Server {
-    let server = start(Config {
-        threads,
-        ..Config::default()
-    });
+    .expect("server starts");
     wait_ready(&server);
     server
 }
 
-pub fn wait_ready(server: &Server) {
+/// A server with `threads` shards and otherwise default settings, ready to accept.
+pub fn start_with_shards(threads: usize) -> Server {
+    start(Config {
+        threads,
+        ..Config::default()
+    })
+}
+
+fn wait_ready(server: &Server) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !server.is_ready() {
         assert!(Instant::now() < deadline, "server not ready");
