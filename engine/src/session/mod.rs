@@ -80,8 +80,8 @@ struct Stateful {
     client: RefCell<ClientSequence>,
     /// Between transports: tracked frames only go to the replay buffer.
     detached: Cell<bool>,
-    /// The task waiting for a new transport (woken when the session can no longer be
-    /// resumed).
+    /// The task waiting for a new transport (woken when one is offered, or when the
+    /// session can no longer be resumed).
     waiter: RefCell<Option<Waker>>,
 }
 
@@ -346,20 +346,18 @@ impl Session {
         }
     }
 
-    /// Wakes `waker` when the session can no longer be resumed.
+    /// Wakes `waker` when a new transport is offered or the session can no longer be
+    /// resumed.
     pub fn wake_on_resume_change(&self, waker: &Waker) {
         if let Some(stateful) = &self.stateful {
             *stateful.waiter.borrow_mut() = Some(waker.clone());
         }
     }
 
-    fn wake_resume_waiter(&self) {
-        let waker = self
-            .stateful
-            .as_ref()
-            .and_then(|s| s.waiter.borrow_mut().take());
-        if let Some(waker) = waker {
-            waker.wake();
+    /// Wakes the task waiting for a new transport (see [`Session::wake_on_resume_change`]).
+    pub fn wake_resume_waiter(&self) {
+        if let Some(stateful) = &self.stateful {
+            wake(&stateful.waiter);
         }
     }
 
@@ -406,14 +404,12 @@ impl Session {
             return;
         }
         self.progress.set(0);
-        if self.congested_since.get().is_some() {
-            self.congested_since.set(Some(Instant::now()));
-        }
+        self.restart_congestion_clock(Instant::now());
     }
 
-    /// Restarts a running slow-consumer clock at `now` (after the shard itself was
-    /// stalled: the time it did not run is not the receiver's fault).
-    pub fn forgive_congestion(&self, now: Instant) {
+    /// Restarts a running slow-consumer clock at `now` (the reader made progress, or
+    /// the shard itself was stalled: the time it did not run is not the reader's fault).
+    pub fn restart_congestion_clock(&self, now: Instant) {
         if self.congested_since.get().is_some() {
             self.congested_since.set(Some(now));
         }
@@ -437,10 +433,7 @@ impl Session {
     }
 
     fn wake_reader(&self) {
-        let waker = self.reader.borrow_mut().take();
-        if let Some(waker) = waker {
-            waker.wake();
-        }
+        wake(&self.reader);
     }
 
     /// Closes it as a slow consumer (contract section 6), counted in the metrics.
@@ -451,10 +444,7 @@ impl Session {
     }
 
     fn wake_writer(&self) {
-        let waker = self.writer.borrow_mut().take();
-        if let Some(waker) = waker {
-            waker.wake();
-        }
+        wake(&self.writer);
     }
 
     /// Waits for queued frames and takes them all (see [`Outbox::take`]); `None` once
@@ -500,5 +490,14 @@ impl Session {
         ShardMetrics::add(&metrics.deliveries, taken.frames);
         ShardMetrics::add(&metrics.bytes_sent, taken.bytes as u64);
         self.last_sent.set(Instant::now());
+    }
+}
+
+/// Wakes the task waiting in `slot`, if one is (the slot is emptied first: a woken task
+/// that waits again registers anew).
+fn wake(slot: &RefCell<Option<Waker>>) {
+    let waker = slot.borrow_mut().take();
+    if let Some(waker) = waker {
+        waker.wake();
     }
 }

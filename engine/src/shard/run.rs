@@ -312,7 +312,7 @@ async fn slow_consumer_watch(state: Rc<ShardState>) {
                 continue;
             }
             if stalled {
-                session.forgive_congestion(now);
+                session.restart_congestion_clock(now);
             } else if session.too_slow(now, allowed) {
                 session.close_as_slow();
             }

@@ -48,7 +48,6 @@ pub enum Token {
 pub struct Resumable {
     pub session: Rc<Session>,
     incoming: RefCell<Option<Attach>>,
-    waiter: RefCell<Option<std::task::Waker>>,
 }
 
 /// A new WebSocket for a resumable session, upgraded and answered: the socket, the
@@ -65,7 +64,6 @@ impl Resumable {
         Resumable {
             session,
             incoming: RefCell::new(None),
-            waiter: RefCell::new(None),
         }
     }
 
@@ -74,9 +72,7 @@ impl Resumable {
     pub fn offer(&self, attach: Attach) {
         self.incoming.replace(Some(attach));
         self.session.end_transport();
-        if let Some(waker) = self.waiter.borrow_mut().take() {
-            waker.wake();
-        }
+        self.session.wake_resume_waiter();
     }
 
     /// The next WebSocket offered, or `None` once the session cannot be resumed (its
@@ -89,7 +85,6 @@ impl Resumable {
             if !self.session.can_resume() || self.session.stop.is_fired() {
                 return std::task::Poll::Ready(None);
             }
-            *self.waiter.borrow_mut() = Some(cx.waker().clone());
             self.session.wake_on_resume_change(cx.waker());
             std::task::Poll::Pending
         })
