@@ -170,10 +170,7 @@ impl Outbox {
             return false;
         }
         self.closing_since = Some(now);
-        self.frames.clear();
-        self.tail.clear();
-        self.held.clear();
-        self.held_untracked = 0;
+        self.drop_queued();
         self.frames.extend(last);
         self.bytes = self.frames.iter().map(Bytes::len).sum();
         self.frame_count = self.frames.len() as u64;
@@ -183,13 +180,18 @@ impl Outbox {
     /// Drops everything queued, held and in flight (a transport that is gone): held
     /// frames' publishers are released.
     pub fn reset(&mut self) {
+        self.drop_queued();
+        self.frame_count = 0;
+        self.bytes = 0;
+        self.in_flight = 0;
+    }
+
+    /// Drops the queued and held frames (the counts are the caller's to set).
+    fn drop_queued(&mut self) {
         self.frames.clear();
         self.tail.clear();
         self.held.clear();
         self.held_untracked = 0;
-        self.frame_count = 0;
-        self.bytes = 0;
-        self.in_flight = 0;
     }
 
     pub fn closing_since(&self) -> Option<Instant> {
