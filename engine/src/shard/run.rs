@@ -166,32 +166,53 @@ const TICK: Duration = Duration::from_secs(1);
 /// This many client-timeout closes in one tick are logged.
 const MANY_TIMEOUTS: usize = 10;
 
-/// Tells when a shard's timer ran late (the process was stopped, its core starved): then
-/// the pings its clients sent meanwhile sit unread in the socket buffers, and judging
-/// them silent would close every healthy client. After a late tick, client timeouts wait
-/// [`StallGuard::SETTLE`] for the readers to take what is pending.
-struct StallGuard {
+/// Tells when a timer of a shard that ticks every `interval` ran late: the shard did
+/// not run for a while (the process was stopped, its core starved).
+struct LateTicks {
+    interval: Duration,
     last_tick: Instant,
+}
+
+impl LateTicks {
+    /// A tick this much later than due means the shard was stalled.
+    const LATE: Duration = Duration::from_secs(2);
+
+    fn new(interval: Duration, now: Instant) -> LateTicks {
+        LateTicks {
+            interval,
+            last_tick: now,
+        }
+    }
+
+    /// How long the shard was away, if this tick (at `now`) shows it was stalled.
+    fn stalled(&mut self, now: Instant) -> Option<Duration> {
+        let gap = now.saturating_duration_since(self.last_tick);
+        self.last_tick = now;
+        (gap > self.interval + Self::LATE).then_some(gap)
+    }
+}
+
+/// After a stall of the shard, the pings its clients sent meanwhile sit unread in the
+/// socket buffers, and judging them silent would close every healthy client: client
+/// timeouts wait [`StallGuard::SETTLE`] for the readers to take what is pending.
+struct StallGuard {
+    ticks: LateTicks,
     settle_until: Option<Instant>,
 }
 
 impl StallGuard {
-    /// A tick this much later than due means the shard was stalled.
-    const LATE: Duration = Duration::from_secs(2);
     const SETTLE: Duration = Duration::from_secs(2);
 
     fn new(now: Instant) -> StallGuard {
         StallGuard {
-            last_tick: now,
+            ticks: LateTicks::new(TICK, now),
             settle_until: None,
         }
     }
 
     /// Whether this tick may close sessions for silence.
     fn judge_silence(&mut self, shard: usize, now: Instant) -> bool {
-        let gap = now.saturating_duration_since(self.last_tick);
-        self.last_tick = now;
-        if gap > TICK + Self::LATE {
+        if let Some(gap) = self.ticks.stalled(now) {
             tracing::warn!(
                 shard,
                 stalled_ms = gap.as_millis() as u64,
@@ -299,14 +320,13 @@ const SLOW_CONSUMER_CHECK: Duration = Duration::from_millis(100);
 async fn slow_consumer_watch(state: Rc<ShardState>) {
     let allowed = state.node.config.slow_consumer;
     let mut interval = monoio::time::interval(SLOW_CONSUMER_CHECK);
-    let mut last = Instant::now();
+    let mut late = LateTicks::new(SLOW_CONSUMER_CHECK, Instant::now());
     while !state.shutdown.is_fired() {
         interval.tick().await;
         let now = Instant::now();
         // A shard that did not run for a while (its process stopped, its core starved)
         // could not write: its receivers' clocks start again.
-        let stalled = now - last > StallGuard::LATE;
-        last = now;
+        let stalled = late.stalled(now).is_some();
         for session in state.all_sessions() {
             if session.closing_since().is_some() {
                 continue;
