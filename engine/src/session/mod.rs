@@ -151,11 +151,6 @@ impl Session {
         frame::encode_framed(self.protocol(), self.framing, message)
     }
 
-    /// The largest frame its queue takes from one message: half the bound.
-    pub fn message_limit(&self) -> usize {
-        self.outbox.borrow().max_bytes() / 2
-    }
-
     pub fn metrics(&self) -> &ShardMetrics {
         self.metrics.get()
     }

@@ -202,11 +202,6 @@ impl Outbox {
         self.bytes
     }
 
-    /// The bound.
-    pub fn max_bytes(&self) -> usize {
-        self.max_bytes
-    }
-
     /// Takes everything queued: into `copied` when only small frames are queued (the
     /// usual case), otherwise into `batch` (the copied ones sealed in order between the
     /// shared ones). `None` when nothing is queued.

@@ -108,7 +108,7 @@ async fn handle_message(
                     "The client attempted to invoke the non-streaming '{}' method with a streaming invocation.",
                     invocation.target
                 );
-                complete(session, id, CompletionOutcome::Error(error));
+                complete(state, session, id, CompletionOutcome::Error(error));
             }
             false
         }
@@ -146,13 +146,18 @@ async fn invoke(state: &Rc<ShardState>, session: &Rc<Session>, invocation: Invoc
             Ok(value) => CompletionOutcome::Result(value),
             Err(e) => CompletionOutcome::Error(e.client_message()),
         };
-        complete(session, id, outcome);
+        complete(state, session, id, outcome);
     }
 }
 
 /// Queues a Completion; a result too large for the session's queue becomes an error.
-fn complete(session: &Session, invocation_id: String, outcome: CompletionOutcome) {
-    let limit = session.message_limit();
+fn complete(
+    state: &ShardState,
+    session: &Session,
+    invocation_id: String,
+    outcome: CompletionOutcome,
+) {
+    let limit = state.node.config.message_limit();
     let mut frame = session.encode(&HubMessage::completion(invocation_id.clone(), outcome));
     if frame.len() > limit {
         let error = format!("The result is too large (limit {limit} bytes once encoded).");
