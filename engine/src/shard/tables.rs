@@ -13,6 +13,19 @@ use crate::fanout::{Broadcast, FrameCache};
 use crate::flow::Ticket;
 use crate::session::Session;
 
+/// Gives back a hash table's memory once it holds a quarter of what it has room for
+/// (a table keeps its largest size otherwise: a connection that joined and left many
+/// groups would hold their room for its whole life). A macro: the sets and maps of
+/// hashbrown share these methods but no trait.
+macro_rules! shrink_if_sparse {
+    ($table:expr) => {{
+        let table = &mut $table;
+        if table.capacity() > 64 && table.len() < table.capacity() / 4 {
+            table.shrink_to_fit();
+        }
+    }};
+}
+
 /// One hub's tables on one shard. Connections are keyed by a shard-local number.
 #[derive(Default)]
 pub struct HubTables {
@@ -63,7 +76,7 @@ impl HubTables {
             remove_member(&mut self.watchers, &group, key);
             unwatched(&group);
         }
-        shrink_if_sparse(&mut self.groups);
+        shrink_if_sparse!(self.groups);
         Some(session)
     }
 
@@ -101,10 +114,10 @@ impl HubTables {
         if !groups.remove(group) {
             return false;
         }
-        shrink_if_sparse(&mut *groups);
+        shrink_if_sparse!(*groups);
         drop(groups);
         remove_member(&mut self.groups, group, key);
-        shrink_if_sparse(&mut self.groups);
+        shrink_if_sparse!(self.groups);
         true
     }
 
@@ -228,46 +241,6 @@ fn remove_member(sets: &mut HashMap<String, Members>, name: &str, key: u64) {
         if set.is_empty() {
             sets.remove(name);
         }
-    }
-}
-
-/// Gives back a table's memory once it holds a quarter of what it has room for (a
-/// hash table keeps its largest size otherwise: a connection that joined and left many
-/// groups would hold their room for its whole life).
-fn shrink_if_sparse<T: ShrinkableTable>(table: &mut T) {
-    if table.room() > 64 && table.count() < table.room() / 4 {
-        table.shrink();
-    }
-}
-
-/// What [`shrink_if_sparse`] needs of a hash table.
-trait ShrinkableTable {
-    fn room(&self) -> usize;
-    fn count(&self) -> usize;
-    fn shrink(&mut self);
-}
-
-impl<K: Eq + std::hash::Hash> ShrinkableTable for HashSet<K> {
-    fn room(&self) -> usize {
-        self.capacity()
-    }
-    fn count(&self) -> usize {
-        self.len()
-    }
-    fn shrink(&mut self) {
-        self.shrink_to_fit();
-    }
-}
-
-impl<K: Eq + std::hash::Hash, V> ShrinkableTable for HashMap<K, V> {
-    fn room(&self) -> usize {
-        self.capacity()
-    }
-    fn count(&self) -> usize {
-        self.len()
-    }
-    fn shrink(&mut self) {
-        self.shrink_to_fit();
     }
 }
 
