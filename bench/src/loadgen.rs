@@ -179,18 +179,20 @@ struct Tally {
 }
 
 impl Tally {
-    fn take(&mut self, payload: &[u8]) {
+    /// Counts what a frame's payload is; whether it is a message stateful reconnect
+    /// tracks (a delivery, or the join's completion).
+    fn take(&mut self, payload: &[u8]) -> bool {
         let shared = &self.shared;
         if !self.counted && self.joined {
-            return;
+            return false;
         }
         if let Some((publisher, seq, sent_ns)) = self.wire.delivery(payload) {
             if !self.counted {
-                return;
+                return true;
             }
             shared.delivered.set(shared.delivered.get() + 1);
             let Some(expected) = self.next.get_mut(publisher as usize) else {
-                return;
+                return true;
             };
             if seq == *expected {
                 *expected += 1;
@@ -204,9 +206,13 @@ impl Tally {
                 let micros = shared.now_ns().saturating_sub(sent_ns) / 1000;
                 let _ = shared.latency.borrow_mut().record(micros.max(1));
             }
+            true
         } else if !self.joined && self.wire.is_completion(payload) {
             self.joined = true;
             shared.joined.set(shared.joined.get() + 1);
+            true
+        } else {
+            false
         }
     }
 
@@ -249,7 +255,9 @@ async fn receiver(
             protocol,
             transport,
             &join,
-            |payload| tally.take(payload),
+            |payload| {
+                tally.take(payload);
+            },
         )
         .await;
         if let Err(error) = received {
@@ -288,10 +296,9 @@ async fn receiver(
             return;
         }
         let mut replies = client::drain_frames(&mut buf, wire, |payload| {
-            if args.stateful && (wire.delivery(payload).is_some() || wire.is_completion(payload)) {
+            if tally.take(payload) {
                 tracked += 1;
             }
-            tally.take(payload)
         });
         if let (Wire::SignalR(protocol), true) = (wire, args.stateful) {
             if tracked > acked && acked_at.elapsed() >= Duration::from_secs(1) {
