@@ -193,6 +193,25 @@ impl Config {
 }
 
 /// The host name and the process id.
+/// A Redis address as the contract takes it (`redis://`, `rediss://`, `redis+unix://`
+/// or `host:port`), as a URL the Redis client reads.
+fn redis_url(given: &str) -> Result<String, String> {
+    let url = if given.contains("://") {
+        given.to_owned()
+    } else {
+        format!("redis://{given}")
+    };
+    let scheme = url.split("://").next().unwrap_or_default();
+    if !matches!(scheme, "redis" | "rediss" | "redis+unix") {
+        return Err(format!(
+            "'{given}' is not a redis://, rediss://, redis+unix:// URL or host:port"
+        ));
+    }
+    fred::types::config::Config::from_url(&url)
+        .map_err(|e| format!("'{given}' is not a Redis address: {}", e.details()))?;
+    Ok(url)
+}
+
 fn default_node_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -260,11 +279,9 @@ impl ServeArgs {
         let jwt_secret = non_empty("jwt-secret", self.jwt_secret.or(file.jwt_secret))?;
         let api_key = non_empty("api-key", self.api_key.or(file.api_key))?;
         let redis = non_empty("redis", self.redis.or(file.redis))?;
-        if let Some(url) = &redis {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(invalid("redis", format!("'{url}' is not a redis:// URL")));
-            }
-        }
+        let redis = redis
+            .map(|url| redis_url(&url).map_err(|why| invalid("redis", why)))
+            .transpose()?;
         let data = self.data.or(file.data).unwrap_or(defaults.data);
         if data.as_os_str().is_empty() {
             return Err(invalid("data", "must not be empty"));

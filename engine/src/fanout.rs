@@ -37,16 +37,37 @@ impl FrameKind {
 /// [`FrameKind`], and shared by every shard.
 #[derive(Debug)]
 pub struct Broadcast {
-    message: HubMessage,
+    /// `None` for a message that arrived from another node with its records made.
+    message: Option<HubMessage>,
     frames: [OnceLock<Bytes>; KINDS],
 }
 
 impl Broadcast {
     pub fn new(message: HubMessage) -> Broadcast {
         Broadcast {
-            message,
+            message: Some(message),
             frames: Default::default(),
         }
+    }
+
+    /// A message another node serialized: its bare record in each protocol (the
+    /// framings are added here, as for any broadcast).
+    pub fn from_records(json: Bytes, messagepack: Bytes) -> Broadcast {
+        let broadcast = Broadcast {
+            message: None,
+            frames: Default::default(),
+        };
+        for (protocol, record) in [
+            (HubProtocol::Json, json),
+            (HubProtocol::MessagePack, messagepack),
+        ] {
+            let kind = FrameKind {
+                protocol,
+                framing: Framing::Raw,
+            };
+            let _ = broadcast.frames[kind.index()].set(record);
+        }
+        broadcast
     }
 
     /// The complete frame for `kind` (a reference-count clone). The message is
@@ -56,7 +77,10 @@ impl Broadcast {
             .get_or_init(|| match kind.framing {
                 Framing::Raw => {
                     BROADCAST_ENCODES.fetch_add(1, Relaxed);
-                    frame::encode_framed(kind.protocol, Framing::Raw, &self.message)
+                    // Records of a message from another node are set when it is made.
+                    self.message.as_ref().map_or_else(Bytes::new, |message| {
+                        frame::encode_framed(kind.protocol, Framing::Raw, message)
+                    })
                 }
                 framing => {
                     let record = self.frame(FrameKind {

@@ -7,6 +7,7 @@
 //! - [`api`] types: [`Target`], [`Caller`], [`HubError`];
 //! - `flow`: publishers' windows and the tickets that hold them (backpressure);
 //! - `fanout`: a message encoded once per protocol for all its recipients;
+//! - `backplane`: what a node hands its cluster thread, and what nodes tell each other;
 //! - `session`: one connection apart from its transport (identity, groups, outbox);
 //! - `shard::tables`, `shard::inbox`: a shard's routing tables and its inbox;
 //! - [`presence`], [`store`], `node`: what all shards of a node share;
@@ -14,12 +15,15 @@
 //! - [`builtin`] and `rest`: the contract's hub and REST API, on that API only;
 //! - `shard::state`, `shard::dispatch`: what a shard owns, hub messages of its clients;
 //! - `transport`: HTTP routing, negotiate, the WebSocket transport, socket I/O;
-//! - `shard::run`: a shard thread's body; [`server`]: building, starting, stopping;
+//! - `shard::run`: a shard thread's body; `cluster`: the Redis backplane's thread;
+//!   [`server`]: building, starting, stopping;
 //! - [`runtime`]: the io_uring runtime every thread runs on.
 
 pub mod api;
 pub mod auth;
+mod backplane;
 pub mod builtin;
+mod cluster;
 pub mod config;
 mod fanout;
 mod flow;

@@ -41,12 +41,18 @@ impl MetricsRef {
 #[derive(Debug)]
 pub struct Metrics {
     pub shards: Vec<ShardMetrics>,
+    /// 1 while the backplane is connected to Redis (always 0 without `--redis`).
+    pub backplane_connected: AtomicU64,
+    /// What could not be published to (or was lost on the way from) Redis.
+    pub backplane_errors: AtomicU64,
 }
 
 impl Metrics {
     pub fn new(shards: usize) -> Metrics {
         Metrics {
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
+            backplane_connected: AtomicU64::new(0),
+            backplane_errors: AtomicU64::new(0),
         }
     }
 
@@ -77,7 +83,17 @@ impl Metrics {
             "# HELP ringhub_groups Groups with at least one member.\n# TYPE ringhub_groups gauge\n",
         );
         let _ = writeln!(out, "ringhub_groups {groups}");
-        let counters: [(&str, &str, u64); 8] = [
+        let _ = writeln!(
+            out,
+            "# HELP ringhub_backplane_connected 1 while the Redis backplane is connected.\n# TYPE ringhub_backplane_connected gauge\nringhub_backplane_connected {}",
+            self.backplane_connected.load(Relaxed)
+        );
+        let counters: [(&str, &str, u64); 9] = [
+            (
+                "ringhub_backplane_errors_total",
+                "Messages that could not be published to, or were lost from, the Redis backplane.",
+                self.backplane_errors.load(Relaxed),
+            ),
             (
                 "ringhub_messages_received_total",
                 "Hub messages received from clients.",

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::backplane::Link;
 use crate::auth::{Claims, GroupAuthorizer, JwtVerifier, UserIdProvider};
 use crate::config::Config;
 use crate::flow::Window;
@@ -36,6 +37,8 @@ pub struct Node {
     /// What sends through `HubContext`s other than a hub method's (REST, embedders)
     /// may have on their way together.
     pub(crate) context_budget: Arc<Window>,
+    /// The cluster's backplane thread (with `--redis`).
+    pub(crate) backplane: Option<Link>,
 }
 
 impl Node {
@@ -45,6 +48,7 @@ impl Node {
         authorizer: Arc<dyn GroupAuthorizer>,
         store: Arc<dyn MembershipStore>,
         store_jobs: std::sync::mpsc::Sender<StoreJob>,
+        backplane: Option<Link>,
     ) -> Node {
         let shards = config.threads;
         let context_budget = Window::new(config.context_publish_budget(), None);
@@ -58,13 +62,14 @@ impl Node {
             metrics: Arc::new(Metrics::new(shards)),
             user_ids,
             authorizer,
-            presence: Presence::new(shards),
+            presence: Presence::with_backplane(shards, backplane.clone()),
             store,
             store_jobs,
             ready_shards: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
             next_owner: AtomicUsize::new(0),
             context_budget,
+            backplane,
         }
     }
 

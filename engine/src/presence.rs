@@ -10,10 +10,12 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hashbrown::{HashMap, HashSet};
 use ringhub_protocol::Value;
+
+use crate::backplane::{self, GroupSnapshot, HubSnapshot, Link, Outgoing, PresenceEvent};
 
 /// How often a shard tells its watchers about groups whose counts changed.
 pub const PRESENCE_INTERVAL: Duration = Duration::from_millis(100);
@@ -64,20 +66,11 @@ struct GroupEntry {
     connections: usize,
     /// user id -> how many of its connections are in the group.
     users: HashMap<String, usize>,
-    /// shard -> how many of its connections watch the group.
+    /// shard -> how many of its connections watch the group (local entries only).
     watchers: HashMap<usize, usize>,
 }
 
 impl GroupEntry {
-    fn presence(&self) -> GroupPresence {
-        let mut user_ids: Vec<String> = self.users.keys().cloned().collect();
-        user_ids.sort_unstable();
-        GroupPresence {
-            connections: self.connections,
-            user_ids,
-        }
-    }
-
     fn is_unused(&self) -> bool {
         self.connections == 0 && self.watchers.is_empty()
     }
@@ -96,13 +89,161 @@ struct HubEntry {
     connections: HashMap<String, ConnectionEntry>,
 }
 
+/// hub name -> its presence: this node's, or what another node told of its own.
+type Hubs = HashMap<String, HubEntry>;
+
+/// Adds a connection; true if it is its user's first one here.
+fn add_connection(hubs: &mut Hubs, hub: &str, id: &str, user: Option<&str>, shard: usize) -> bool {
+    let entry = hubs.entry_ref(hub).or_default();
+    entry.connections.insert(
+        id.to_owned(),
+        ConnectionEntry {
+            shard,
+            user: user.map(str::to_owned),
+        },
+    );
+    let Some(user) = user else {
+        return false;
+    };
+    let ids = entry.users.entry_ref(user).or_default();
+    ids.insert(id.to_owned());
+    ids.len() == 1
+}
+
+/// Forgets a connection; `Some(user)` if it was its user's last one here.
+fn remove_connection(hubs: &mut Hubs, hub: &str, id: &str) -> Option<String> {
+    let entry = hubs.get_mut(hub)?;
+    let mut last_of = None;
+    if let Some(user) = entry.connections.remove(id).and_then(|c| c.user) {
+        if let Some(ids) = entry.users.get_mut(&user) {
+            ids.remove(id);
+            if ids.is_empty() {
+                entry.users.remove(&user);
+                last_of = Some(user);
+            }
+        }
+    }
+    if entry.connections.is_empty() && entry.groups.is_empty() {
+        hubs.remove(hub);
+    }
+    last_of
+}
+
+/// A connection (of `user`, if any) joined `group`; true if the group was empty.
+fn add_member(hubs: &mut Hubs, hub: &str, group: &str, user: Option<&str>) -> bool {
+    let entry = hubs
+        .entry_ref(hub)
+        .or_default()
+        .groups
+        .entry_ref(group)
+        .or_default();
+    entry.connections += 1;
+    if let Some(user) = user {
+        *entry.users.entry_ref(user).or_default() += 1;
+    }
+    entry.connections == 1
+}
+
+/// A connection (of `user`, if any) left `group`: `Some(emptied)` if it was counted.
+fn remove_member(hubs: &mut Hubs, hub: &str, group: &str, user: Option<&str>) -> Option<bool> {
+    let hub_entry = hubs.get_mut(hub)?;
+    let entry = hub_entry.groups.get_mut(group)?;
+    // Only a member leaves (the shard tables say so); an entry kept alive by its
+    // watchers alone has no connection to take away.
+    if entry.connections == 0 {
+        return None;
+    }
+    entry.connections -= 1;
+    if let Some(user) = user {
+        if let Some(count) = entry.users.get_mut(user) {
+            *count -= 1;
+            if *count == 0 {
+                entry.users.remove(user);
+            }
+        }
+    }
+    let emptied = entry.connections == 0;
+    if entry.is_unused() {
+        hub_entry.groups.remove(group);
+    }
+    Some(emptied)
+}
+
+/// What another node of the cluster told of its presence.
+struct RemoteNode {
+    name: String,
+    hubs: Hubs,
+    /// The last of its changes applied here.
+    seq: u64,
+    /// A snapshot was asked for and has not arrived: changes are not applied meanwhile.
+    awaiting_snapshot: bool,
+    last_heard: Instant,
+}
+
 #[derive(Default)]
 struct Registry {
-    hubs: HashMap<String, HubEntry>,
+    local: Hubs,
+    /// Other nodes, by node id.
+    remote: HashMap<String, RemoteNode>,
+    /// Changes made to `local` so far (numbered for the other nodes).
+    seq: u64,
     /// Per shard: the (hub, group) pairs whose counts changed since it last looked.
     changed: Vec<HashSet<(String, String)>>,
-    /// Groups with at least one member, over all hubs (the `ringhub_groups` gauge).
+    /// Groups with at least one member here, over all hubs (the `ringhub_groups` gauge).
     nonempty_groups: usize,
+}
+
+impl Registry {
+    /// Every group's entry: this node's first, then each other node's.
+    fn group_entries<'a>(&'a self, hub: &'a str, group: &'a str) -> impl Iterator<Item = &'a GroupEntry> {
+        std::iter::once(&self.local)
+            .chain(self.remote.values().map(|node| &node.hubs))
+            .filter_map(move |hubs| hubs.get(hub)?.groups.get(group))
+    }
+
+    fn hub_entries<'a>(&'a self, hub: &'a str) -> impl Iterator<Item = &'a HubEntry> {
+        std::iter::once(&self.local)
+            .chain(self.remote.values().map(|node| &node.hubs))
+            .filter_map(move |hubs| hubs.get(hub))
+    }
+
+    /// Notes, for every shard that watches the group, that its counts changed.
+    fn mark_changed(&mut self, pending: &[AtomicBool], hub: &str, group: &str) {
+        let Some(entry) = self.local.get(hub).and_then(|h| h.groups.get(group)) else {
+            return;
+        };
+        for &shard in entry.watchers.keys() {
+            self.changed[shard].insert((hub.to_owned(), group.to_owned()));
+            pending[shard].store(true, Ordering::Release);
+        }
+    }
+
+    /// Marks every watched group of the hubs of `hubs` as changed (a node's presence
+    /// was replaced or dropped whole).
+    fn mark_all_changed(&mut self, pending: &[AtomicBool], hubs: &[String]) {
+        let mut watched = Vec::new();
+        for hub in hubs {
+            if let Some(entry) = self.local.get(hub) {
+                for (group, g) in &entry.groups {
+                    if !g.watchers.is_empty() {
+                        watched.push((hub.clone(), group.clone()));
+                    }
+                }
+            }
+        }
+        for (hub, group) in watched {
+            self.mark_changed(pending, &hub, &group);
+        }
+    }
+
+    /// Numbers a local change and hands it to the backplane (under the lock, so the
+    /// other nodes see this node's changes in the order it made them).
+    fn publish(&mut self, link: Option<&Link>, event: impl FnOnce() -> PresenceEvent) {
+        if let Some(link) = link {
+            self.seq += 1;
+            link.send(Outgoing::Presence(event()));
+        }
+    }
 }
 
 /// The registry (one per server).
@@ -110,16 +251,25 @@ pub struct Presence {
     registry: Mutex<Registry>,
     /// Per shard: whether it has changes to collect (checked without the lock).
     pending: Vec<AtomicBool>,
+    /// The cluster's backplane, when there is one: told of every change, and of the
+    /// channels this node needs (a group's while it has a member here, a user's and a
+    /// connection's while connected here).
+    link: Option<Link>,
 }
 
 impl Presence {
     pub fn new(shards: usize) -> Presence {
+        Presence::with_backplane(shards, None)
+    }
+
+    pub(crate) fn with_backplane(shards: usize, link: Option<Link>) -> Presence {
         Presence {
             registry: Mutex::new(Registry {
                 changed: vec![HashSet::new(); shards],
                 ..Registry::default()
             }),
             pending: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            link,
         }
     }
 
@@ -129,99 +279,87 @@ impl Presence {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn subscribe(&self, channel: String, subscribe: bool) {
+        if let Some(link) = &self.link {
+            link.send(if subscribe {
+                Outgoing::Subscribe(channel)
+            } else {
+                Outgoing::Unsubscribe(channel)
+            });
+        }
+    }
+
     pub fn connected(&self, hub: &str, connection_id: &str, user: Option<&str>, shard: usize) {
         let mut registry = self.lock();
-        let entry = registry.hubs.entry_ref(hub).or_default();
-        entry.connections.insert(
-            connection_id.to_owned(),
-            ConnectionEntry {
-                shard,
-                user: user.map(str::to_owned),
-            },
-        );
-        if let Some(user) = user {
-            entry
-                .users
-                .entry_ref(user)
-                .or_default()
-                .insert(connection_id.to_owned());
+        let first_of_user = add_connection(&mut registry.local, hub, connection_id, user, shard);
+        self.subscribe(backplane::connection_channel(hub, connection_id), true);
+        if first_of_user {
+            self.subscribe(backplane::user_channel(hub, user.unwrap_or_default()), true);
         }
+        registry.publish(self.link.as_ref(), || PresenceEvent::Connected {
+            hub: hub.to_owned(),
+            connection_id: connection_id.to_owned(),
+            user: user.map(str::to_owned),
+        });
     }
 
     /// Forgets a connection; its groups must have been left (see [`Presence::left`]).
     pub fn disconnected(&self, hub: &str, connection_id: &str) {
         let mut registry = self.lock();
-        let Some(entry) = registry.hubs.get_mut(hub) else {
+        if !registry
+            .local
+            .get(hub)
+            .is_some_and(|h| h.connections.contains_key(connection_id))
+        {
             return;
-        };
-        if let Some(connection) = entry.connections.remove(connection_id) {
-            if let Some(user) = connection.user {
-                if let Some(ids) = entry.users.get_mut(&user) {
-                    ids.remove(connection_id);
-                    if ids.is_empty() {
-                        entry.users.remove(&user);
-                    }
-                }
-            }
         }
-        if entry.connections.is_empty() && entry.groups.is_empty() {
-            registry.hubs.remove(hub);
+        if let Some(user) = remove_connection(&mut registry.local, hub, connection_id) {
+            self.subscribe(backplane::user_channel(hub, &user), false);
         }
+        self.subscribe(backplane::connection_channel(hub, connection_id), false);
+        registry.publish(self.link.as_ref(), || PresenceEvent::Disconnected {
+            hub: hub.to_owned(),
+            connection_id: connection_id.to_owned(),
+        });
     }
 
     /// A connection (of `user`, if any) joined `group`.
     pub fn joined(&self, hub: &str, group: &str, user: Option<&str>) {
         let mut registry = self.lock();
-        let registry = &mut *registry;
-        let hub_entry = registry.hubs.entry_ref(hub).or_default();
-        let entry = hub_entry.groups.entry_ref(group).or_default();
-        if entry.connections == 0 {
+        if add_member(&mut registry.local, hub, group, user) {
             registry.nonempty_groups += 1;
+            self.subscribe(backplane::group_channel(hub, group), true);
         }
-        entry.connections += 1;
-        if let Some(user) = user {
-            *entry.users.entry_ref(user).or_default() += 1;
-        }
-        mark_changed(&mut registry.changed, &self.pending, entry, hub, group);
+        registry.mark_changed(&self.pending, hub, group);
+        registry.publish(self.link.as_ref(), || PresenceEvent::Joined {
+            hub: hub.to_owned(),
+            group: group.to_owned(),
+            user: user.map(str::to_owned),
+        });
     }
 
     /// A connection (of `user`, if any) left `group`.
     pub fn left(&self, hub: &str, group: &str, user: Option<&str>) {
         let mut registry = self.lock();
-        let registry = &mut *registry;
-        let Some(hub_entry) = registry.hubs.get_mut(hub) else {
+        let Some(emptied) = remove_member(&mut registry.local, hub, group, user) else {
             return;
         };
-        let Some(entry) = hub_entry.groups.get_mut(group) else {
-            return;
-        };
-        // Only a member leaves (the shard tables say so); an entry kept alive by its
-        // watchers alone has no connection to take away.
-        if entry.connections == 0 {
-            return;
-        }
-        entry.connections -= 1;
-        if entry.connections == 0 {
+        if emptied {
             registry.nonempty_groups -= 1;
+            self.subscribe(backplane::group_channel(hub, group), false);
         }
-        if let Some(user) = user {
-            if let Some(count) = entry.users.get_mut(user) {
-                *count -= 1;
-                if *count == 0 {
-                    entry.users.remove(user);
-                }
-            }
-        }
-        mark_changed(&mut registry.changed, &self.pending, entry, hub, group);
-        if entry.is_unused() {
-            hub_entry.groups.remove(group);
-        }
+        registry.mark_changed(&self.pending, hub, group);
+        registry.publish(self.link.as_ref(), || PresenceEvent::Left {
+            hub: hub.to_owned(),
+            group: group.to_owned(),
+            user: user.map(str::to_owned),
+        });
     }
 
     /// A connection on `shard` starts (or stops) watching `group`.
     pub fn watch(&self, hub: &str, group: &str, shard: usize, watch: bool) {
         let mut registry = self.lock();
-        let hub_entry = registry.hubs.entry_ref(hub).or_default();
+        let hub_entry = registry.local.entry_ref(hub).or_default();
         let entry = hub_entry.groups.entry_ref(group).or_default();
         if watch {
             *entry.watchers.entry(shard).or_default() += 1;
@@ -236,48 +374,64 @@ impl Presence {
         }
     }
 
+    /// A group's connections and distinct users, over every node of the cluster.
     pub fn group(&self, hub: &str, group: &str) -> GroupPresence {
         let registry = self.lock();
-        registry
-            .hubs
-            .get(hub)
-            .and_then(|h| h.groups.get(group))
-            .map_or_else(GroupPresence::default, GroupEntry::presence)
+        let mut connections = 0;
+        let mut users = HashSet::new();
+        for entry in registry.group_entries(hub, group) {
+            connections += entry.connections;
+            users.extend(entry.users.keys());
+        }
+        let mut user_ids: Vec<String> = users.into_iter().cloned().collect();
+        user_ids.sort_unstable();
+        GroupPresence {
+            connections,
+            user_ids,
+        }
     }
 
-    /// The user's connection ids (empty when offline), sorted.
+    /// The user's connection ids on every node (empty when offline), sorted.
     pub fn user_connections(&self, hub: &str, user: &str) -> Vec<String> {
         let registry = self.lock();
         let mut ids: Vec<String> = registry
-            .hubs
-            .get(hub)
-            .and_then(|h| h.users.get(user))
-            .map(|ids| ids.iter().cloned().collect())
-            .unwrap_or_default();
+            .hub_entries(hub)
+            .filter_map(|h| h.users.get(user))
+            .flatten()
+            .cloned()
+            .collect();
         ids.sort_unstable();
+        ids.dedup();
         ids
     }
 
     pub fn is_user_online(&self, hub: &str, user: &str) -> bool {
         let registry = self.lock();
-        registry
-            .hubs
-            .get(hub)
-            .is_some_and(|h| h.users.contains_key(user))
+        let online = registry.hub_entries(hub).any(|h| h.users.contains_key(user));
+        online
     }
 
-    /// The shard that holds a connection, if it is connected.
+    /// The shard that holds a connection, if it is connected to this node.
     pub fn shard_of(&self, hub: &str, connection_id: &str) -> Option<usize> {
         let registry = self.lock();
         registry
-            .hubs
+            .local
             .get(hub)?
             .connections
             .get(connection_id)
             .map(|c| c.shard)
     }
 
-    /// The groups with members, over all hubs and shards.
+    /// Whether a connection is connected to any node (as far as this node was told).
+    pub fn is_connected(&self, hub: &str, connection_id: &str) -> bool {
+        let registry = self.lock();
+        let connected = registry
+            .hub_entries(hub)
+            .any(|h| h.connections.contains_key(connection_id));
+        connected
+    }
+
+    /// The groups with members on this node, over all hubs and shards.
     pub fn nonempty_groups(&self) -> usize {
         self.lock().nonempty_groups
     }
@@ -287,33 +441,183 @@ impl Presence {
         if !self.pending[shard].swap(false, Ordering::AcqRel) {
             return Vec::new();
         }
-        let mut registry = self.lock();
-        let changed = std::mem::take(&mut registry.changed[shard]);
+        let changed = std::mem::take(&mut self.lock().changed[shard]);
         changed
             .into_iter()
             .map(|(hub, group)| {
-                let presence = registry
-                    .hubs
-                    .get(&hub)
-                    .and_then(|h| h.groups.get(&group))
-                    .map_or_else(GroupPresence::default, GroupEntry::presence);
+                let presence = self.group(&hub, &group);
                 (hub, group, presence)
             })
             .collect()
     }
 }
 
-/// Notes, for every shard that watches the group, that its counts changed.
-fn mark_changed(
-    changed: &mut [HashSet<(String, String)>],
-    pending: &[AtomicBool],
-    entry: &GroupEntry,
-    hub: &str,
-    group: &str,
-) {
-    for &shard in entry.watchers.keys() {
-        changed[shard].insert((hub.to_owned(), group.to_owned()));
-        pending[shard].store(true, Ordering::Release);
+/// What the backplane thread does with other nodes' presence.
+impl Presence {
+    /// This node's presence whole, and the number of its last change.
+    pub(crate) fn local_snapshot(&self) -> (u64, Vec<HubSnapshot>) {
+        let registry = self.lock();
+        let hubs = registry
+            .local
+            .iter()
+            .map(|(hub, entry)| HubSnapshot {
+                hub: hub.clone(),
+                connections: entry
+                    .connections
+                    .iter()
+                    .map(|(id, c)| (id.clone(), c.user.clone()))
+                    .collect(),
+                groups: entry
+                    .groups
+                    .iter()
+                    .filter(|(_, g)| g.connections > 0)
+                    .map(|(group, g)| GroupSnapshot {
+                        group: group.clone(),
+                        connections: g.connections as u64,
+                        users: g.users.iter().map(|(u, n)| (u.clone(), *n as u64)).collect(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        (registry.seq, hubs)
+    }
+
+    /// Another node's change; false if changes of it were missed (it should be asked
+    /// for a snapshot).
+    pub(crate) fn apply_remote(&self, origin: &str, seq: u64, event: PresenceEvent) -> bool {
+        let mut registry = self.lock();
+        let registry = &mut *registry;
+        let Some(node) = registry.remote.get_mut(origin) else {
+            return false;
+        };
+        node.last_heard = Instant::now();
+        if node.awaiting_snapshot || seq <= node.seq {
+            // Older than the snapshot applied (or the snapshot is on its way).
+            return true;
+        }
+        if seq != node.seq + 1 {
+            node.awaiting_snapshot = true;
+            return false;
+        }
+        node.seq = seq;
+        let hubs = &mut node.hubs;
+        let changed = match &event {
+            PresenceEvent::Connected {
+                hub,
+                connection_id,
+                user,
+            } => {
+                add_connection(hubs, hub, connection_id, user.as_deref(), 0);
+                None
+            }
+            PresenceEvent::Disconnected { hub, connection_id } => {
+                remove_connection(hubs, hub, connection_id);
+                None
+            }
+            PresenceEvent::Joined { hub, group, user } => {
+                add_member(hubs, hub, group, user.as_deref());
+                Some((hub, group))
+            }
+            PresenceEvent::Left { hub, group, user } => {
+                remove_member(hubs, hub, group, user.as_deref());
+                Some((hub, group))
+            }
+        };
+        if let Some((hub, group)) = changed {
+            registry.mark_changed(&self.pending, hub, group);
+        }
+        true
+    }
+
+    /// Another node's presence whole, replacing what was known of it.
+    pub(crate) fn apply_snapshot(&self, origin: &str, seq: u64, snapshot: Vec<HubSnapshot>) {
+        let mut hubs = Hubs::new();
+        for hub in snapshot {
+            let entry = hubs.entry_ref(hub.hub.as_str()).or_default();
+            for (id, user) in hub.connections {
+                if let Some(user) = &user {
+                    entry.users.entry_ref(user.as_str()).or_default().insert(id.clone());
+                }
+                entry.connections.insert(id, ConnectionEntry { shard: 0, user });
+            }
+            for group in hub.groups {
+                entry.groups.insert(
+                    group.group,
+                    GroupEntry {
+                        connections: group.connections as usize,
+                        users: group.users.into_iter().map(|(u, n)| (u, n as usize)).collect(),
+                        watchers: HashMap::new(),
+                    },
+                );
+            }
+        }
+        let mut registry = self.lock();
+        let name = registry
+            .remote
+            .get(origin)
+            .map(|n| n.name.clone())
+            .unwrap_or_default();
+        let mut touched: Vec<String> = hubs.keys().cloned().collect();
+        let old = registry.remote.insert(
+            origin.to_owned(),
+            RemoteNode {
+                name,
+                hubs,
+                seq,
+                awaiting_snapshot: false,
+                last_heard: Instant::now(),
+            },
+        );
+        touched.extend(old.into_iter().flat_map(|n| n.hubs.into_keys()));
+        registry.mark_all_changed(&self.pending, &touched);
+    }
+
+    /// Another node is alive and has published changes up to `seq`. Returns whether it
+    /// should be asked for a snapshot (it is new here, or changes of it were missed).
+    pub(crate) fn heard_from(&self, origin: &str, name: &str, seq: Option<u64>) -> bool {
+        let mut registry = self.lock();
+        let node = registry
+            .remote
+            .entry_ref(origin)
+            .or_insert_with(|| RemoteNode {
+                name: name.to_owned(),
+                hubs: Hubs::new(),
+                seq: 0,
+                awaiting_snapshot: true,
+                last_heard: Instant::now(),
+            });
+        node.last_heard = Instant::now();
+        if !name.is_empty() {
+            node.name = name.to_owned();
+        }
+        let behind = seq.is_some_and(|seq| seq > node.seq);
+        if behind && !node.awaiting_snapshot {
+            node.awaiting_snapshot = true;
+            return true;
+        }
+        node.awaiting_snapshot && seq.is_some()
+    }
+
+    /// Forgets the nodes not heard from within `silence`, and the other nodes named
+    /// `name` but `keep` (a node that restarted): they no longer count.
+    pub(crate) fn forget_nodes(&self, silence: Duration, name: Option<(&str, &str)>) {
+        let mut registry = self.lock();
+        let gone: Vec<String> = registry
+            .remote
+            .iter()
+            .filter(|(id, node)| {
+                node.last_heard.elapsed() > silence
+                    || name.is_some_and(|(name, keep)| node.name == name && id.as_str() != keep)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            if let Some(node) = registry.remote.remove(&id) {
+                tracing::info!(node = %node.name, "a cluster node is gone: its connections no longer count");
+                let hubs: Vec<String> = node.hubs.into_keys().collect();
+                registry.mark_all_changed(&self.pending, &hubs);
+            }
+        }
     }
 }
 

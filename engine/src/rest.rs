@@ -221,7 +221,7 @@ async fn route(context: &HubContext, api_key: Option<&str>, request: Request<'_>
                 }),
             )
         }
-        (["users", user], "GET") => match context.user_groups(hub, user) {
+        (["users", user], "GET") => match context.user_groups(hub, user).await {
             Ok(groups) => {
                 let connection_ids = context.user_connections(hub, user);
                 Reply::json(

@@ -15,7 +15,8 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::node::{Node, StoreJob};
 use crate::shard::inbox::Command;
-use crate::store::{MembershipStore, RedbStore, StoreError};
+use crate::backplane::{Link, Outgoing};
+use crate::store::{MembershipStore, RedbStore, RedisStore, StoreError};
 
 /// Why a server could not start.
 #[derive(Debug, Error)]
@@ -91,9 +92,16 @@ impl ServerBuilder {
             return Err(ServerError::MessageOverHalfTheQueue { message, buffered });
         }
         let threads = self.config.threads;
-        let store: Arc<dyn MembershipStore> = match self.store {
-            Some(store) => store,
-            None => Arc::new(RedbStore::open(&self.config.data)?),
+        // With `--redis`, a backplane thread links this node to the cluster; its id is
+        // the node's name and a random suffix (names are for people and may repeat).
+        let backplane = self.config.redis.is_some().then(|| {
+            let node_id = format!("{}/{}", self.config.node_name, crate::transport::random_id());
+            Link::new(node_id)
+        });
+        let store: Arc<dyn MembershipStore> = match (self.store, &backplane) {
+            (Some(store), _) => store,
+            (None, Some((link, ..))) => Arc::new(RedisStore { link: link.clone() }),
+            (None, None) => Arc::new(RedbStore::open(&self.config.data)?),
         };
         let (store_jobs, jobs) = std::sync::mpsc::channel::<StoreJob>();
         let store_for_thread = store.clone();
@@ -113,13 +121,22 @@ impl ServerBuilder {
                 addr: self.config.listen,
                 source,
             })?;
+        let (link, cluster_queue) = match backplane {
+            Some((link, queue, connected)) => (Some(link), Some((queue, connected))),
+            None => (None, None),
+        };
         let node = Arc::new(Node::new(
             self.config,
             self.user_ids,
             self.authorizer,
             store,
             store_jobs,
+            link,
         ));
+        if let (Some((queue, connected)), Some(url)) = (cluster_queue, &node.config.redis) {
+            crate::cluster::start(node.clone(), url, queue, connected)
+                .map_err(ServerError::Thread)?;
+        }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut handles = Vec::with_capacity(threads);
         for (index, listener) in listeners.into_iter().enumerate() {
@@ -275,6 +292,9 @@ impl Server {
         }
         for handle in self.handles {
             let _ = handle.join();
+        }
+        if let Some(link) = &self.node.backplane {
+            link.send(Outgoing::Stop);
         }
     }
 }

@@ -16,6 +16,8 @@ use hashbrown::{HashMap, HashSet};
 use redb::{Database, MultimapTableDefinition};
 use thiserror::Error;
 
+use crate::backplane::{Link, StoreOp};
+
 /// A store failure.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -117,6 +119,48 @@ impl MembershipStore for RedbStore {
             .remove((hub, user), group)?;
         txn.commit()?;
         Ok(())
+    }
+}
+
+/// Durable membership in Redis (with `--redis`): one set per hub and user, shared by
+/// every node of the cluster. Its calls block on the backplane thread, which talks to
+/// Redis: the engine makes them from its store thread only (reads at connect time go
+/// to the backplane directly, without blocking a shard).
+pub(crate) struct RedisStore {
+    pub(crate) link: Link,
+}
+
+impl RedisStore {
+    fn run(&self, op: StoreOp) -> Result<Vec<String>, StoreError> {
+        futures_executor::block_on(self.link.store(op))
+            .map_err(|e| StoreError::Database(e.to_string()))
+    }
+}
+
+impl MembershipStore for RedisStore {
+    fn user_groups(&self, hub: &str, user: &str) -> Result<Vec<String>, StoreError> {
+        self.run(StoreOp::Groups {
+            hub: hub.to_owned(),
+            user: user.to_owned(),
+        })
+    }
+
+    fn add(&self, hub: &str, user: &str, group: &str) -> Result<(), StoreError> {
+        self.run(StoreOp::Add {
+            hub: hub.to_owned(),
+            user: user.to_owned(),
+            group: group.to_owned(),
+        })
+        .map(drop)
+    }
+
+    fn remove(&self, hub: &str, user: &str, group: &str) -> Result<(), StoreError> {
+        self.run(StoreOp::Remove {
+            hub: hub.to_owned(),
+            user: user.to_owned(),
+            group: group.to_owned(),
+        })
+        .map(drop)
     }
 }
 

@@ -9,6 +9,7 @@ use futures_channel::oneshot;
 use ringhub_protocol::Value;
 
 use crate::api::types::{check_group, check_user, Caller, ContextError, Target};
+use crate::backplane::{self, Answer, Outgoing, RemoteOp, RemoteOpKind};
 use crate::fanout::Broadcast;
 use crate::flow::Window;
 use crate::node::Node;
@@ -60,6 +61,16 @@ fn push_to_shards(
             target: target.clone(),
             broadcast: broadcast.clone(),
             ticket: Some(ticket.clone()),
+        });
+    }
+    // The other nodes: published by the backplane thread, which holds the ticket until
+    // then (a publisher outpacing Redis is slowed like one outpacing its receivers).
+    if let Some(link) = &node.backplane {
+        link.send(Outgoing::Send {
+            hub,
+            target,
+            broadcast,
+            ticket: Some(ticket),
         });
     }
 }
@@ -185,7 +196,17 @@ impl HubContext {
         connection_id: &str,
         group: &str,
     ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
-        self.group_op(hub, connection_id, group, ConnectionOp::Join)
+        let join = self.group_op(hub, connection_id, group, ConnectionOp::Join);
+        let link = self.node.backplane.clone();
+        async move {
+            let joined = join.await?;
+            // In a cluster, joined once the group's channel is subscribed (sends from
+            // other nodes reach the connection from then on).
+            if let (true, Some(link)) = (joined, link) {
+                link.barrier().await;
+            }
+            Ok(joined)
+        }
     }
 
     /// Removes a connection from a group (not being a member is not an error).
@@ -242,20 +263,30 @@ impl HubContext {
         self.node.presence.user_connections(hub, user)
     }
 
-    /// Whether a connection is connected to `hub` (on any shard).
+    /// Whether a connection is connected to `hub` (on any shard, on any node of the
+    /// cluster as far as this node was told).
     pub fn is_connected(&self, hub: &str, connection_id: &str) -> bool {
-        self.node.presence.shard_of(hub, connection_id).is_some()
+        self.node.presence.is_connected(hub, connection_id)
     }
 
-    /// The user's durable groups (read from the membership store), sorted.
-    pub fn user_groups(&self, hub: &str, user: &str) -> Result<Vec<String>, ContextError> {
-        let mut groups = self
-            .node
-            .store
-            .user_groups(hub, user)
-            .map_err(|e| ContextError::Store(e.to_string()))?;
-        groups.sort_unstable();
-        Ok(groups)
+    /// The user's durable groups (read from the membership store, on its thread),
+    /// sorted.
+    pub fn user_groups(
+        &self,
+        hub: &str,
+        user: &str,
+    ) -> impl Future<Output = Result<Vec<String>, ContextError>> + Send + 'static {
+        let (hub, user) = (hub.to_owned(), user.to_owned());
+        let (reply, answer) = oneshot::channel();
+        let sent = self.node.store_jobs.send(Box::new(move |store| {
+            let _ = reply.send(store.user_groups(&hub, &user).map_err(stored));
+        }));
+        async move {
+            sent.map_err(|_| ContextError::ShuttingDown)?;
+            let mut groups = answer.await.map_err(|_| ContextError::ShuttingDown)??;
+            groups.sort_unstable();
+            Ok(groups)
+        }
     }
 
     /// Durably adds a user to a group: stored first, then joined by every current
@@ -362,8 +393,54 @@ impl HubContext {
         }
     }
 
-    /// Runs `op` on the shard that holds the connection, through its inbox.
+    /// Runs `op` on the shard that holds the connection, through its inbox, or, in a
+    /// cluster, on the node that holds it (answered once done there).
     fn connection_op(
+        &self,
+        hub: &str,
+        connection_id: &str,
+        op: ConnectionOp,
+    ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
+        let here = self.node.presence.shard_of(hub, connection_id).is_some();
+        let remote = match (&self.node.backplane, here) {
+            (Some(link), false) => Some((
+                link.clone(),
+                backplane::connection_channel(hub, connection_id),
+                hub.to_owned(),
+                remote_op(connection_id, &op),
+            )),
+            _ => None,
+        };
+        let local = self.local_connection_op(hub, connection_id, op);
+        async move {
+            let Some((link, channel, hub, op)) = remote else {
+                return local.await;
+            };
+            // Not here: the node holding it answers (no node: not connected).
+            let answers = link
+                .request(channel, &hub, op)
+                .await
+                .map_err(|e| ContextError::Backplane(e.to_string()))?;
+            let mut done = false;
+            for answer in answers {
+                match answer {
+                    Answer::Done => done = true,
+                    Answer::NotHere => {}
+                    Answer::TooManyGroups(limit) => {
+                        return Err(ContextError::TooManyGroups {
+                            limit: limit as usize,
+                        })
+                    }
+                    Answer::Failed(e) => return Err(ContextError::Backplane(e)),
+                }
+            }
+            Ok(done)
+        }
+    }
+
+    /// Runs `op` on the shard of this node that holds the connection, through its inbox;
+    /// `false` if no shard of this node holds it.
+    pub(crate) fn local_connection_op(
         &self,
         hub: &str,
         connection_id: &str,
@@ -397,5 +474,21 @@ impl HubContext {
                 Step::Wait(answer) => answer.await.unwrap_or(Ok(false)),
             }
         }
+    }
+}
+
+/// A connection operation as another node is asked to do it.
+fn remote_op(connection_id: &str, op: &ConnectionOp) -> RemoteOp {
+    let (op, group) = match op {
+        ConnectionOp::Join(group) => (RemoteOpKind::Join, group.clone()),
+        ConnectionOp::Leave(group) => (RemoteOpKind::Leave, group.clone()),
+        ConnectionOp::WatchPresence(group) => (RemoteOpKind::Watch, group.clone()),
+        ConnectionOp::UnwatchPresence(group) => (RemoteOpKind::Unwatch, group.clone()),
+        ConnectionOp::Close => (RemoteOpKind::Close, String::new()),
+    };
+    RemoteOp {
+        connection_id: connection_id.to_owned(),
+        op,
+        group,
     }
 }

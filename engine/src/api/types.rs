@@ -76,6 +76,9 @@ pub enum ContextError {
     ShuttingDown,
     #[error("{0}")]
     Store(String),
+    /// The cluster's backplane could not do it (Redis unreachable, no answer).
+    #[error("{0}")]
+    Backplane(String),
     #[error("Group name is too long (limit {MAX_NAME_BYTES} bytes).")]
     GroupNameTooLong,
     #[error("Group name must not be empty.")]
@@ -96,7 +99,10 @@ impl ContextError {
     /// Whether the caller asked for something the contract refuses (a client error,
     /// REST 400), rather than the node failing to do it.
     pub fn is_refusal(&self) -> bool {
-        !matches!(self, ContextError::ShuttingDown | ContextError::Store(_))
+        !matches!(
+            self,
+            ContextError::ShuttingDown | ContextError::Store(_) | ContextError::Backplane(_)
+        )
     }
 }
 

@@ -43,11 +43,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if config.redis.is_some() {
-        tracing::warn!(
-            "--redis is accepted but scale-out is not implemented yet; running as a single node"
-        );
-    }
     let listen = config.listen;
     let threads = config.threads;
     let node = config.node_name.clone();

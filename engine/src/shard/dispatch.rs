@@ -197,6 +197,7 @@ mod tests {
             Arc::new(ClaimPatterns),
             Arc::new(MemoryStore::default()),
             store_jobs,
+            None,
         ));
         let state = Rc::new(ShardState::new(0, node, Box::new(BuiltinHub)));
         let inbox_state = state.clone();
@@ -219,7 +220,7 @@ mod tests {
             framing: Framing::Raw,
         };
         let session = state.new_session(caller, kind, None);
-        state.register(session.clone());
+        futures_executor::block_on(state.register(session.clone()));
         session
     }
 

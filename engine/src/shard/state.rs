@@ -12,6 +12,7 @@ use hashbrown::HashMap;
 use ringhub_protocol::HubMessage;
 
 use crate::api::{Caller, ContextError, Hub, HubContext, Target};
+use crate::backplane::StoreOp;
 use crate::fanout::{Broadcast, FrameKind};
 use crate::flow::{Ticket, Window};
 use crate::metrics::{MetricsRef, ShardMetrics};
@@ -184,8 +185,10 @@ impl ShardState {
     /// Puts a session in this shard's tables and in presence, then in its user's
     /// durable groups. In that order: a durable add stores first and then lists the
     /// user's connections, so a session registering meanwhile is covered by one side
-    /// or the other.
-    pub fn register(&self, session: Rc<Session>) {
+    /// or the other. In a cluster, resolves once the session's channels (its own, its
+    /// user's, its durable groups') are subscribed, so that what other nodes send it
+    /// from the moment the client learns it is connected reaches it.
+    pub async fn register(&self, session: Rc<Session>) {
         let caller = session.caller.clone();
         self.node.presence.connected(
             &caller.hub,
@@ -199,7 +202,10 @@ impl ShardState {
             .or_default()
             .insert(session);
         self.metrics().connections.fetch_add(1, Relaxed);
-        self.join_durable_groups(&caller);
+        self.join_durable_groups(&caller).await;
+        if let Some(link) = &self.node.backplane {
+            link.barrier().await;
+        }
     }
 
     /// Takes the session out of every table and group, here and in presence.
@@ -224,12 +230,31 @@ impl ShardState {
         self.metrics().connections.fetch_sub(1, Relaxed);
     }
 
-    /// Joins a new session to its user's durable groups.
-    fn join_durable_groups(&self, caller: &Caller) {
+    /// Joins a new session to its user's durable groups. The store is read here when
+    /// it is the embedded one (a read transaction costs microseconds); in a cluster it
+    /// is Redis, read by the backplane thread while this shard goes on.
+    async fn join_durable_groups(&self, caller: &Caller) {
         let Some(user) = &caller.user_id else {
             return;
         };
-        match self.node.store.user_groups(&caller.hub, user) {
+        let groups = match &self.node.backplane {
+            Some(link) if !link.is_connected() => {
+                Err("Redis is unreachable (the connection joins them once it reconnects)".to_owned())
+            }
+            Some(link) => link
+                .store(StoreOp::Groups {
+                    hub: caller.hub.clone(),
+                    user: user.clone(),
+                })
+                .await
+                .map_err(|e| e.to_string()),
+            None => self
+                .node
+                .store
+                .user_groups(&caller.hub, user)
+                .map_err(|e| e.to_string()),
+        };
+        match groups {
             Ok(groups) => {
                 for group in groups {
                     let join = ConnectionOp::Join(group);

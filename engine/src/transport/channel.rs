@@ -190,7 +190,7 @@ async fn connect(state: &Rc<ShardState>, channel: &Rc<HttpChannel>, protocol: Hu
         handshake::OK_RESPONSE,
     ));
     channel.connected.set(true);
-    state.register(session.clone());
+    state.register(session.clone()).await;
     state
         .hub
         .on_connected(&session.caller, &state.context_of(session))

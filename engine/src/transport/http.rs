@@ -157,6 +157,7 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
         }
         let keep_alive = head.keep_alive();
         let origin = head.header_str("origin").map(str::to_owned);
+        negotiate::find_in_cluster(&state, &head).await;
         // The answer, and whether the connection closes after it.
         let (answer, close) = match route(&state, &head, &body) {
             Routed::Respond(bytes) => (bytes, false),

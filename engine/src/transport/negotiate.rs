@@ -6,6 +6,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use ringhub_protocol::http::{self as wire, Negotiation, RequestHead};
 
+use crate::backplane::{Outgoing, SharedToken};
 use crate::shard::inbox::Command;
 use crate::shard::state::ShardState;
 use crate::shard::tokens::{new_token, Negotiated, Token};
@@ -53,6 +54,19 @@ pub fn negotiate(state: &ShardState, head: &RequestHead, hub: &str) -> Vec<u8> {
         early_input: BytesMut::new(),
         stateful_reconnect,
     };
+    if let Some(link) = &state.node.backplane {
+        // Any node of the cluster may get the WebSocket: it finds the token in Redis.
+        let shared = SharedToken {
+            hub: negotiated.hub.clone(),
+            connection_id: negotiated.connection_id.clone(),
+            user_id: negotiated.user_id.clone(),
+            stateful_reconnect,
+        };
+        link.send(Outgoing::SaveToken {
+            token: token.clone(),
+            negotiated: shared.encode(),
+        });
+    }
     if owner == state.index {
         state.tokens.insert(token, Token::Negotiated(negotiated));
     } else {
@@ -61,6 +75,46 @@ pub fn negotiate(state: &ShardState, head: &RequestHead, hub: &str) -> Vec<u8> {
         state.node.inboxes[owner].push(Command::Negotiated { token, negotiated });
     }
     json(body)
+}
+
+/// In a cluster: a WebSocket request whose token this node does not know may carry a
+/// token another node negotiated. It is taken from Redis (once: the first node to ask
+/// gets it) and kept here as if negotiated here.
+pub async fn find_in_cluster(state: &ShardState, head: &RequestHead) {
+    let Some(link) = &state.node.backplane else {
+        return;
+    };
+    if head.method != "GET" || !head.wants_websocket() || !head.path.starts_with("/hubs/") {
+        return;
+    }
+    let Some(token) = head.query_param("id") else {
+        return;
+    };
+    if state.tokens.with(&token, |entry| entry.is_some()) {
+        return;
+    }
+    state.drain_inbox();
+    if state.tokens.with(&token, |entry| entry.is_some()) {
+        return;
+    }
+    let Some(found) = link.fetch_token(&token).await else {
+        return;
+    };
+    let Ok(shared) = SharedToken::decode(found) else {
+        tracing::warn!("a malformed token was found in Redis");
+        return;
+    };
+    let negotiated = Negotiated {
+        hub: shared.hub,
+        connection_id: shared.connection_id,
+        user_id: shared.user_id,
+        created: Instant::now(),
+        early_input: BytesMut::new(),
+        stateful_reconnect: shared.stateful_reconnect,
+    };
+    state
+        .tokens
+        .insert(token, Token::Negotiated(negotiated));
 }
 
 /// Why a transport request cannot use a token, as ASP.NET Core answers it.

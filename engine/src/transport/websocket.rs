@@ -433,7 +433,7 @@ fn run_session(
         // Registered (and in its durable groups) before the client learns it is connected,
         // so that whatever the client or its backend does next already finds it. Frames
         // sent to it meanwhile wait in its queue until the writer starts.
-        state.register(session.clone());
+        state.register(session.clone()).await;
         if Box::pin(write_now(
             &mut writer,
             frame::encode_raw(protocol, handshake::OK_RESPONSE),
