@@ -188,9 +188,14 @@ pub enum Wire {
     },
     /// A node (re)joined: every node publishes a snapshot, and nodes of the same name
     /// (the node it restarts) are forgotten.
-    Hello { origin: String, name: String },
+    Hello {
+        origin: String,
+        name: String,
+    },
     /// Asks `node` for a snapshot (a receiver missed some of its changes).
-    Want { node: String },
+    Want {
+        node: String,
+    },
 }
 
 /// What the backplane thread is asked to do. Sent without waiting (an unbounded
@@ -222,7 +227,10 @@ pub enum Outgoing {
         reply: oneshot::Sender<Result<Vec<String>, BackplaneError>>,
     },
     /// A negotiated token, kept for the node the client connects to.
-    SaveToken { token: String, negotiated: Bytes },
+    SaveToken {
+        token: String,
+        negotiated: Bytes,
+    },
     /// Takes a token another node negotiated (`None` if there is none).
     FetchToken {
         token: String,
@@ -235,9 +243,20 @@ pub enum Outgoing {
 /// A durable-membership operation (one Redis set per hub and user).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreOp {
-    Groups { hub: String, user: String },
-    Add { hub: String, user: String, group: String },
-    Remove { hub: String, user: String, group: String },
+    Groups {
+        hub: String,
+        user: String,
+    },
+    Add {
+        hub: String,
+        user: String,
+        group: String,
+    },
+    Remove {
+        hub: String,
+        user: String,
+        group: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -494,7 +513,12 @@ impl Wire {
                 w.bytes(json);
                 w.bytes(messagepack);
             }
-            Wire::Request { origin, id, hub, op } => {
+            Wire::Request {
+                origin,
+                id,
+                hub,
+                op,
+            } => {
                 w.u8(2);
                 w.str(origin);
                 w.u64(*id);
@@ -833,15 +857,29 @@ mod tests {
             assert_eq!(Wire::decode(longer.into()), Err(Malformed));
         }
         // A list that claims 2^32-1 entries is refused before anything is allocated.
-        let lying = Bytes::from_static(&[5, 0, 0, 0, 1, b'n', 0, 0, 0, 0, 0, 0, 0, 1, 255, 255, 255, 255]);
+        let lying = Bytes::from_static(&[
+            5, 0, 0, 0, 1, b'n', 0, 0, 0, 0, 0, 0, 0, 1, 255, 255, 255, 255,
+        ]);
         assert_eq!(Wire::decode(lying), Err(Malformed));
     }
 
     #[test]
     fn a_send_names_the_narrowest_channel() {
-        assert_eq!(send_channel("h", &Target::Group("g".into())), "ringhub:group:h:g");
-        assert_eq!(send_channel("h", &Target::UserExcept("u".into(), vec![])), "ringhub:user:h:u");
-        assert_eq!(send_channel("h", &Target::Connection("c".into())), "ringhub:conn:h:c");
-        assert_eq!(send_channel("h", &Target::Groups(vec!["g".into()])), "ringhub:all");
+        assert_eq!(
+            send_channel("h", &Target::Group("g".into())),
+            "ringhub:group:h:g"
+        );
+        assert_eq!(
+            send_channel("h", &Target::UserExcept("u".into(), vec![])),
+            "ringhub:user:h:u"
+        );
+        assert_eq!(
+            send_channel("h", &Target::Connection("c".into())),
+            "ringhub:conn:h:c"
+        );
+        assert_eq!(
+            send_channel("h", &Target::Groups(vec!["g".into()])),
+            "ringhub:all"
+        );
     }
 }

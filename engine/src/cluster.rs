@@ -63,8 +63,9 @@ pub(crate) fn start(
     queue: UnboundedReceiver<Outgoing>,
     connected: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let config = RedisConfig::from_url(url)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.details().to_owned()))?;
+    let config = RedisConfig::from_url(url).map_err(|e| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, e.details().to_owned())
+    })?;
     std::thread::Builder::new()
         .name("ringhub-backplane".into())
         .spawn(move || {
@@ -174,8 +175,19 @@ async fn run(
 
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut connection_check = tokio::time::interval(CONNECTION_CHECK);
+    // The client's own state stays "connected" while it reconnects: its events tell.
+    let (mut publisher_errors, mut subscriber_errors) = (
+        backplane.publisher.error_rx(),
+        backplane.subscriber.error_rx(),
+    );
+    let (mut publisher_back, mut subscriber_back) = (
+        backplane.publisher.reconnect_rx(),
+        backplane.subscriber.reconnect_rx(),
+    );
+    let mut up = [false, false];
+    let mut ever_connected = false;
     loop {
-        tokio::select! {
+        let came_up = tokio::select! {
             first = queue.next() => {
                 let Some(first) = first else { break };
                 if matches!(first, Outgoing::Stop) {
@@ -189,19 +201,32 @@ async fn run(
                     }
                 }
                 backplane.handle_batch(batch, &subscriptions).await;
+                false
             }
-            _ = heartbeat.tick() => backplane.heartbeat().await,
-            _ = connection_check.tick() => {
-                if backplane.check_connection() {
-                    // Subscribed again before saying hello, so that the other nodes'
-                    // answers (their snapshots) are heard.
-                    let (done, resynced) = futures_channel::oneshot::channel();
-                    let _ = subscriptions.send(SubscriptionOp::Resync);
-                    let _ = subscriptions.send(SubscriptionOp::Barrier(done));
-                    let _ = resynced.await;
-                    backplane.hello().await;
-                }
+            _ = heartbeat.tick() => {
+                backplane.heartbeat().await;
+                false
             }
+            _ = publisher_errors.recv() => backplane.set_connection(&mut up, 0, false),
+            _ = subscriber_errors.recv() => backplane.set_connection(&mut up, 1, false),
+            _ = publisher_back.recv() => backplane.set_connection(&mut up, 0, true),
+            _ = subscriber_back.recv() => backplane.set_connection(&mut up, 1, true),
+            // The first connection, if its event came before this loop listened.
+            _ = connection_check.tick(), if !ever_connected => {
+                let both = backplane.publisher.is_connected() && backplane.subscriber.is_connected();
+                up = [both, both];
+                backplane.set_connection(&mut up, 0, both)
+            }
+        };
+        if came_up {
+            ever_connected = true;
+            // Subscribed again before saying hello, so that the other nodes' answers
+            // (their snapshots) are heard.
+            let (done, resynced) = futures_channel::oneshot::channel();
+            let _ = subscriptions.send(SubscriptionOp::Resync);
+            let _ = subscriptions.send(SubscriptionOp::Barrier(done));
+            let _ = resynced.await;
+            backplane.hello().await;
         }
     }
     let _ = backplane.publisher.quit().await;
@@ -220,22 +245,24 @@ impl Backplane {
         self.connected.load(Ordering::Acquire)
     }
 
-    /// Notes whether both Redis connections are up; true when they just came up.
-    fn check_connection(&self) -> bool {
-        let up = self.publisher.is_connected() && self.subscriber.is_connected();
-        let was = self.connected.swap(up, Ordering::AcqRel);
+    /// Notes that one of the two Redis connections (0: commands, 1: subscriptions)
+    /// went down or came back; true when both just came up.
+    fn set_connection(&self, up: &mut [bool; 2], which: usize, is_up: bool) -> bool {
+        up[which] = is_up;
+        let now = up[0] && up[1];
+        let was = self.connected.swap(now, Ordering::AcqRel);
         self.node
             .metrics
             .backplane_connected
-            .store(u64::from(up), Ordering::Relaxed);
-        if up != was {
-            if up {
+            .store(u64::from(now), Ordering::Relaxed);
+        if now != was {
+            if now {
                 tracing::info!(node = %self.node_id, "backplane connected to Redis");
             } else {
                 tracing::warn!(node = %self.node_id, "backplane lost Redis: local delivery goes on, cross-node sends are dropped until it is back");
             }
         }
-        up && !was
+        now && !was
     }
 
     /// Publishes messages in one pipeline, in order; returns each one's receiver count
@@ -406,7 +433,9 @@ impl Backplane {
     fn finish_request(&self, id: u64, timeout: bool) {
         let mut pending = self.pending.borrow_mut();
         let done = pending.get(&id).is_some_and(|p| {
-            timeout || p.expected.is_some_and(|expected| p.answers.len() >= expected)
+            timeout
+                || p.expected
+                    .is_some_and(|expected| p.answers.len() >= expected)
         });
         if !done {
             return;
@@ -457,7 +486,11 @@ impl Backplane {
         let key = backplane::token_key(token);
         let deadline = tokio::time::Instant::now() + TOKEN_SEARCH;
         while self.is_connected() {
-            match self.publisher.getdel::<Option<Bytes>, _>(key.as_str()).await {
+            match self
+                .publisher
+                .getdel::<Option<Bytes>, _>(key.as_str())
+                .await
+            {
                 Ok(Some(found)) => return Some(found),
                 Ok(None) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(25)).await;

@@ -5,8 +5,8 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::backplane::Link;
 use crate::auth::{Claims, GroupAuthorizer, JwtVerifier, UserIdProvider};
+use crate::backplane::Link;
 use crate::config::Config;
 use crate::flow::Window;
 use crate::metrics::Metrics;

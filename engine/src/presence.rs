@@ -195,7 +195,11 @@ struct Registry {
 
 impl Registry {
     /// Every group's entry: this node's first, then each other node's.
-    fn group_entries<'a>(&'a self, hub: &'a str, group: &'a str) -> impl Iterator<Item = &'a GroupEntry> {
+    fn group_entries<'a>(
+        &'a self,
+        hub: &'a str,
+        group: &'a str,
+    ) -> impl Iterator<Item = &'a GroupEntry> {
         std::iter::once(&self.local)
             .chain(self.remote.values().map(|node| &node.hubs))
             .filter_map(move |hubs| hubs.get(hub)?.groups.get(group))
@@ -407,7 +411,9 @@ impl Presence {
 
     pub fn is_user_online(&self, hub: &str, user: &str) -> bool {
         let registry = self.lock();
-        let online = registry.hub_entries(hub).any(|h| h.users.contains_key(user));
+        let online = registry
+            .hub_entries(hub)
+            .any(|h| h.users.contains_key(user));
         online
     }
 
@@ -474,7 +480,11 @@ impl Presence {
                     .map(|(group, g)| GroupSnapshot {
                         group: group.clone(),
                         connections: g.connections as u64,
-                        users: g.users.iter().map(|(u, n)| (u.clone(), *n as u64)).collect(),
+                        users: g
+                            .users
+                            .iter()
+                            .map(|(u, n)| (u.clone(), *n as u64))
+                            .collect(),
                     })
                     .collect(),
             })
@@ -536,16 +546,26 @@ impl Presence {
             let entry = hubs.entry_ref(hub.hub.as_str()).or_default();
             for (id, user) in hub.connections {
                 if let Some(user) = &user {
-                    entry.users.entry_ref(user.as_str()).or_default().insert(id.clone());
+                    entry
+                        .users
+                        .entry_ref(user.as_str())
+                        .or_default()
+                        .insert(id.clone());
                 }
-                entry.connections.insert(id, ConnectionEntry { shard: 0, user });
+                entry
+                    .connections
+                    .insert(id, ConnectionEntry { shard: 0, user });
             }
             for group in hub.groups {
                 entry.groups.insert(
                     group.group,
                     GroupEntry {
                         connections: group.connections as usize,
-                        users: group.users.into_iter().map(|(u, n)| (u, n as usize)).collect(),
+                        users: group
+                            .users
+                            .into_iter()
+                            .map(|(u, n)| (u, n as usize))
+                            .collect(),
                         watchers: HashMap::new(),
                     },
                 );

@@ -11,11 +11,11 @@ use thiserror::Error;
 use crate::api::hub::HubFactory;
 use crate::api::{Hub, HubContext};
 use crate::auth::{ClaimPatterns, GroupAuthorizer, SubClaimUserId, UserIdProvider};
+use crate::backplane::{Link, Outgoing};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::node::{Node, StoreJob};
 use crate::shard::inbox::Command;
-use crate::backplane::{Link, Outgoing};
 use crate::store::{MembershipStore, RedbStore, RedisStore, StoreError};
 
 /// Why a server could not start.
@@ -95,7 +95,11 @@ impl ServerBuilder {
         // With `--redis`, a backplane thread links this node to the cluster; its id is
         // the node's name and a random suffix (names are for people and may repeat).
         let backplane = self.config.redis.is_some().then(|| {
-            let node_id = format!("{}/{}", self.config.node_name, crate::transport::random_id());
+            let node_id = format!(
+                "{}/{}",
+                self.config.node_name,
+                crate::transport::random_id()
+            );
             Link::new(node_id)
         });
         let store: Arc<dyn MembershipStore> = match (self.store, &backplane) {

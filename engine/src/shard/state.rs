@@ -238,9 +238,9 @@ impl ShardState {
             return;
         };
         let groups = match &self.node.backplane {
-            Some(link) if !link.is_connected() => {
-                Err("Redis is unreachable (the connection joins them once it reconnects)".to_owned())
-            }
+            Some(link) if !link.is_connected() => Err(
+                "Redis is unreachable (the connection joins them once it reconnects)".to_owned(),
+            ),
             Some(link) => link
                 .store(StoreOp::Groups {
                     hub: caller.hub.clone(),

@@ -112,9 +112,7 @@ pub async fn find_in_cluster(state: &ShardState, head: &RequestHead) {
         early_input: BytesMut::new(),
         stateful_reconnect: shared.stateful_reconnect,
     };
-    state
-        .tokens
-        .insert(token, Token::Negotiated(negotiated));
+    state.tokens.insert(token, Token::Negotiated(negotiated));
 }
 
 /// Why a transport request cannot use a token, as ASP.NET Core answers it.

@@ -232,3 +232,104 @@ export function serverFrames(bytes) {
 
 /** The body of a raw HTTP response (after the head). */
 export const bodyOf = (response) => response.subarray(response.indexOf("\r\n\r\n") + 4);
+
+/** A free loopback TCP port (below 32768 is not guaranteed; the kernel picks). */
+export async function freePort() {
+  const { createServer } = await import("node:net");
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/** Starts Debian's `redis-server` (installed by .ci/run) on a free loopback port,
+ *  without persistence; resolves once it answers PING. `restart()` kills it (data
+ *  lost, as a Redis without persistence loses it) and starts it again on the same port. */
+export async function startRedis() {
+  const port = await freePort();
+  const url = `redis://127.0.0.1:${port}`;
+  const launch = () => spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], { stdio: "ignore" });
+  const ping = async () => {
+    const { createConnection } = await import("node:net");
+    return new Promise((resolve) => {
+      const socket = createConnection({ host: "127.0.0.1", port });
+      socket.on("data", (d) => {
+        socket.destroy();
+        resolve(d.toString().startsWith("+PONG"));
+      });
+      socket.on("error", () => resolve(false));
+      socket.write("PING\r\n");
+    });
+  };
+  const ready = async () => {
+    for (let i = 0; i < 200; i++) {
+      if (await ping()) return;
+      await sleep(25);
+    }
+    throw new Error("redis-server did not start (is it installed? .ci/run installs it)");
+  };
+  let child = launch();
+  await ready();
+  const kill = async () => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    const exited = new Promise((resolve) => child.on("exit", resolve));
+    child.kill("SIGKILL");
+    await exited;
+  };
+  return {
+    url,
+    port,
+    kill,
+    async restart() {
+      await kill();
+      child = launch();
+      await ready();
+    },
+    stop: kill,
+  };
+}
+
+/** A TCP load balancer in front of two nodes that sends every connection whose first
+ *  request is a negotiate to `negotiateBase` and every other one to `otherBase`: the
+ *  WebSocket of a client lands on another node than its negotiate. */
+export async function splitProxy(negotiateBase, otherBase) {
+  const { createServer, createConnection } = await import("node:net");
+  const target = (base) => {
+    const { hostname, port } = new URL(base);
+    return { host: hostname, port: Number(port) };
+  };
+  const routed = { negotiate: 0, other: 0 };
+  const sockets = new Set();
+  const server = createServer((client) => {
+    sockets.add(client);
+    client.once("data", (first) => {
+      const negotiate = first.toString("latin1").split("\r\n")[0].includes("/negotiate");
+      routed[negotiate ? "negotiate" : "other"]++;
+      const upstream = createConnection(target(negotiate ? negotiateBase : otherBase));
+      sockets.add(upstream);
+      upstream.write(first);
+      client.pipe(upstream).pipe(client);
+      const end = () => {
+        client.destroy();
+        upstream.destroy();
+      };
+      client.on("error", end);
+      upstream.on("error", end);
+      client.on("close", end);
+      upstream.on("close", end);
+    });
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return {
+    base: `http://127.0.0.1:${server.address().port}`,
+    routed,
+    async close() {
+      for (const socket of sockets) socket.destroy();
+      await new Promise((resolve) => server.close(resolve));
+    },
+  };
+}
