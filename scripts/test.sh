@@ -50,6 +50,29 @@ for transport in WebSockets ServerSentEvents LongPolling; do
     node --test --test-concurrency=1 tests/js/e2e/
 done
 
+step "scripts/cluster.sh starts a cluster whose nodes share Redis, and stops it"
+cluster_log="$root/target/cluster-smoke.log"
+RINGHUB_BIN="$root/target/debug/ringhub" BASE_PORT=15201 REDIS_PORT=16401 \
+  scripts/cluster.sh 2 -- --api-key smoke > "$cluster_log" 2>&1 &
+cluster_pid=$!
+for port in 15201 15202; do
+  for _ in $(seq 200); do
+    curl -fs "http://127.0.0.1:$port/metrics" 2> /dev/null | grep -q "^ringhub_backplane_connected 1" && break
+    sleep 0.05
+  done
+  curl -fs "http://127.0.0.1:$port/metrics" | grep -q "^ringhub_backplane_connected 1"
+done
+# Durable membership stored through one node is read through the other.
+curl -fs -X PUT -H "authorization: Bearer smoke" http://127.0.0.1:15201/api/hubs/chat/groups/g/users/u
+curl -fs -H "authorization: Bearer smoke" http://127.0.0.1:15202/api/hubs/chat/users/u | grep -q '"groups":\["g"\]'
+kill "$cluster_pid"
+wait "$cluster_pid" || true
+leftovers="^redis-server 127.0.0.1:16401|ringhub serve --listen 127.0.0.1:1520[12]"
+if pgrep -f "$leftovers" > /dev/null; then
+  echo "cluster.sh left processes behind:"; pgrep -af "$leftovers"
+  exit 1
+fi
+
 step "end to end with the stock Python client (signalrcore)"
 RINGHUB_BIN="$root/target/debug/ringhub" target/pyvenv/bin/python -m unittest -v tests/python/test_signalrcore.py
 

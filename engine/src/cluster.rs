@@ -159,8 +159,10 @@ async fn run(
         connected,
     });
     let incoming = backplane.subscriber.message_rx();
-    let _ = backplane.publisher.connect();
-    let _ = backplane.subscriber.connect();
+    // The connection tasks run on their own (and reconnect forever): their handles are
+    // not needed, their state arrives as events.
+    drop(backplane.publisher.connect());
+    drop(backplane.subscriber.connect());
 
     let (subscriptions, subscription_ops) = tokio::sync::mpsc::unbounded_channel();
     for channel in [

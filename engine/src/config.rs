@@ -193,6 +193,7 @@ impl Config {
 }
 
 /// The host name and the process id.
+#[cfg(feature = "cli")]
 /// A Redis address as the contract takes it (`redis://`, `rediss://`, `redis+unix://`
 /// or `host:port`), as a URL the Redis client reads.
 fn redis_url(given: &str) -> Result<String, String> {

@@ -700,4 +700,104 @@ mod tests {
         presence.joined("h", "g", None);
         assert!(presence.take_changes(1).is_empty());
     }
+
+    fn joined(hub: &str, group: &str, user: Option<&str>) -> PresenceEvent {
+        PresenceEvent::Joined {
+            hub: hub.into(),
+            group: group.into(),
+            user: user.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn other_nodes_count_once_known_and_stop_counting_once_gone() {
+        let presence = Presence::new(1);
+        presence.connected("h", "here", Some("ann"), 0);
+        presence.joined("h", "g", Some("ann"));
+        presence.watch("h", "g", 0, true);
+
+        // A node first heard of is asked for its snapshot; its changes wait for it.
+        assert!(presence.heard_from("n2", "b", Some(3)));
+        assert!(presence.apply_remote("n2", 4, joined("h", "g", Some("bob"))));
+        assert_eq!(
+            presence.group("h", "g").connections,
+            1,
+            "not applied before the snapshot"
+        );
+        let snapshot = vec![HubSnapshot {
+            hub: "h".into(),
+            connections: vec![
+                ("there".into(), Some("ann".into())),
+                ("x".into(), Some("bob".into())),
+            ],
+            groups: vec![GroupSnapshot {
+                group: "g".into(),
+                connections: 1,
+                users: vec![("ann".into(), 1)],
+            }],
+        }];
+        presence.apply_snapshot("n2", 3, snapshot);
+        assert!(
+            !presence.take_changes(0).is_empty(),
+            "watchers told of the snapshot"
+        );
+        let group = presence.group("h", "g");
+        assert_eq!(
+            (group.connections, group.user_ids.clone()),
+            (2, vec!["ann".to_owned()])
+        );
+        assert_eq!(presence.user_connections("h", "ann"), ["here", "there"]);
+        assert!(presence.is_connected("h", "there"));
+        assert_eq!(presence.shard_of("h", "there"), None, "not on this node");
+
+        // In order: applied, and the watchers told.
+        assert!(presence.apply_remote("n2", 4, joined("h", "g", Some("bob"))));
+        assert_eq!(presence.group("h", "g").users(), 2);
+        assert_eq!(presence.take_changes(0)[0].2.connections, 3);
+        // Already applied (a change the snapshot included): ignored.
+        assert!(presence.apply_remote("n2", 4, joined("h", "g", Some("bob"))));
+        assert_eq!(presence.group("h", "g").connections, 3);
+        // A gap: not applied, and a snapshot is wanted (once, until it arrives).
+        assert!(!presence.apply_remote("n2", 6, joined("h", "g", None)));
+        assert_eq!(presence.group("h", "g").connections, 3);
+        assert!(!presence.heard_from("n2", "b", None));
+        // A heartbeat ahead of what was applied also asks for a snapshot.
+        presence.apply_snapshot("n2", 6, Vec::new());
+        assert!(!presence.heard_from("n2", "b", Some(6)));
+        assert!(presence.heard_from("n2", "b", Some(7)));
+        presence.apply_snapshot(
+            "n2",
+            7,
+            vec![HubSnapshot {
+                hub: "h".into(),
+                connections: vec![("x".into(), Some("bob".into()))],
+                groups: vec![GroupSnapshot {
+                    group: "g".into(),
+                    connections: 1,
+                    users: vec![("bob".into(), 1)],
+                }],
+            }],
+        );
+        assert!(presence.is_user_online("h", "bob"));
+
+        // A node restarted under the same name replaces its previous life at once.
+        presence.heard_from("n3", "b", None);
+        presence.forget_nodes(Duration::MAX, Some(("b", "n3")));
+        assert!(!presence.is_user_online("h", "bob"));
+        assert_eq!(presence.group("h", "g").connections, 1);
+        // A silent node is forgotten.
+        presence.apply_snapshot(
+            "n3",
+            0,
+            vec![HubSnapshot {
+                hub: "h".into(),
+                connections: vec![("y".into(), Some("cat".into()))],
+                groups: Vec::new(),
+            }],
+        );
+        assert!(presence.is_user_online("h", "cat"));
+        std::thread::sleep(Duration::from_millis(20));
+        presence.forget_nodes(Duration::from_millis(10), None);
+        assert!(!presence.is_user_online("h", "cat"));
+    }
 }
