@@ -23,6 +23,10 @@ use ringhub_bench::http_receiver::{self, ReceiverTransport};
 pub struct LoadArgs {
     #[arg(long, default_value = "127.0.0.1:5000")]
     pub addr: SocketAddr,
+    /// Receivers connect to these nodes in turn, every group's members spread over them
+    /// (a cluster); publishers always use `--addr`. Default: `--addr`.
+    #[arg(long, value_delimiter = ',')]
+    pub receiver_addrs: Vec<SocketAddr>,
     #[arg(long, default_value = "chat")]
     pub hub: String,
     #[arg(long, default_value_t = 1000)]
@@ -226,8 +230,10 @@ impl Tally {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn receiver(
     args: Rc<LoadArgs>,
+    addr: SocketAddr,
     wire: Wire,
     transport: ReceiverTransport,
     group: usize,
@@ -249,17 +255,11 @@ async fn receiver(
             "JoinGroup",
             vec![ringhub_protocol::Value::Str(group)],
         );
-        let received = http_receiver::receive(
-            args.addr,
-            &args.hub,
-            protocol,
-            transport,
-            &join,
-            |payload| {
+        let received =
+            http_receiver::receive(addr, &args.hub, protocol, transport, &join, |payload| {
                 tally.take(payload);
-            },
-        )
-        .await;
+            })
+            .await;
         if let Err(error) = received {
             if !tally.joined {
                 eprintln!("receiver could not connect: {error}");
@@ -268,14 +268,14 @@ async fn receiver(
         tally.ended();
         return;
     }
-    let (mut stream, mut buf) =
-        match client::open_with(args.addr, &args.hub, wire, args.stateful).await {
-            Ok(opened) => opened,
-            Err(error) => {
-                eprintln!("receiver could not connect: {error}");
-                return;
-            }
-        };
+    let (mut stream, mut buf) = match client::open_with(addr, &args.hub, wire, args.stateful).await
+    {
+        Ok(opened) => opened,
+        Err(error) => {
+            eprintln!("receiver could not connect: {error}");
+            return;
+        }
+    };
     if stream.write_all(wire.join(&group)).await.0.is_err() {
         return;
     }
@@ -564,9 +564,15 @@ pub async fn run(args: LoadArgs, wire: Wire, receivers: ReceiverTransport) -> Lo
         publisher_stall_max: Cell::new(Duration::ZERO),
         stalled_at: Cell::new(None),
     });
+    let receiver_addrs = if args.receiver_addrs.is_empty() {
+        vec![args.addr]
+    } else {
+        args.receiver_addrs.clone()
+    };
     spawn_paced(args.connections, |i| {
         monoio::spawn(receiver(
             args.clone(),
+            receiver_addrs[(i / args.groups) % receiver_addrs.len()],
             wire,
             receivers,
             i % args.groups,

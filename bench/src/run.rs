@@ -20,7 +20,9 @@ use crate::plot;
 #[derive(Parser, Clone, Debug)]
 pub struct RunArgs {
     /// Comma-separated workloads, or `all`: fanout-1k, fanout-10k, broadcast-big,
-    /// slow-reader, latency, idle-100k, churn.
+    /// slow-reader, latency, idle-100k, churn, cluster (fanout-1k's shape with the
+    /// members spread over two nodes sharing a redis-server and the publishers on the
+    /// first; single-node servers run it with every member on their one node).
     #[arg(long, default_value = "all")]
     pub workloads: String,
     /// Comma-separated servers, or `all`: ringhub, ceiling, socketioxide, naive,
@@ -29,7 +31,9 @@ pub struct RunArgs {
     /// fanout-1k only), ringhub-stateful (receivers with stateful reconnect, acking
     /// once a second; fanout-1k only). Not in `all`: ringhub-sysalloc (the `ringhub`
     /// binary built with the system allocator, `--no-default-features --features cli`,
-    /// and copied to `ringhub-sysalloc` beside it).
+    /// and copied to `ringhub-sysalloc` beside it). ringhub-cluster and
+    /// socketioxide-cluster (two nodes and a redis-server; the cluster workload only:
+    /// both nodes pinned to the server core, Redis to the load generator's).
     #[arg(long, default_value = "all")]
     pub servers: String,
     #[arg(long, default_value_t = 2)]
@@ -52,7 +56,7 @@ pub struct RunArgs {
     pub repeat: usize,
 }
 
-const WORKLOADS: [&str; 7] = [
+const WORKLOADS: [&str; 8] = [
     "fanout-1k",
     "fanout-10k",
     "broadcast-big",
@@ -60,8 +64,9 @@ const WORKLOADS: [&str; 7] = [
     "latency",
     "idle-100k",
     "churn",
+    "cluster",
 ];
-const SERVERS: [&str; 8] = [
+const SERVERS: [&str; 10] = [
     "ringhub",
     "ceiling",
     "socketioxide",
@@ -70,6 +75,8 @@ const SERVERS: [&str; 8] = [
     "ringhub-sse",
     "ringhub-lp",
     "ringhub-stateful",
+    "ringhub-cluster",
+    "socketioxide-cluster",
 ];
 /// Servers run only when named (they need a binary built apart).
 const NAMED_ONLY_SERVERS: [&str; 1] = ["ringhub-sysalloc"];
@@ -85,18 +92,19 @@ struct Server {
     receivers: &'static str,
     /// Receivers use stateful reconnect (the load generator's `--stateful`).
     stateful: bool,
+    /// Two nodes sharing a redis-server.
+    cluster: bool,
 }
 
 impl Server {
     fn of(name: &str) -> Option<Server> {
         let (protocol, two_shards, receivers) = match name {
-            "ringhub" | "ceiling" | "naive" | "ringhub-stateful" | "ringhub-sysalloc" => {
-                ("json", false, "websockets")
-            }
+            "ringhub" | "ceiling" | "naive" | "ringhub-stateful" | "ringhub-sysalloc"
+            | "ringhub-cluster" => ("json", false, "websockets"),
             "ringhub-2t" => ("json", true, "websockets"),
             "ringhub-sse" => ("json", false, "sse"),
             "ringhub-lp" => ("json", false, "longpolling"),
-            "socketioxide" => ("socketio", false, "websockets"),
+            "socketioxide" | "socketioxide-cluster" => ("socketio", false, "websockets"),
             _ => return None,
         };
         let name = SERVERS
@@ -109,14 +117,22 @@ impl Server {
             two_shards,
             receivers,
             stateful: name == "ringhub-stateful",
+            cluster: name.ends_with("-cluster"),
         })
     }
 
-    fn command(&self, bin: &Path, addr: SocketAddr, data: &Path) -> Vec<String> {
+    /// The command that starts the server (a cluster's node when `redis` is given).
+    fn command(
+        &self,
+        bin: &Path,
+        addr: SocketAddr,
+        data: &Path,
+        redis: Option<&str>,
+    ) -> Vec<String> {
         let addr = addr.to_string();
-        match self.name {
+        let mut argv = match self.name {
             "ringhub" | "ringhub-2t" | "ringhub-sse" | "ringhub-lp" | "ringhub-stateful"
-            | "ringhub-sysalloc" => vec![
+            | "ringhub-sysalloc" | "ringhub-cluster" => vec![
                 bin.join(if self.name == "ringhub-sysalloc" {
                     "ringhub-sysalloc"
                 } else {
@@ -135,13 +151,25 @@ impl Server {
             "ceiling" => vec![bin.join("ceiling-peer").display().to_string(), addr],
             "naive" => vec![bin.join("naive-peer").display().to_string(), addr],
             _ => vec![bin.join("socketio-peer").display().to_string(), addr],
+        };
+        if let Some(redis) = redis {
+            if self.protocol == "socketio" {
+                argv.push(redis.to_owned());
+            } else {
+                argv.extend(["--redis".to_owned(), redis.to_owned()]);
+            }
         }
+        argv
     }
 
     /// Whether the server can run a workload (churn needs JoinGroup/LeaveGroup with
     /// real membership, which only ringhub implements among the peers; the SSE and
     /// long-polling receivers are measured on fanout-1k).
     fn runs(&self, workload: &str) -> bool {
+        if self.cluster || workload == "cluster" {
+            return workload == "cluster"
+                && (self.cluster || matches!(self.name, "ringhub" | "socketioxide"));
+        }
         if self.receivers != "websockets" || self.stateful {
             return workload == "fanout-1k";
         }
@@ -257,7 +285,7 @@ impl Context {
             self.port += 1;
             let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
             let data = std::env::temp_dir().join(format!("ringhub-bench-data-{}", self.port));
-            let argv = server.command(&self.bin, addr, &data);
+            let argv = server.command(&self.bin, addr, &data, None);
             let child = pinned(core, &argv)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -271,6 +299,75 @@ impl Context {
         Err(format!("{} did not listen on any of 10 ports", server.name))
     }
 
+    /// Starts a redis-server (pinned with the load generator) and two nodes of `server`
+    /// sharing it (both pinned to the server core). Returns the processes (nodes first)
+    /// and the nodes' addresses.
+    fn start_cluster(&mut self, server: &Server) -> Result<(Vec<Guard>, [SocketAddr; 2]), String> {
+        let mut processes = Vec::new();
+        let redis_core = Some(self.args.server_core + 1);
+        let mut redis_url = None;
+        for _ in 0..10 {
+            self.port += 1;
+            let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+            let argv: Vec<String> = [
+                "redis-server",
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let child = pinned(redis_core, &argv)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start redis-server: {e}"))?;
+            let mut guard = Guard(child);
+            if wait_for_port(addr, &mut guard.0) {
+                redis_url = Some(format!("redis://{addr}"));
+                processes.push(guard);
+                break;
+            }
+        }
+        let redis = redis_url.ok_or("redis-server did not listen on any of 10 ports")?;
+        let mut addrs = Vec::new();
+        for _ in 0..20 {
+            if addrs.len() == 2 {
+                break;
+            }
+            self.port += 1;
+            let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+            let data = std::env::temp_dir().join(format!("ringhub-bench-data-{}", self.port));
+            let argv = server.command(&self.bin, addr, &data, Some(&redis));
+            let child = pinned(Some(self.args.server_core), &argv)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start {}: {e}", argv[0]))?;
+            let mut guard = Guard(child);
+            if wait_for_port(addr, &mut guard.0) {
+                // Nodes first, so that the nodes stop before Redis does.
+                processes.insert(addrs.len(), guard);
+                addrs.push(addr);
+            }
+        }
+        if addrs.len() < 2 {
+            return Err(format!(
+                "{} nodes did not listen on any of 20 ports",
+                server.name
+            ));
+        }
+        // The nodes find each other through Redis (ringhub: a heartbeat a second).
+        std::thread::sleep(Duration::from_millis(1500));
+        Ok((processes, [addrs[0], addrs[1]]))
+    }
+
     fn loadgen_core(&self, server: &Server) -> Option<usize> {
         (!server.two_shards).then_some(self.args.server_core + 1)
     }
@@ -278,7 +375,13 @@ impl Context {
     /// Runs `ringhub-bench <args>` and returns its last stdout line as JSON. When the
     /// load generator announces its measuring window, the server's CPU time over that
     /// window is added to the report (`server_cpu_busy`, `server_cpu_ns_per_delivery`).
-    fn bench(&self, server: &Server, server_pid: u32, args: &[String]) -> Result<Value, String> {
+    fn bench(
+        &self,
+        server: &Server,
+        server_pids: &[u32],
+        args: &[String],
+    ) -> Result<Value, String> {
+        let server_ticks = || -> u64 { server_pids.iter().map(|pid| cpu_ticks(Some(*pid))).sum() };
         let mut argv = vec![std::env::current_exe()
             .map_err(|e| e.to_string())?
             .display()
@@ -295,9 +398,9 @@ impl Context {
         for line in BufReader::new(stdout).lines() {
             let line = line.map_err(|e| e.to_string())?;
             if line.contains("\"event\":\"measuring\"") {
-                window.0 = Some((cpu_ticks(Some(server_pid)), Instant::now()));
+                window.0 = Some((server_ticks(), Instant::now()));
             } else if line.contains("\"event\":\"measured\"") {
-                window.1 = Some((cpu_ticks(Some(server_pid)), Instant::now()));
+                window.1 = Some((server_ticks(), Instant::now()));
             } else if !line.trim().is_empty() {
                 last = line;
             }
@@ -326,11 +429,27 @@ impl Context {
             "fanout-1k" => (1000, 10, 4, 64, 16, None),
             "fanout-10k" => (10_000, 100, 4, 64, 16, None),
             "broadcast-big" | "slow-reader" => (1000, 1, 4, 4096, 64, None),
+            "cluster" => (1000, 10, 4, 64, 16, None),
             _ => (1000, 10, 4, 64, 16, Some(2000)),
         };
         let connections = self.scaled(connections);
         let groups = groups.min(connections);
-        let (server_process, addr) = self.start(server)?;
+        let (processes, addr, receiver_addrs) = if server.cluster {
+            let (processes, [first, second]) = self.start_cluster(server)?;
+            (
+                processes,
+                first,
+                Some(format!("--receiver-addrs={first},{second}")),
+            )
+        } else {
+            let (process, addr) = self.start(server)?;
+            (vec![process], addr, None)
+        };
+        let server_pids: Vec<u32> = processes
+            .iter()
+            .take(if server.cluster { 2 } else { 1 })
+            .map(|p| p.0.id())
+            .collect();
         let mut args: Vec<String> = vec![
             "loadgen".into(),
             "--json".into(),
@@ -354,14 +473,15 @@ impl Context {
         if server.stateful {
             args.push("--stateful".into());
         }
-        self.bench(server, server_process.0.id(), &args)
+        args.extend(receiver_addrs);
+        self.bench(server, &server_pids, &args)
     }
 
     fn churn(&mut self, server: &Server) -> Result<Value, String> {
         let (server_process, addr) = self.start(server)?;
         self.bench(
             server,
-            server_process.0.id(),
+            &[server_process.0.id()],
             &[
                 "churn".into(),
                 "--json".into(),
