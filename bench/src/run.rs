@@ -22,7 +22,8 @@ pub struct RunArgs {
     /// Comma-separated workloads, or `all`: fanout-1k, fanout-10k, broadcast-big,
     /// slow-reader, latency, idle-100k, churn, cluster (fanout-1k's shape with the
     /// members spread over two nodes sharing a redis-server and the publishers on the
-    /// first; single-node servers run it with every member on their one node).
+    /// first; single-node servers run it with every member on their one node),
+    /// cluster-latency (the same at latency's fixed 2,000 sends/s).
     #[arg(long, default_value = "all")]
     pub workloads: String,
     /// Comma-separated servers, or `all`: ringhub, ceiling, socketioxide, naive,
@@ -56,7 +57,7 @@ pub struct RunArgs {
     pub repeat: usize,
 }
 
-const WORKLOADS: [&str; 8] = [
+const WORKLOADS: [&str; 9] = [
     "fanout-1k",
     "fanout-10k",
     "broadcast-big",
@@ -65,6 +66,7 @@ const WORKLOADS: [&str; 8] = [
     "idle-100k",
     "churn",
     "cluster",
+    "cluster-latency",
 ];
 const SERVERS: [&str; 10] = [
     "ringhub",
@@ -166,8 +168,9 @@ impl Server {
     /// real membership, which only ringhub implements among the peers; the SSE and
     /// long-polling receivers are measured on fanout-1k).
     fn runs(&self, workload: &str) -> bool {
-        if self.cluster || workload == "cluster" {
-            return workload == "cluster"
+        let cluster_workload = workload.starts_with("cluster");
+        if self.cluster || cluster_workload {
+            return cluster_workload
                 && (self.cluster || matches!(self.name, "ringhub" | "socketioxide"));
         }
         if self.receivers != "websockets" || self.stateful {
@@ -430,6 +433,7 @@ impl Context {
             "fanout-10k" => (10_000, 100, 4, 64, 16, None),
             "broadcast-big" | "slow-reader" => (1000, 1, 4, 4096, 64, None),
             "cluster" => (1000, 10, 4, 64, 16, None),
+            // latency and cluster-latency
             _ => (1000, 10, 4, 64, 16, Some(2000)),
         };
         let connections = self.scaled(connections);
@@ -707,7 +711,7 @@ pub fn main(args: RunArgs) -> i32 {
 /// What a workload's runs are ranked by to pick the median one.
 fn rank_key(workload: &str) -> &'static str {
     match workload {
-        "latency" => "latency_us_p99",
+        "latency" | "cluster-latency" => "latency_us_p99",
         "churn" => "ops_per_sec",
         _ => "deliveries_per_sec",
     }
@@ -961,6 +965,45 @@ fn write_results(
         plot::bars(
             &out.join("latency.svg"),
             "Latency at 2,000 sends/s (1,000 connections)",
+            "µs",
+            &series,
+            &groups,
+        )?;
+    }
+    if workloads.contains(&"cluster") {
+        let groups = vec![plot::BarGroup {
+            label: "cluster (1,000 members over 2 nodes)".into(),
+            values: servers
+                .iter()
+                .map(|s| find(results, "cluster", s).and_then(|r| r["deliveries_per_sec"].as_f64()))
+                .collect(),
+        }];
+        plot::bars(
+            &out.join("cluster.svg"),
+            "Scale-out over Redis: deliveries per second",
+            "deliveries/s",
+            &series,
+            &groups,
+        )?;
+    }
+    if workloads.contains(&"cluster-latency") {
+        let groups: Vec<plot::BarGroup> = [
+            ("p50", "latency_us_p50"),
+            ("p99", "latency_us_p99"),
+            ("p99.9", "latency_us_p999"),
+        ]
+        .iter()
+        .map(|(label, key)| plot::BarGroup {
+            label: label.to_string(),
+            values: servers
+                .iter()
+                .map(|s| find(results, "cluster-latency", s).and_then(|r| r[*key].as_f64()))
+                .collect(),
+        })
+        .collect();
+        plot::bars(
+            &out.join("cluster-latency.svg"),
+            "Latency at 2,000 sends/s, members over 2 nodes",
             "µs",
             &series,
             &groups,
