@@ -863,6 +863,26 @@ mod tests {
         assert_eq!(Wire::decode(lying), Err(Malformed));
     }
 
+    proptest::proptest! {
+        /// Another node's bytes are input: anything decodes to a message or `Malformed`,
+        /// never a panic or an allocation out of proportion to the bytes.
+        #[test]
+        fn any_bytes_decode_or_are_refused(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = Wire::decode(Bytes::from(bytes.clone()));
+            let _ = SharedToken::decode(Bytes::from(bytes));
+        }
+
+        /// Mutating one byte of a valid message never panics either.
+        #[test]
+        fn a_changed_byte_is_read_or_refused(index in 0usize..4096, value in proptest::num::u8::ANY, which in 0usize..32) {
+            let samples = samples();
+            let mut bytes = samples[which % samples.len()].encode().to_vec();
+            let at = index % bytes.len();
+            bytes[at] = value;
+            let _ = Wire::decode(Bytes::from(bytes));
+        }
+    }
+
     #[test]
     fn a_send_names_the_narrowest_channel() {
         assert_eq!(

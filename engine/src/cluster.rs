@@ -37,6 +37,7 @@ use crate::backplane::{
     self, Answer, BackplaneError, Outgoing, RemoteOp, RemoteOpKind, StoreOp, Wire,
 };
 use crate::fanout::{Broadcast, FrameKind};
+use crate::flow::Window;
 use crate::node::Node;
 use crate::shard::inbox::{Command, ConnectionOp};
 
@@ -96,6 +97,11 @@ struct Backplane {
     /// Presence changes published so far (the number other nodes check for gaps).
     presence_seq: Cell<u64>,
     connected: Arc<AtomicBool>,
+    /// What other nodes' sends may hold in this node's inboxes and congested queues
+    /// together: when it is full, this thread stops taking messages from Redis (and
+    /// past the Redis client's buffer, losses are counted) instead of the inboxes
+    /// growing without bound.
+    inbound: Arc<Window>,
 }
 
 struct Pending {
@@ -148,7 +154,9 @@ async fn run(
         .as_ref()
         .map(|l| l.node_id.clone())
         .unwrap_or_else(|| node.config.node_name.as_str().into());
+    let inbound = Window::new(node.config.context_publish_budget(), None);
     let backplane = Rc::new(Backplane {
+        inbound,
         node,
         node_id: link_id,
         publisher,
@@ -562,13 +570,15 @@ impl Backplane {
                     return;
                 }
                 let (hub, target) = (Arc::<str>::from(hub), Arc::new(target));
+                self.inbound.room().await;
+                let ticket = Arc::new(self.inbound.charge(json.len()));
                 let broadcast = Arc::new(Broadcast::from_records(json, messagepack));
                 for inbox in &self.node.inboxes {
                     inbox.push(Command::Deliver {
                         hub: hub.clone(),
                         target: target.clone(),
                         broadcast: broadcast.clone(),
-                        ticket: None,
+                        ticket: Some(ticket.clone()),
                     });
                 }
             }
