@@ -61,7 +61,10 @@ async fn main() {
             let mut config = fred::types::config::Config::from_url(&url).expect("a Redis URL");
             // The adapter publishes on its subscriber connection: RESP3 allows that.
             config.version = fred::types::RespVersion::RESP3;
+            // The pub/sub buffer as large as ringhub's backplane keeps (65,536 messages;
+            // fred's default of 32 loses messages under load).
             let client = fred::types::Builder::from_config(config)
+                .with_performance_config(|p| p.broadcast_channel_capacity = 1 << 16)
                 .build_subscriber_client()
                 .expect("a Redis client");
             let adapter = socketioxide_redis::RedisAdapterCtr::new_with_fred(client.clone())
