@@ -923,8 +923,7 @@ fn write_results(
             }
         }
     }
-    writeln!(md, "Plots: `deliveries.svg`, `latency.svg`, `memory.svg`.")?;
-    std::fs::write(out.join("README.md"), md)?;
+    let mut plots: Vec<&str> = Vec::new();
 
     let series: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
     let fanouts: Vec<plot::BarGroup> = workloads
@@ -939,6 +938,7 @@ fn write_results(
         })
         .collect();
     if !fanouts.is_empty() {
+        plots.push("deliveries.svg");
         plot::bars(
             &out.join("deliveries.svg"),
             "Fan-out: deliveries per second",
@@ -962,6 +962,7 @@ fn write_results(
                 .collect(),
         })
         .collect();
+        plots.push("latency.svg");
         plot::bars(
             &out.join("latency.svg"),
             "Latency at 2,000 sends/s (1,000 connections)",
@@ -978,6 +979,7 @@ fn write_results(
                 .map(|s| find(results, "cluster", s).and_then(|r| r["deliveries_per_sec"].as_f64()))
                 .collect(),
         }];
+        plots.push("cluster.svg");
         plot::bars(
             &out.join("cluster.svg"),
             "Scale-out over Redis: deliveries per second",
@@ -1001,6 +1003,7 @@ fn write_results(
                 .collect(),
         })
         .collect();
+        plots.push("cluster-latency.svg");
         plot::bars(
             &out.join("cluster-latency.svg"),
             "Latency at 2,000 sends/s, members over 2 nodes",
@@ -1026,6 +1029,7 @@ fn write_results(
                 Some((s.to_string(), xy))
             })
             .collect();
+        plots.push("memory.svg");
         plot::lines(
             &out.join("memory.svg"),
             "Resident memory per idle connection",
@@ -1034,5 +1038,10 @@ fn write_results(
             &lines,
         )?;
     }
+    if !plots.is_empty() {
+        let names: Vec<String> = plots.iter().map(|p| format!("`{p}`")).collect();
+        writeln!(md, "Plots: {}.", names.join(", "))?;
+    }
+    std::fs::write(out.join("README.md"), md)?;
     Ok(())
 }

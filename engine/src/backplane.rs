@@ -196,6 +196,10 @@ pub enum Wire {
     Want {
         node: String,
     },
+    /// A node stops: its connections no longer count.
+    Gone {
+        origin: String,
+    },
 }
 
 /// What the backplane thread is asked to do. Sent without waiting (an unbounded
@@ -302,8 +306,12 @@ impl Link {
         self.connected.load(Ordering::Acquire)
     }
 
-    /// Resolves once every subscription asked for so far is in effect.
+    /// Resolves once every subscription asked for so far is in effect; at once while
+    /// Redis is unreachable (they are made when it is back).
     pub async fn barrier(&self) {
+        if !self.is_connected() {
+            return;
+        }
         let (reply, answer) = oneshot::channel();
         self.send(Outgoing::Barrier(reply));
         let _ = answer.await;
@@ -616,6 +624,10 @@ impl Wire {
                 w.u8(8);
                 w.str(node);
             }
+            Wire::Gone { origin } => {
+                w.u8(9);
+                w.str(origin);
+            }
         }
         w.0.freeze()
     }
@@ -705,6 +717,7 @@ impl Wire {
                 name: r.str()?,
             },
             8 => Wire::Want { node: r.str()? },
+            9 => Wire::Gone { origin: r.str()? },
             _ => return Err(Malformed),
         };
         if r.0.has_remaining() {
@@ -827,6 +840,7 @@ mod tests {
                 name: "a".into(),
             },
             Wire::Want { node: "n".into() },
+            Wire::Gone { origin: "n".into() },
         ]);
         samples
     }

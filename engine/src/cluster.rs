@@ -200,9 +200,6 @@ async fn run(
         let came_up = tokio::select! {
             first = queue.next() => {
                 let Some(first) = first else { break };
-                if matches!(first, Outgoing::Stop) {
-                    break;
-                }
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
                     match queue.try_recv() {
@@ -210,7 +207,14 @@ async fn run(
                         _ => break,
                     }
                 }
+                let stop = batch.iter().any(|o| matches!(o, Outgoing::Stop));
                 backplane.handle_batch(batch, &subscriptions).await;
+                if stop {
+                    // What the shards published while closing their sessions went first.
+                    let gone = Wire::Gone { origin: backplane.node_id.to_string() };
+                    backplane.publish(vec![(backplane::presence_channel(), gone.encode())]).await;
+                    break;
+                }
                 false
             }
             _ = heartbeat.tick() => {
@@ -644,6 +648,11 @@ impl Backplane {
             Wire::Want { node } => {
                 if own(&node) {
                     self.publish_snapshot().await;
+                }
+            }
+            Wire::Gone { origin } => {
+                if !own(&origin) {
+                    self.node.presence.forget_node(&origin);
                 }
             }
         }

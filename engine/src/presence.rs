@@ -621,14 +621,23 @@ impl Presence {
     /// Forgets the nodes not heard from within `silence`, and the other nodes named
     /// `name` but `keep` (a node that restarted): they no longer count.
     pub(crate) fn forget_nodes(&self, silence: Duration, name: Option<(&str, &str)>) {
+        self.forget_where(|id, node| {
+            node.last_heard.elapsed() > silence
+                || name.is_some_and(|(name, keep)| node.name == name && id != keep)
+        });
+    }
+
+    /// Forgets a node that said it stops.
+    pub(crate) fn forget_node(&self, origin: &str) {
+        self.forget_where(|id, _| id == origin);
+    }
+
+    fn forget_where(&self, gone: impl Fn(&str, &RemoteNode) -> bool) {
         let mut registry = self.lock();
         let gone: Vec<String> = registry
             .remote
             .iter()
-            .filter(|(id, node)| {
-                node.last_heard.elapsed() > silence
-                    || name.is_some_and(|(name, keep)| node.name == name && id.as_str() != keep)
-            })
+            .filter(|(id, node)| gone(id, node))
             .map(|(id, _)| id.clone())
             .collect();
         for id in gone {
