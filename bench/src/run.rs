@@ -770,6 +770,24 @@ fn with_range(results: &[Value], workload: &str, server: &str, key: &str, value:
     format!("{} ({}-{})", shown(value), shown(low), shown(high))
 }
 
+/// A workload's p50, p99 and p99.9 per server, as bar groups.
+fn latency_groups(results: &[Value], workload: &str, servers: &[&str]) -> Vec<plot::BarGroup> {
+    [
+        ("p50", "latency_us_p50"),
+        ("p99", "latency_us_p99"),
+        ("p99.9", "latency_us_p999"),
+    ]
+    .iter()
+    .map(|(label, key)| plot::BarGroup {
+        label: label.to_string(),
+        values: servers
+            .iter()
+            .map(|s| find(results, workload, s).and_then(|r| r[*key].as_f64()))
+            .collect(),
+    })
+    .collect()
+}
+
 fn write_results(
     context: &Context,
     workloads: &[&str],
@@ -948,20 +966,7 @@ fn write_results(
         )?;
     }
     if workloads.contains(&"latency") {
-        let groups: Vec<plot::BarGroup> = [
-            ("p50", "latency_us_p50"),
-            ("p99", "latency_us_p99"),
-            ("p99.9", "latency_us_p999"),
-        ]
-        .iter()
-        .map(|(label, key)| plot::BarGroup {
-            label: label.to_string(),
-            values: servers
-                .iter()
-                .map(|s| find(results, "latency", s).and_then(|r| r[*key].as_f64()))
-                .collect(),
-        })
-        .collect();
+        let groups = latency_groups(results, "latency", servers);
         plots.push("latency.svg");
         plot::bars(
             &out.join("latency.svg"),
@@ -989,20 +994,7 @@ fn write_results(
         )?;
     }
     if workloads.contains(&"cluster-latency") {
-        let groups: Vec<plot::BarGroup> = [
-            ("p50", "latency_us_p50"),
-            ("p99", "latency_us_p99"),
-            ("p99.9", "latency_us_p999"),
-        ]
-        .iter()
-        .map(|(label, key)| plot::BarGroup {
-            label: label.to_string(),
-            values: servers
-                .iter()
-                .map(|s| find(results, "cluster-latency", s).and_then(|r| r[*key].as_f64()))
-                .collect(),
-        })
-        .collect();
+        let groups = latency_groups(results, "cluster-latency", servers);
         plots.push("cluster-latency.svg");
         plot::bars(
             &out.join("cluster-latency.svg"),
