@@ -53,7 +53,8 @@ export async function startServer(args = [], { binary = BINARY, command = ["serv
     child,
     log: () => log,
     async stop() {
-      if (child.exitCode !== null) return child.exitCode;
+      // Exited already (a test may kill it with a signal: then there is no exit code).
+      if (child.exitCode !== null || child.signalCode !== null) return child.exitCode ?? child.signalCode;
       const exited = new Promise((resolve) => child.on("exit", resolve));
       child.kill("SIGTERM");
       return exited;
