@@ -175,7 +175,13 @@ pub async fn idle(args: IdleArgs, wire: Wire) -> IdleReport {
                         }
                     }
                 }
-                Err(_) => failed.set(failed.get() + 1),
+                Err(error) => {
+                    // The first failure says why (the rest are usually the same).
+                    if failed.get() == 0 {
+                        eprintln!("idle: a connection failed: {error}");
+                    }
+                    failed.set(failed.get() + 1);
+                }
             }
         });
     })

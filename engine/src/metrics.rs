@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 #[repr(align(128))]
 pub struct ShardMetrics {
     pub connections: AtomicI64,
+    /// Connections in the HTTP phase (requests, before an upgrade or a stream).
+    pub http_connections: AtomicI64,
     pub messages_received: AtomicU64,
     pub deliveries: AtomicU64,
     pub bytes_sent: AtomicU64,
@@ -77,6 +79,14 @@ impl Metrics {
                 out,
                 "ringhub_connections{{shard=\"{i}\"}} {}",
                 shard.connections.load(Relaxed)
+            );
+        }
+        out.push_str("# HELP ringhub_http_connections Connections in the HTTP phase (requests, before an upgrade or a stream).\n# TYPE ringhub_http_connections gauge\n");
+        for (i, shard) in self.shards.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringhub_http_connections{{shard=\"{i}\"}} {}",
+                shard.http_connections.load(Relaxed)
             );
         }
         out.push_str(

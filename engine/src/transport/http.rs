@@ -4,6 +4,7 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -39,6 +40,7 @@ impl HttpPhase {
             return None;
         }
         state.http_connections.set(count + 1);
+        state.metrics().http_connections.fetch_add(1, Relaxed);
         Some(HttpPhase(state.clone()))
     }
 }
@@ -47,6 +49,7 @@ impl Drop for HttpPhase {
     fn drop(&mut self) {
         let count = self.0.http_connections.get();
         self.0.http_connections.set(count.saturating_sub(1));
+        self.0.metrics().http_connections.fetch_sub(1, Relaxed);
     }
 }
 
