@@ -944,6 +944,16 @@ fn write_results(
     let mut plots: Vec<&str> = Vec::new();
 
     let series: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
+    // A bar plot in the results directory, listed in the README.
+    let bars = |plots: &mut Vec<&'static str>,
+                name: &'static str,
+                title: &str,
+                unit: &str,
+                groups: &[plot::BarGroup]|
+     -> Result<(), Box<dyn std::error::Error>> {
+        plots.push(name);
+        plot::bars(&out.join(name), title, unit, &series, groups)
+    };
     let fanouts: Vec<plot::BarGroup> = workloads
         .iter()
         .filter(|w| matches!(**w, "fanout-1k" | "fanout-10k" | "broadcast-big"))
@@ -956,23 +966,21 @@ fn write_results(
         })
         .collect();
     if !fanouts.is_empty() {
-        plots.push("deliveries.svg");
-        plot::bars(
-            &out.join("deliveries.svg"),
+        bars(
+            &mut plots,
+            "deliveries.svg",
             "Fan-out: deliveries per second",
             "deliveries/s",
-            &series,
             &fanouts,
         )?;
     }
     if workloads.contains(&"latency") {
         let groups = latency_groups(results, "latency", servers);
-        plots.push("latency.svg");
-        plot::bars(
-            &out.join("latency.svg"),
+        bars(
+            &mut plots,
+            "latency.svg",
             "Latency at 2,000 sends/s (1,000 connections)",
             "µs",
-            &series,
             &groups,
         )?;
     }
@@ -984,23 +992,21 @@ fn write_results(
                 .map(|s| find(results, "cluster", s).and_then(|r| r["deliveries_per_sec"].as_f64()))
                 .collect(),
         }];
-        plots.push("cluster.svg");
-        plot::bars(
-            &out.join("cluster.svg"),
+        bars(
+            &mut plots,
+            "cluster.svg",
             "Scale-out over Redis: deliveries per second",
             "deliveries/s",
-            &series,
             &groups,
         )?;
     }
     if workloads.contains(&"cluster-latency") {
         let groups = latency_groups(results, "cluster-latency", servers);
-        plots.push("cluster-latency.svg");
-        plot::bars(
-            &out.join("cluster-latency.svg"),
+        bars(
+            &mut plots,
+            "cluster-latency.svg",
             "Latency at 2,000 sends/s, members over 2 nodes",
             "µs",
-            &series,
             &groups,
         )?;
     }

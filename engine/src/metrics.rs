@@ -73,22 +73,25 @@ impl Metrics {
     /// over all shards (from the presence registry).
     pub fn render(&self, groups: usize) -> String {
         let mut out = String::with_capacity(1024);
-        out.push_str("# HELP ringhub_connections Open SignalR connections.\n# TYPE ringhub_connections gauge\n");
-        for (i, shard) in self.shards.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "ringhub_connections{{shard=\"{i}\"}} {}",
-                shard.connections.load(Relaxed)
-            );
-        }
-        out.push_str("# HELP ringhub_http_connections Connections in the HTTP phase (requests, before an upgrade or a stream).\n# TYPE ringhub_http_connections gauge\n");
-        for (i, shard) in self.shards.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "ringhub_http_connections{{shard=\"{i}\"}} {}",
-                shard.http_connections.load(Relaxed)
-            );
-        }
+        let per_shard =
+            |out: &mut String, name: &str, help: &str, gauge: fn(&ShardMetrics) -> i64| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+                for (i, shard) in self.shards.iter().enumerate() {
+                    let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", gauge(shard));
+                }
+            };
+        per_shard(
+            &mut out,
+            "ringhub_connections",
+            "Open SignalR connections.",
+            |s| s.connections.load(Relaxed),
+        );
+        per_shard(
+            &mut out,
+            "ringhub_http_connections",
+            "Connections in the HTTP phase (requests, before an upgrade or a stream).",
+            |s| s.http_connections.load(Relaxed),
+        );
         out.push_str(
             "# HELP ringhub_groups Groups with at least one member.\n# TYPE ringhub_groups gauge\n",
         );
