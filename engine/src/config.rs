@@ -488,4 +488,28 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().starts_with("--config"), "{err}");
     }
+
+    #[test]
+    fn every_redis_address_form_of_the_contract_is_taken() {
+        let redis = |given: &str| {
+            ServeArgs {
+                redis: Some(given.into()),
+                ..Default::default()
+            }
+            .resolve()
+            .map(|c| c.redis.unwrap_or_default())
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(redis("10.0.0.5:6380").unwrap(), "redis://10.0.0.5:6380");
+        assert_eq!(redis("redis://h:1/2").unwrap(), "redis://h:1/2");
+        assert_eq!(redis("rediss://h:6379").unwrap(), "rediss://h:6379");
+        assert_eq!(
+            redis("redis+unix:///run/redis.sock").unwrap(),
+            "redis+unix:///run/redis.sock"
+        );
+        for bad in ["http://h:1", "redis://h:notaport", ""] {
+            let error = redis(bad).unwrap_err();
+            assert!(error.starts_with("--redis:"), "{bad}: {error}");
+        }
+    }
 }
