@@ -282,13 +282,19 @@ impl Context {
 
     /// Starts the server on the next free port (a port the load generator's own
     /// connections hold makes the server exit at once; then the next one is tried).
-    fn start(&mut self, server: &Server) -> Result<(Guard, SocketAddr), String> {
-        let core = (!server.two_shards).then_some(self.args.server_core);
+    /// Starts `argv(addr, data dir)` on the next free port (a port the load generator's
+    /// own connections hold makes the process exit at once; then the next one is tried).
+    fn start_listening(
+        &mut self,
+        what: &str,
+        core: Option<usize>,
+        argv: impl Fn(SocketAddr, &Path) -> Vec<String>,
+    ) -> Result<(Guard, SocketAddr), String> {
         for _ in 0..10 {
             self.port += 1;
             let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
             let data = std::env::temp_dir().join(format!("ringhub-bench-data-{}", self.port));
-            let argv = server.command(&self.bin, addr, &data, None);
+            let argv = argv(addr, &data);
             let child = pinned(core, &argv)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -299,76 +305,51 @@ impl Context {
                 return Ok((guard, addr));
             }
         }
-        Err(format!("{} did not listen on any of 10 ports", server.name))
+        Err(format!("{what} did not listen on any of 10 ports"))
+    }
+
+    fn start(&mut self, server: &Server) -> Result<(Guard, SocketAddr), String> {
+        let core = (!server.two_shards).then_some(self.args.server_core);
+        let bin = self.bin.clone();
+        self.start_listening(server.name, core, |addr, data| {
+            server.command(&bin, addr, data, None)
+        })
     }
 
     /// Starts a redis-server (pinned with the load generator) and two nodes of `server`
-    /// sharing it (both pinned to the server core). Returns the processes (nodes first)
-    /// and the nodes' addresses.
+    /// sharing it (both pinned to the server core). Returns the processes (nodes first,
+    /// so that they stop before Redis does) and the nodes' addresses.
     fn start_cluster(&mut self, server: &Server) -> Result<(Vec<Guard>, [SocketAddr; 2]), String> {
-        let mut processes = Vec::new();
-        let redis_core = Some(self.args.server_core + 1);
-        let mut redis_url = None;
-        for _ in 0..10 {
-            self.port += 1;
-            let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-            let argv: Vec<String> = [
-                "redis-server",
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            let child = pinned(redis_core, &argv)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("cannot start redis-server: {e}"))?;
-            let mut guard = Guard(child);
-            if wait_for_port(addr, &mut guard.0) {
-                redis_url = Some(format!("redis://{addr}"));
-                processes.push(guard);
-                break;
-            }
-        }
-        let redis = redis_url.ok_or("redis-server did not listen on any of 10 ports")?;
-        let mut addrs = Vec::new();
-        for _ in 0..20 {
-            if addrs.len() == 2 {
-                break;
-            }
-            self.port += 1;
-            let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-            let data = std::env::temp_dir().join(format!("ringhub-bench-data-{}", self.port));
-            let argv = server.command(&self.bin, addr, &data, Some(&redis));
-            let child = pinned(Some(self.args.server_core), &argv)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("cannot start {}: {e}", argv[0]))?;
-            let mut guard = Guard(child);
-            if wait_for_port(addr, &mut guard.0) {
-                // Nodes first, so that the nodes stop before Redis does.
-                processes.insert(addrs.len(), guard);
-                addrs.push(addr);
-            }
-        }
-        if addrs.len() < 2 {
-            return Err(format!(
-                "{} nodes did not listen on any of 20 ports",
-                server.name
-            ));
-        }
+        let (redis, redis_addr) = self.start_listening(
+            "redis-server",
+            Some(self.args.server_core + 1),
+            |addr, _| {
+                let port = addr.port().to_string();
+                [
+                    "redis-server",
+                    "--port",
+                    &port,
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+            },
+        )?;
+        let url = format!("redis://{redis_addr}");
+        let bin = self.bin.clone();
+        let core = Some(self.args.server_core);
+        let node = |addr: SocketAddr, data: &Path| server.command(&bin, addr, data, Some(&url));
+        let (first, first_addr) = self.start_listening(server.name, core, node)?;
+        let (second, second_addr) = self.start_listening(server.name, core, node)?;
         // The nodes find each other through Redis (ringhub: a heartbeat a second).
         std::thread::sleep(Duration::from_millis(1500));
-        Ok((processes, [addrs[0], addrs[1]]))
+        Ok((vec![first, second, redis], [first_addr, second_addr]))
     }
 
     fn loadgen_core(&self, server: &Server) -> Option<usize> {
