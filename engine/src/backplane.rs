@@ -212,7 +212,11 @@ pub enum Outgoing {
         broadcast: Arc<Broadcast>,
         ticket: Option<Arc<Ticket>>,
     },
-    Presence(PresenceEvent),
+    /// A change of this node's presence, numbered by the registry that made it.
+    Presence {
+        seq: u64,
+        event: PresenceEvent,
+    },
     Subscribe(String),
     Unsubscribe(String),
     /// Answered once every subscription asked for before it is in effect (or at once
@@ -275,26 +279,37 @@ pub enum BackplaneError {
     Stopped,
 }
 
+/// The backplane thread's end of a [`Link`]: what it is asked, the flag it keeps
+/// true while Redis is reachable, and the node's id.
+pub struct LinkEnd {
+    pub queue: mpsc::UnboundedReceiver<Outgoing>,
+    pub connected: Arc<AtomicBool>,
+    /// This node's id in the cluster (its name and a random suffix).
+    pub node_id: Arc<str>,
+}
+
 /// A node's handle on its backplane thread: `Clone + Send + Sync`, never blocks.
 #[derive(Clone)]
 pub struct Link {
     queue: mpsc::UnboundedSender<Outgoing>,
     connected: Arc<AtomicBool>,
-    /// This node's id in the cluster (its name and a random suffix).
-    pub node_id: Arc<str>,
 }
 
 impl Link {
-    /// A link and the queue its thread serves.
-    pub fn new(node_id: String) -> (Link, mpsc::UnboundedReceiver<Outgoing>, Arc<AtomicBool>) {
+    /// A link, and the end its thread serves.
+    pub fn new(node_id: String) -> (Link, LinkEnd) {
         let (queue, receiver) = mpsc::unbounded();
         let connected = Arc::new(AtomicBool::new(false));
         let link = Link {
             queue,
             connected: connected.clone(),
+        };
+        let end = LinkEnd {
+            queue: receiver,
+            connected,
             node_id: node_id.into(),
         };
-        (link, receiver, connected)
+        (link, end)
     }
 
     pub fn send(&self, outgoing: Outgoing) {

@@ -25,7 +25,6 @@ use fred::clients::{Client, SubscriberClient};
 use fred::interfaces::{ClientLike, EventInterface, KeysInterface, PubsubInterface, SetsInterface};
 use fred::types::config::{Config as RedisConfig, ReconnectPolicy};
 use fred::types::{Expiration, Value as RedisValue};
-use futures_channel::mpsc::UnboundedReceiver;
 use futures_util::StreamExt;
 use hashbrown::{HashMap, HashSet};
 use ringhub_protocol::frame::Framing;
@@ -34,7 +33,7 @@ use ringhub_protocol::HubProtocol;
 use crate::api::types::ContextError;
 use crate::api::HubContext;
 use crate::backplane::{
-    self, Answer, BackplaneError, Outgoing, RemoteOp, RemoteOpKind, StoreOp, Wire,
+    self, Answer, BackplaneError, LinkEnd, Outgoing, RemoteOp, RemoteOpKind, StoreOp, Wire,
 };
 use crate::fanout::{Broadcast, FrameKind};
 use crate::flow::Window;
@@ -61,8 +60,7 @@ const INCOMING_CAPACITY: usize = 1 << 16;
 pub(crate) fn start(
     node: Arc<Node>,
     url: &str,
-    queue: UnboundedReceiver<Outgoing>,
-    connected: Arc<AtomicBool>,
+    end: LinkEnd,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let config = RedisConfig::from_url(url).map_err(|e| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, e.details().to_owned())
@@ -81,7 +79,7 @@ pub(crate) fn start(
                 }
             };
             let local = tokio::task::LocalSet::new();
-            local.block_on(&runtime, run(node, config, queue, connected));
+            local.block_on(&runtime, run(node, config, end));
         })
 }
 
@@ -94,8 +92,9 @@ struct Backplane {
     /// Requests waiting for answers: id -> (answers expected once known, answers).
     pending: RefCell<HashMap<u64, Pending>>,
     next_request: Cell<u64>,
-    /// Presence changes published so far (the number other nodes check for gaps).
-    presence_seq: Cell<u64>,
+    /// The number of the last presence change published (heartbeats carry it, so that
+    /// other nodes see what they missed).
+    presence_published: Cell<u64>,
     connected: Arc<AtomicBool>,
     /// What other nodes' sends may hold in this node's inboxes and congested queues
     /// together: when it is full, this thread stops taking messages from Redis (and
@@ -119,12 +118,12 @@ enum SubscriptionOp {
     Resync,
 }
 
-async fn run(
-    node: Arc<Node>,
-    config: RedisConfig,
-    mut queue: UnboundedReceiver<Outgoing>,
-    connected: Arc<AtomicBool>,
-) {
+async fn run(node: Arc<Node>, config: RedisConfig, end: LinkEnd) {
+    let LinkEnd {
+        mut queue,
+        connected,
+        node_id,
+    } = end;
     let builder = {
         let mut builder = fred::types::Builder::from_config(config);
         builder
@@ -149,21 +148,16 @@ async fn run(
             return;
         }
     };
-    let link_id = node
-        .backplane
-        .as_ref()
-        .map(|l| l.node_id.clone())
-        .unwrap_or_else(|| node.config.node_name.as_str().into());
     let inbound = Window::new(node.config.context_publish_budget(), None);
     let backplane = Rc::new(Backplane {
         inbound,
         node,
-        node_id: link_id,
+        node_id,
         publisher,
         subscriber,
         pending: RefCell::default(),
         next_request: Cell::new(1),
-        presence_seq: Cell::new(0),
+        presence_published: Cell::new(0),
         connected,
     });
     let incoming = backplane.subscriber.message_rx();
@@ -212,7 +206,7 @@ async fn run(
                 if stop {
                     // What the shards published while closing their sessions went first.
                     let gone = Wire::Gone { origin: backplane.node_id.to_string() };
-                    backplane.publish(vec![(backplane::presence_channel(), gone.encode())]).await;
+                    backplane.publish_presence(gone).await;
                     break;
                 }
                 false
@@ -340,9 +334,8 @@ impl Backplane {
                     messages.push((backplane::send_channel(&hub, &target), wire.encode()));
                     tickets.extend(ticket);
                 }
-                Outgoing::Presence(event) => {
-                    let seq = self.presence_seq.get() + 1;
-                    self.presence_seq.set(seq);
+                Outgoing::Presence { seq, event } => {
+                    self.presence_published.set(seq);
                     let wire = Wire::Presence {
                         origin: self.node_id.to_string(),
                         seq,
@@ -529,8 +522,14 @@ impl Backplane {
         let wire = Wire::Heartbeat {
             origin: self.node_id.to_string(),
             name: self.node.config.node_name.clone(),
-            seq: self.presence_seq.get(),
+            seq: self.presence_published.get(),
         };
+        self.publish_presence(wire).await;
+    }
+
+    /// Publishes one message on the presence channel (on its own: not ordered with the
+    /// pipelines of sends and changes).
+    async fn publish_presence(&self, wire: Wire) {
         self.publish(vec![(backplane::presence_channel(), wire.encode())])
             .await;
     }
@@ -541,8 +540,7 @@ impl Backplane {
             origin: self.node_id.to_string(),
             name: self.node.config.node_name.clone(),
         };
-        self.publish(vec![(backplane::presence_channel(), hello.encode())])
-            .await;
+        self.publish_presence(hello).await;
         self.publish_snapshot().await;
     }
 
@@ -555,8 +553,7 @@ impl Backplane {
             seq,
             hubs,
         };
-        self.publish(vec![(backplane::presence_channel(), wire.encode())])
-            .await;
+        self.publish_presence(wire).await;
     }
 
     /// Acts on what another node published.
@@ -662,8 +659,7 @@ impl Backplane {
         let wire = Wire::Want {
             node: node.to_owned(),
         };
-        self.publish(vec![(backplane::presence_channel(), wire.encode())])
-            .await;
+        self.publish_presence(wire).await;
     }
 
     /// Does what another node asks of a connection, if it is here.

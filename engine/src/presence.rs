@@ -245,7 +245,10 @@ impl Registry {
     fn publish(&mut self, link: Option<&Link>, event: impl FnOnce() -> PresenceEvent) {
         if let Some(link) = link {
             self.seq += 1;
-            link.send(Outgoing::Presence(event()));
+            link.send(Outgoing::Presence {
+                seq: self.seq,
+                event: event(),
+            });
         }
     }
 }

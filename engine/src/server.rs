@@ -104,7 +104,7 @@ impl ServerBuilder {
         });
         let store: Arc<dyn MembershipStore> = match (self.store, &backplane) {
             (Some(store), _) => store,
-            (None, Some((link, ..))) => Arc::new(RedisStore { link: link.clone() }),
+            (None, Some((link, _))) => Arc::new(RedisStore { link: link.clone() }),
             (None, None) => Arc::new(RedbStore::open(&self.config.data)?),
         };
         let (store_jobs, jobs) = std::sync::mpsc::channel::<StoreJob>();
@@ -125,10 +125,7 @@ impl ServerBuilder {
                 addr: self.config.listen,
                 source,
             })?;
-        let (link, cluster_queue) = match backplane {
-            Some((link, queue, connected)) => (Some(link), Some((queue, connected))),
-            None => (None, None),
-        };
+        let (link, link_end) = backplane.unzip();
         let node = Arc::new(Node::new(
             self.config,
             self.user_ids,
@@ -137,9 +134,8 @@ impl ServerBuilder {
             store_jobs,
             link,
         ));
-        if let (Some((queue, connected)), Some(url)) = (cluster_queue, &node.config.redis) {
-            crate::cluster::start(node.clone(), url, queue, connected)
-                .map_err(ServerError::Thread)?;
+        if let (Some(end), Some(url)) = (link_end, &node.config.redis) {
+            crate::cluster::start(node.clone(), url, end).map_err(ServerError::Thread)?;
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut handles = Vec::with_capacity(threads);
