@@ -9,7 +9,7 @@ use futures_channel::oneshot;
 use ringhub_protocol::Value;
 
 use crate::api::types::{check_group, check_user, Caller, ContextError, Target};
-use crate::backplane::{self, Answer, Outgoing, RemoteOp, RemoteOpKind};
+use crate::backplane::{self, Answer, Link, Outgoing, RemoteOp, RemoteOpKind};
 use crate::fanout::Broadcast;
 use crate::flow::Window;
 use crate::node::Node;
@@ -401,20 +401,61 @@ impl HubContext {
         connection_id: &str,
         op: ConnectionOp,
     ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
-        let here = self.node.presence.shard_of(hub, connection_id).is_some();
-        let remote = match (&self.node.backplane, here) {
-            (Some(link), false) => Some((
+        self.connection_op_on(hub, connection_id, op, true)
+    }
+
+    /// Runs `op` on the shard of this node that holds the connection, through its inbox;
+    /// `false` if no shard of this node holds it.
+    pub(crate) fn local_connection_op(
+        &self,
+        hub: &str,
+        connection_id: &str,
+        op: ConnectionOp,
+    ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
+        self.connection_op_on(hub, connection_id, op, false)
+    }
+
+    /// Runs `op` where the connection is: a shard of this node, or (with
+    /// `other_nodes`, in a cluster) the node that answers for it.
+    fn connection_op_on(
+        &self,
+        hub: &str,
+        connection_id: &str,
+        op: ConnectionOp,
+        other_nodes: bool,
+    ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
+        enum Step {
+            Done(Result<bool, ContextError>),
+            Wait(oneshot::Receiver<Result<bool, ContextError>>),
+            Ask(Link, String, String, RemoteOp),
+        }
+        let shard = self.node.presence.shard_of(hub, connection_id);
+        let step = match (shard, &self.node.backplane) {
+            (None, Some(link)) if other_nodes => Step::Ask(
                 link.clone(),
                 backplane::connection_channel(hub, connection_id),
                 hub.to_owned(),
                 remote_op(connection_id, &op),
-            )),
-            _ => None,
+            ),
+            _ if self.node.is_shutting_down() => Step::Done(Err(ContextError::ShuttingDown)),
+            (None, _) => Step::Done(Ok(false)),
+            (Some(shard), _) => {
+                let (reply, answer) = oneshot::channel();
+                self.node.inboxes[shard].push(Command::Connection {
+                    hub: Arc::from(hub),
+                    connection_id: connection_id.to_owned(),
+                    op,
+                    reply,
+                });
+                Step::Wait(answer)
+            }
         };
-        let local = self.local_connection_op(hub, connection_id, op);
         async move {
-            let Some((link, channel, hub, op)) = remote else {
-                return local.await;
+            let (link, channel, hub, op) = match step {
+                Step::Done(result) => return result,
+                // A shard that stopped answers nothing: the connection is gone with it.
+                Step::Wait(answer) => return answer.await.unwrap_or(Ok(false)),
+                Step::Ask(link, channel, hub, op) => (link, channel, hub, op),
             };
             // Not here: the node holding it answers (no node: not connected).
             let answers = link
@@ -435,44 +476,6 @@ impl HubContext {
                 }
             }
             Ok(done)
-        }
-    }
-
-    /// Runs `op` on the shard of this node that holds the connection, through its inbox;
-    /// `false` if no shard of this node holds it.
-    pub(crate) fn local_connection_op(
-        &self,
-        hub: &str,
-        connection_id: &str,
-        op: ConnectionOp,
-    ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
-        enum Step {
-            Done(Result<bool, ContextError>),
-            Wait(oneshot::Receiver<Result<bool, ContextError>>),
-        }
-        let step = if self.node.is_shutting_down() {
-            Step::Done(Err(ContextError::ShuttingDown))
-        } else {
-            match self.node.presence.shard_of(hub, connection_id) {
-                None => Step::Done(Ok(false)),
-                Some(shard) => {
-                    let (reply, answer) = oneshot::channel();
-                    self.node.inboxes[shard].push(Command::Connection {
-                        hub: Arc::from(hub),
-                        connection_id: connection_id.to_owned(),
-                        op,
-                        reply,
-                    });
-                    Step::Wait(answer)
-                }
-            }
-        };
-        async move {
-            match step {
-                Step::Done(result) => result,
-                // A shard that stopped answers nothing: the connection is gone with it.
-                Step::Wait(answer) => answer.await.unwrap_or(Ok(false)),
-            }
         }
     }
 }
