@@ -10,6 +10,7 @@ use std::time::Instant;
 use futures_util::lock::Mutex;
 use hashbrown::HashMap;
 
+use crate::backplane::SharedToken;
 use crate::session::Session;
 use crate::signal::Signal;
 
@@ -103,6 +104,20 @@ pub struct Negotiated {
     pub early_input: bytes::BytesMut,
     /// The client asked for stateful reconnect, and negotiate offered it.
     pub stateful_reconnect: bool,
+}
+
+impl Negotiated {
+    /// A token negotiated now (here, or on another node of the cluster).
+    pub fn new(shared: SharedToken) -> Negotiated {
+        Negotiated {
+            hub: shared.hub,
+            connection_id: shared.connection_id,
+            user_id: shared.user_id,
+            created: Instant::now(),
+            early_input: bytes::BytesMut::new(),
+            stateful_reconnect: shared.stateful_reconnect,
+        }
+    }
 }
 
 /// The transport side of a session carried by HTTP requests: one receive request at a

@@ -1,8 +1,6 @@
 //! SignalR negotiate: a connection id and a token that a transport request redeems.
 //! The token is kept by this shard and names it, so later requests find it here.
 
-use std::time::Instant;
-
 use bytes::BytesMut;
 use ringhub_protocol::http::{self as wire, Negotiation, RequestHead};
 
@@ -46,27 +44,20 @@ pub fn negotiate(state: &ShardState, head: &RequestHead, hub: &str) -> Vec<u8> {
         use_stateful_reconnect: stateful_reconnect,
     }
     .body();
-    let negotiated = Negotiated {
+    let shared = SharedToken {
         hub: hub.to_owned(),
         connection_id,
         user_id: state.node.user_ids.user_id(claims.as_ref()),
-        created: Instant::now(),
-        early_input: BytesMut::new(),
         stateful_reconnect,
     };
     if let Some(link) = &state.node.backplane {
         // Any node of the cluster may get the WebSocket: it finds the token in Redis.
-        let shared = SharedToken {
-            hub: negotiated.hub.clone(),
-            connection_id: negotiated.connection_id.clone(),
-            user_id: negotiated.user_id.clone(),
-            stateful_reconnect,
-        };
         link.send(Outgoing::SaveToken {
             token: token.clone(),
             negotiated: shared.encode(),
         });
     }
+    let negotiated = Negotiated::new(shared);
     if owner == state.index {
         state.tokens.insert(token, Token::Negotiated(negotiated));
     } else {
@@ -90,11 +81,7 @@ pub async fn find_in_cluster(state: &ShardState, head: &RequestHead) {
     let Some(token) = head.query_param("id") else {
         return;
     };
-    if state.tokens.with(&token, |entry| entry.is_some()) {
-        return;
-    }
-    state.drain_inbox();
-    if state.tokens.with(&token, |entry| entry.is_some()) {
+    if is_known(state, &token) {
         return;
     }
     let Some(found) = link.fetch_token(&token).await else {
@@ -104,15 +91,20 @@ pub async fn find_in_cluster(state: &ShardState, head: &RequestHead) {
         tracing::warn!("a malformed token was found in Redis");
         return;
     };
-    let negotiated = Negotiated {
-        hub: shared.hub,
-        connection_id: shared.connection_id,
-        user_id: shared.user_id,
-        created: Instant::now(),
-        early_input: BytesMut::new(),
-        stateful_reconnect: shared.stateful_reconnect,
-    };
-    state.tokens.insert(token, Token::Negotiated(negotiated));
+    state
+        .tokens
+        .insert(token, Token::Negotiated(Negotiated::new(shared)));
+}
+
+/// Whether this shard knows the token, counting one that is still in its inbox, sent by
+/// the shard that negotiated it (taken from there now).
+fn is_known(state: &ShardState, token: &str) -> bool {
+    let known = |state: &ShardState| state.tokens.with(token, |entry| entry.is_some());
+    if known(state) {
+        return true;
+    }
+    state.drain_inbox();
+    known(state)
 }
 
 /// Why a transport request cannot use a token, as ASP.NET Core answers it.
@@ -202,10 +194,7 @@ fn with_negotiated<R>(
     f: impl FnOnce(&mut Token) -> Result<R, Refused>,
 ) -> Result<R, Refused> {
     let ttl = state.node.config.disconnect_timeout;
-    if state.tokens.with(token, |entry| entry.is_none()) {
-        // It may still be in this shard's inbox, sent by the shard that negotiated it.
-        state.drain_inbox();
-    }
+    is_known(state, token);
     state.tokens.with(token, |entry| {
         let Some(entry) = entry else {
             return Err(Refused::Unknown);
