@@ -39,6 +39,10 @@ pub struct Node {
     pub(crate) context_budget: Arc<Window>,
     /// The cluster's backplane thread (with `--redis`).
     pub(crate) backplane: Option<Link>,
+    /// The membership store is the cluster's, in Redis (`store::RedisStore`): read at
+    /// connect time through the backplane, without blocking a shard. An embedder's own
+    /// store is read as any store is, also in a cluster.
+    pub(crate) durable_in_redis: bool,
 }
 
 impl Node {
@@ -69,6 +73,7 @@ impl Node {
             shutting_down: AtomicBool::new(false),
             next_owner: AtomicUsize::new(0),
             context_budget,
+            durable_in_redis: false,
             backplane,
         }
     }

@@ -102,6 +102,7 @@ impl ServerBuilder {
             );
             Link::new(node_id)
         });
+        let durable_in_redis = self.store.is_none() && backplane.is_some();
         let store: Arc<dyn MembershipStore> = match (self.store, &backplane) {
             (Some(store), _) => store,
             (None, Some((link, _))) => Arc::new(RedisStore { link: link.clone() }),
@@ -126,14 +127,16 @@ impl ServerBuilder {
                 source,
             })?;
         let (link, link_end) = backplane.unzip();
-        let node = Arc::new(Node::new(
+        let mut node = Node::new(
             self.config,
             self.user_ids,
             self.authorizer,
             store,
             store_jobs,
             link,
-        ));
+        );
+        node.durable_in_redis = durable_in_redis;
+        let node = Arc::new(node);
         if let (Some(end), Some(url)) = (link_end, &node.config.redis) {
             crate::cluster::start(node.clone(), url, end).map_err(ServerError::Thread)?;
         }

@@ -231,13 +231,15 @@ impl ShardState {
     }
 
     /// Joins a new session to its user's durable groups. The store is read here when
-    /// it is the embedded one (a read transaction costs microseconds); in a cluster it
-    /// is Redis, read by the backplane thread while this shard goes on.
+    /// it is the embedded one (a read transaction costs microseconds) or an embedder's;
+    /// when it is the cluster's, Redis is read by the backplane thread while this shard
+    /// goes on.
     async fn join_durable_groups(&self, caller: &Caller) {
         let Some(user) = &caller.user_id else {
             return;
         };
-        let groups = match &self.node.backplane {
+        let redis = (self.node.backplane.as_ref()).filter(|_| self.node.durable_in_redis);
+        let groups = match redis {
             Some(link) if !link.is_connected() => Err(
                 "Redis is unreachable (the connection joins them once it reconnects)".to_owned(),
             ),
