@@ -277,13 +277,9 @@ impl HubContext {
         user: &str,
     ) -> impl Future<Output = Result<Vec<String>, ContextError>> + Send + 'static {
         let (hub, user) = (hub.to_owned(), user.to_owned());
-        let (reply, answer) = oneshot::channel();
-        let sent = self.node.store_jobs.send(Box::new(move |store| {
-            let _ = reply.send(store.user_groups(&hub, &user).map_err(stored));
-        }));
+        let groups = self.run_on_store(move |store| store.user_groups(&hub, &user).map_err(stored));
         async move {
-            sent.map_err(|_| ContextError::ShuttingDown)?;
-            let mut groups = answer.await.map_err(|_| ContextError::ShuttingDown)??;
+            let mut groups = groups.await?;
             groups.sort_unstable();
             Ok(groups)
         }
@@ -361,10 +357,10 @@ impl HubContext {
     }
 
     /// Runs `job` on the store thread.
-    fn run_on_store(
+    fn run_on_store<T: Send + 'static>(
         &self,
-        job: impl FnOnce(&dyn MembershipStore) -> Result<(), ContextError> + Send + 'static,
-    ) -> impl Future<Output = Result<(), ContextError>> + Send + 'static {
+        job: impl FnOnce(&dyn MembershipStore) -> Result<T, ContextError> + Send + 'static,
+    ) -> impl Future<Output = Result<T, ContextError>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
         let sent = self.node.store_jobs.send(Box::new(move |store| {
             let _ = reply.send(job(store));
