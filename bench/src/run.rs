@@ -32,7 +32,9 @@ pub struct RunArgs {
     /// fanout-1k only), ringhub-stateful (receivers with stateful reconnect, acking
     /// once a second; fanout-1k only). Not in `all`: ringhub-sysalloc (the `ringhub`
     /// binary built with the system allocator, `--no-default-features --features cli`,
-    /// and copied to `ringhub-sysalloc` beside it). ringhub-cluster and
+    /// and copied to `ringhub-sysalloc` beside it), ringhub-base (any other `ringhub`
+    /// binary copied to `ringhub-base` beside it: an earlier commit, for A/B runs).
+    /// ringhub-cluster and
     /// socketioxide-cluster (two nodes and a redis-server; the cluster workload only:
     /// both nodes pinned to the server core, Redis to the load generator's).
     #[arg(long, default_value = "all")]
@@ -81,7 +83,7 @@ const SERVERS: [&str; 10] = [
     "socketioxide-cluster",
 ];
 /// Servers run only when named (they need a binary built apart).
-const NAMED_ONLY_SERVERS: [&str; 1] = ["ringhub-sysalloc"];
+const NAMED_ONLY_SERVERS: [&str; 2] = ["ringhub-sysalloc", "ringhub-base"];
 
 /// A server under test.
 struct Server {
@@ -102,7 +104,7 @@ impl Server {
     fn of(name: &str) -> Option<Server> {
         let (protocol, two_shards, receivers) = match name {
             "ringhub" | "ceiling" | "naive" | "ringhub-stateful" | "ringhub-sysalloc"
-            | "ringhub-cluster" => ("json", false, "websockets"),
+            | "ringhub-base" | "ringhub-cluster" => ("json", false, "websockets"),
             "ringhub-2t" => ("json", true, "websockets"),
             "ringhub-sse" => ("json", false, "sse"),
             "ringhub-lp" => ("json", false, "longpolling"),
@@ -134,11 +136,10 @@ impl Server {
         let addr = addr.to_string();
         let mut argv = match self.name {
             "ringhub" | "ringhub-2t" | "ringhub-sse" | "ringhub-lp" | "ringhub-stateful"
-            | "ringhub-sysalloc" | "ringhub-cluster" => vec![
-                bin.join(if self.name == "ringhub-sysalloc" {
-                    "ringhub-sysalloc"
-                } else {
-                    "ringhub"
+            | "ringhub-sysalloc" | "ringhub-base" | "ringhub-cluster" => vec![
+                bin.join(match self.name {
+                    "ringhub-sysalloc" | "ringhub-base" => self.name,
+                    _ => "ringhub",
                 })
                 .display()
                 .to_string(),

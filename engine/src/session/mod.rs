@@ -1,7 +1,8 @@
 //! A session: one SignalR connection as the hub sees it (identity, hub protocol,
-//! groups, outbound queue, timestamps), apart from the transport that carries it. The
-//! transport takes what is queued with [`Session::next_batch`] and ends when
-//! [`Session::stop`] fires.
+//! groups, outbound queue, timestamps), apart from the transport that carries it. A
+//! streaming transport's socket is written by the shard's flush pass, which the session
+//! asks for through its [`FlushQueue`]; long polling takes what is queued with
+//! [`Session::next_batch`]. Both end when [`Session::stop`] fires.
 
 pub mod outbox;
 pub mod replay;
@@ -54,8 +55,13 @@ pub struct Session {
     congested_since: Cell<Option<Instant>>,
     /// Bytes written since the clock last restarted (see [`Session::wrote`]).
     progress: Cell<usize>,
-    /// The transport's task waiting for frames.
+    /// The transport's task waiting for frames (long polling).
     writer: RefCell<Option<Waker>>,
+    /// The shard's flush pass, while it writes this session's socket (streaming
+    /// transports): frames make the session listed there instead of waking a task.
+    flush: RefCell<Option<Rc<FlushQueue>>>,
+    /// Whether the session is listed for the next flush pass (listed once per pass).
+    flush_listed: Cell<bool>,
     /// The task waiting for the backlog to come down before it reads more from the client.
     reader: RefCell<Option<Waker>>,
     /// What this connection's sends may have on their way (see `flow`).
@@ -106,6 +112,8 @@ impl Session {
             congested_since: Cell::new(None),
             progress: Cell::new(0),
             writer: RefCell::new(None),
+            flush: RefCell::new(None),
+            flush_listed: Cell::new(false),
             reader: RefCell::new(None),
             publish_window,
             last_received: Cell::new(now),
@@ -438,19 +446,49 @@ impl Session {
         self.close(Some(SLOW_CONSUMER), false);
     }
 
-    fn wake_writer(&self) {
+    /// Tells whoever writes the session that there is something to do (frames, a
+    /// close, the transport's end): lists it for the flush pass, or wakes the task
+    /// waiting in [`Session::next_batch`].
+    pub fn wake_writer(&self) {
+        if let Some(queue) = &*self.flush.borrow() {
+            if !self.flush_listed.replace(true) {
+                queue.list(self.key);
+            }
+            return;
+        }
         wake(&self.writer);
+    }
+
+    /// From now on the shard's flush pass writes this session (`None`: no longer);
+    /// listed at once, for what is already queued.
+    pub fn write_through(&self, queue: Option<Rc<FlushQueue>>) {
+        let listed = queue.is_some();
+        *self.flush.borrow_mut() = queue;
+        self.flush_listed.set(false);
+        if listed {
+            self.wake_writer();
+        }
+    }
+
+    /// The flush pass took the session off its list (frames arriving from now on list
+    /// it again).
+    pub fn unlist(&self) {
+        self.flush_listed.set(false);
+    }
+
+    /// Takes everything queued (see [`Outbox::take`]); `None` when nothing is.
+    pub fn take_batch(&self, copied: &mut Vec<u8>, batch: &mut Vec<Bytes>) -> Option<Taken> {
+        self.outbox.borrow_mut().take(copied, batch)
     }
 
     /// Waits for queued frames and takes them all (see [`Outbox::take`]); `None` once
     /// the session is done (closed and flushed, or stopped).
     pub async fn next_batch(&self, copied: &mut Vec<u8>, batch: &mut Vec<Bytes>) -> Option<Taken> {
         std::future::poll_fn(|cx| {
-            let mut outbox = self.outbox.borrow_mut();
-            if let Some(taken) = outbox.take(copied, batch) {
+            if let Some(taken) = self.take_batch(copied, batch) {
                 return Poll::Ready(Some(taken));
             }
-            if outbox.closing_since().is_some() || self.transport.borrow().is_fired() {
+            if self.closing_since().is_some() || self.transport.borrow().is_fired() {
                 return Poll::Ready(None);
             }
             *self.writer.borrow_mut() = Some(cx.waker().clone());
@@ -485,6 +523,39 @@ impl Session {
         ShardMetrics::add(&metrics.deliveries, taken.frames);
         ShardMetrics::add(&metrics.bytes_sent, taken.bytes as u64);
         self.last_sent.set(Instant::now());
+    }
+}
+
+/// The shard's list of sessions with something to write (see `transport::flush`): a
+/// session lists itself when frames arrive, once until the next flush pass, which then
+/// writes every listed session's frames: one pass per loop turn instead of a writer
+/// task woken per session.
+#[derive(Default)]
+pub struct FlushQueue {
+    listed: RefCell<Vec<u64>>,
+    flusher: RefCell<Option<Waker>>,
+}
+
+impl FlushQueue {
+    fn list(&self, key: u64) {
+        self.listed.borrow_mut().push(key);
+        wake(&self.flusher);
+    }
+
+    /// Waits until sessions are listed, then moves their keys into `keys` (cleared
+    /// first; its capacity is reused for the next list).
+    pub async fn next(&self, keys: &mut Vec<u64>) {
+        std::future::poll_fn(|cx| {
+            let mut listed = self.listed.borrow_mut();
+            if listed.is_empty() {
+                *self.flusher.borrow_mut() = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            keys.clear();
+            std::mem::swap(&mut *listed, keys);
+            Poll::Ready(())
+        })
+        .await
     }
 }
 

@@ -66,6 +66,7 @@ pub fn run(
                 .run(|c| inbox_state.handle(c))
                 .await;
         });
+        monoio::spawn(state.flusher.clone().run());
         monoio::spawn(tick(state.clone()));
         monoio::spawn(presence_notifier(state.clone()));
         monoio::spawn(slow_consumer_watch(state.clone()));

@@ -23,6 +23,7 @@ use crate::shard::inbox::{Command, ConnectionOp};
 use crate::shard::tables::HubTables;
 use crate::shard::tokens::{Token, Tokens};
 use crate::signal::Signal;
+use crate::transport::flush::Flusher;
 
 pub struct ShardState {
     pub index: usize,
@@ -43,6 +44,8 @@ pub struct ShardState {
     /// What all this shard's connections' sends may have on their way together (each
     /// connection's own window draws on it).
     publish_budget: Arc<Window>,
+    /// Writes the streaming sessions' sockets (its pass runs as one of the shard's tasks).
+    pub flusher: Rc<Flusher>,
 }
 
 /// What serves an HTTP connection handed over by another shard.
@@ -64,6 +67,7 @@ fn max_http_connections(shards: usize) -> usize {
 impl ShardState {
     pub fn new(index: usize, node: Arc<Node>, hub: Box<dyn Hub>) -> ShardState {
         ShardState {
+            flusher: Rc::default(),
             index,
             hub,
             context: HubContext {

@@ -55,7 +55,7 @@ pub struct Resumable {
 /// bytes read after the upgrade request, and the claims of the token it came with.
 pub struct Attach {
     pub reader: monoio::io::OwnedReadHalf<monoio::net::TcpStream>,
-    pub writer: monoio::io::OwnedWriteHalf<monoio::net::TcpStream>,
+    pub writer: crate::transport::io::Writer,
     pub input: bytes::BytesMut,
     pub claims: Option<crate::auth::Claims>,
 }

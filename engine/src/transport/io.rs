@@ -1,12 +1,16 @@
 //! Socket reads and writes shared by the transports: reads that append to a buffer,
-//! the writer that flushes a session's queue in one write per turn, and one-off writes.
+//! a streaming socket's [`Writer`] (sends that never wait, for the flush pass, and the
+//! runtime's writes that wait for room), and one-off writes.
 
-use std::rc::Rc;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use monoio::buf::{IoBuf, IoBufMut};
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
+};
 use monoio::net::TcpStream;
 
 use crate::session::Session;
@@ -17,45 +21,86 @@ pub const READ_CHUNK: usize = 4096;
 /// At most this many frames go into one vectored write (the kernel's IOV_MAX is 1024).
 const MAX_IOVECS: usize = 512;
 
-/// The writer task of a session on a socket: one write per turn with everything
-/// queued, until the session closes or the socket fails.
-pub async fn write_loop(session: Rc<Session>, mut socket: OwnedWriteHalf<TcpStream>) {
-    let mut batch = FrameBatch::default();
-    let mut copied = Vec::new();
-    let transport = session.transport_signal();
-    let stop = transport.watch();
-    loop {
-        let mut frames = std::mem::take(&mut batch.frames);
-        frames.clear();
-        // Ends when the session is done or stopped (`stop_now` wakes it).
-        let Some(taken) = session.next_batch(&mut copied, &mut frames).await else {
-            break;
-        };
-        let result = if frames.is_empty() {
-            let write = write_copied(&mut socket, std::mem::take(&mut copied), &session);
-            stop.run(write).await.map(|(result, buffer)| {
-                copied = buffer;
-                session.recycle_send_buffer(&mut copied);
-                result
-            })
-        } else {
-            batch.set(frames);
-            // Boxed: frames over COPY_MAX are the rare case, and an unboxed second
-            // kind of write would make every session's writer task larger.
-            let write = Box::pin(write_all(&mut socket, std::mem::take(&mut batch), &session));
-            stop.run(write).await.map(|(result, written)| {
-                batch = written;
-                result
-            })
-        };
-        match result {
-            Some(Ok(())) => {}
-            Some(Err(_)) | None => break,
-        }
-        session.sent(taken);
+/// The write side of a streaming transport's socket: its half for the runtime's
+/// asynchronous writes, and its descriptor for the flush pass's sends that never wait.
+pub struct Writer {
+    half: OwnedWriteHalf<TcpStream>,
+    fd: RawFd,
+}
+
+/// At most this many shared frames go into one send of the flush pass.
+const SEND_IOVECS: usize = 64;
+
+impl Writer {
+    /// Splits a socket's halves into its read half and a [`Writer`].
+    pub fn new(
+        reader: OwnedReadHalf<TcpStream>,
+        half: OwnedWriteHalf<TcpStream>,
+    ) -> (OwnedReadHalf<TcpStream>, Writer) {
+        // The halves of one socket always reunite; the whole stream tells its descriptor.
+        let stream = reader
+            .reunite(half)
+            .unwrap_or_else(|_| unreachable!("the halves of one socket"));
+        let fd = stream.as_raw_fd();
+        let (reader, half) = stream.into_split();
+        (reader, Writer { half, fd })
     }
-    let _ = socket.shutdown().await;
-    session.transport_failed();
+
+    /// For the runtime's writes (answers before the session's frames, slow receivers).
+    pub fn half(&mut self) -> &mut OwnedWriteHalf<TcpStream> {
+        &mut self.half
+    }
+
+    fn with_socket<T>(&self, act: impl FnOnce(socket2::SockRef<'_>) -> T) -> T {
+        // SAFETY: `fd` is the descriptor of the socket `half` keeps open (the halves
+        // share one stream, closed only when both are dropped), and the borrow ends
+        // with this call, while `self` still holds `half`.
+        #[allow(unsafe_code)]
+        let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
+        act(socket2::SockRef::from(&fd))
+    }
+
+    /// Sends what the socket takes now, without waiting: how many bytes (0 when its
+    /// buffer is full). A plain send from the flush pass: measured cheaper per delivery
+    /// than an io_uring send, whose completion must wake a task (docs/architecture.md).
+    pub fn send_now(&self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.with_socket(|socket| retry_send(|| socket.send_with_flags(bytes, SEND_FLAGS)))
+    }
+
+    /// [`Writer::send_now`] for shared frames, in one vectored send (up to
+    /// [`SEND_IOVECS`] frames).
+    pub fn send_frames_now(&self, frames: &[Bytes]) -> std::io::Result<usize> {
+        let mut slices = [IoSlice::new(&[]); SEND_IOVECS];
+        let count = frames.len().min(SEND_IOVECS);
+        for (slice, frame) in slices.iter_mut().zip(frames) {
+            *slice = IoSlice::new(frame);
+        }
+        let slices = &slices[..count];
+        self.with_socket(|socket| {
+            retry_send(|| socket.send_vectored_with_flags(slices, SEND_FLAGS))
+        })
+    }
+
+    /// Says the server is done sending (the peer reads the end of the stream).
+    pub fn shutdown(&self) {
+        self.with_socket(|socket| {
+            let _ = socket.shutdown(std::net::Shutdown::Write);
+        });
+    }
+}
+
+/// A send that never waits, and never raises SIGPIPE on a socket the peer closed.
+const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+
+/// A send retried while interrupted; a full socket buffer is 0 bytes sent.
+fn retry_send(mut send: impl FnMut() -> std::io::Result<usize>) -> std::io::Result<usize> {
+    loop {
+        match send() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(0),
+            other => return other,
+        }
+    }
 }
 
 /// Frames for vectored writes: the iovecs point into the frames' own memory, so
@@ -68,6 +113,12 @@ pub struct FrameBatch {
 }
 
 impl FrameBatch {
+    pub fn new(frames: Vec<Bytes>) -> FrameBatch {
+        let mut batch = FrameBatch::default();
+        batch.set(frames);
+        batch
+    }
+
     fn set(&mut self, frames: Vec<Bytes>) {
         self.iovecs.clear();
         self.iovecs
@@ -80,7 +131,7 @@ impl FrameBatch {
 
     /// Drops the first `n` written bytes: whole frames, then the front of a partly
     /// written one (`Bytes::advance` moves a pointer, it copies nothing).
-    fn consume(&mut self, mut n: usize) {
+    pub fn consume(&mut self, mut n: usize) {
         let mut done = 0;
         for frame in &mut self.frames {
             if n >= frame.len() {
@@ -104,7 +155,7 @@ impl FrameBatch {
 /// Writes the whole batch with as few `writev` calls as the socket allows (monoio's
 /// `write_vectored_all` allocates a copy of the iovec array on every call; this
 /// reuses the batch's own). Each partial write counts as the reader's progress.
-async fn write_all(
+pub async fn write_all(
     socket: &mut OwnedWriteHalf<TcpStream>,
     mut batch: FrameBatch,
     session: &Session,
@@ -143,7 +194,7 @@ unsafe impl monoio::buf::IoVecBuf for FrameBatch {
 
 /// Writes a session's send buffer whole; each partial write (the kernel takes what the
 /// reader made room for) counts as the reader's progress.
-async fn write_copied(
+pub async fn write_copied(
     socket: &mut OwnedWriteHalf<TcpStream>,
     mut buffer: Vec<u8>,
     session: &Session,

@@ -2,10 +2,12 @@
 //! requests (CORS, health, metrics, REST, negotiate, transports) and hands requests for
 //! another shard's token to that shard; `negotiate` hands out connection tokens;
 //! `websocket`, `sse` and `long_polling` carry a session each their way; `channel`
-//! is what SSE and long polling share (POST sends, the handshake, disposal); `io`
-//! holds the socket reads and writes. Helpers used by several of them live here.
+//! is what SSE and long polling share (POST sends, the handshake, disposal); `flush`
+//! writes the streaming transports' sockets, once per loop turn; `io` holds the socket
+//! reads and writes. Helpers used by several of them live here.
 
 pub mod channel;
+pub mod flush;
 pub mod http;
 pub mod io;
 pub mod long_polling;

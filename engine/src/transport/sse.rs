@@ -13,7 +13,7 @@ use ringhub_protocol::http::{self as wire, RequestHead};
 use crate::shard::state::ShardState;
 use crate::shard::tokens::HttpChannel;
 use crate::transport::channel::{self, Kind};
-use crate::transport::io::{read_up_to, write_loop, write_now};
+use crate::transport::io::{read_up_to, write_now, Writer};
 
 /// Whether a GET asks for an event stream.
 pub fn wants_event_stream(head: &RequestHead) -> bool {
@@ -56,18 +56,19 @@ fn stream_head(cors: &[(String, String)]) -> Vec<u8> {
 /// Streams the channel's session until the client leaves or the session ends.
 pub async fn run(
     state: Rc<ShardState>,
-    mut reader: OwnedReadHalf<TcpStream>,
-    mut writer: OwnedWriteHalf<TcpStream>,
+    reader: OwnedReadHalf<TcpStream>,
+    writer: OwnedWriteHalf<TcpStream>,
     channel: Rc<HttpChannel>,
     cors: Vec<(String, String)>,
 ) {
-    if write_now(&mut writer, stream_head(&cors)).await.is_err() {
+    let (mut reader, mut writer) = Writer::new(reader, writer);
+    if write_now(writer.half(), stream_head(&cors)).await.is_err() {
         channel::dispose(&state, &channel);
         return;
     }
     channel.receive_gone_since.set(None);
     let session = channel.session.clone();
-    let writer_task = monoio::spawn(write_loop(session.clone(), writer));
+    state.flusher.attach(&session, writer);
     // A client sends nothing more on this request: reading only tells when it leaves.
     let stop = session.stop.watch();
     let mut sink = BytesMut::new();
@@ -78,6 +79,5 @@ pub async fn run(
         }
     }
     session.stop_now();
-    writer_task.await;
     channel::dispose(&state, &channel);
 }

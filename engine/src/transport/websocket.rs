@@ -1,5 +1,5 @@
 //! The WebSocket transport: the upgrade, the SignalR handshake, then a session whose
-//! frames are read here and written by the writer task (`io::write_loop`).
+//! frames are read here and written by the shard's flush pass (`flush`).
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -22,9 +22,7 @@ use crate::shard::dispatch::{self, BadInput, Dispatched};
 use crate::shard::inbox::ConnectionOp;
 use crate::shard::state::ShardState;
 use crate::shard::tokens::{Attach, Resumable, Token};
-use crate::transport::io::{
-    read_more, read_up_to, write_loop, write_now, ReadSize, MIN_READ_CHUNK,
-};
+use crate::transport::io::{read_more, read_up_to, write_now, ReadSize, Writer, MIN_READ_CHUNK};
 use crate::transport::negotiate::Refused;
 use crate::transport::{authenticate, negotiate, random_id};
 
@@ -272,6 +270,7 @@ pub fn run(
     // without an await, and the future is an `async move` block (see `run_session`).
     let start = start(upgrade);
     async move {
+        let (reader, mut writer) = Writer::new(reader, writer);
         match start {
             Start::Resume(resume) => {
                 let Resume {
@@ -281,8 +280,7 @@ pub fn run(
                 } = *resume;
                 // Answered here; the session's own task takes the socket from there (no
                 // handshake on a resumed connection: the Sequence message comes first).
-                let mut writer = writer;
-                if write_now(&mut writer, wire::upgrade_response(&accept))
+                if write_now(writer.half(), wire::upgrade_response(&accept))
                     .await
                     .is_ok()
                 {
@@ -387,7 +385,7 @@ impl Carrier {
 fn run_session(
     state: &Rc<ShardState>,
     mut carrier: Carrier,
-    mut writer: OwnedWriteHalf<TcpStream>,
+    mut writer: Writer,
     new: Box<NewSession>,
 ) -> impl std::future::Future<Output = ()> + '_ {
     async move {
@@ -400,7 +398,7 @@ fn run_session(
         }) = Box::pin(take_handshake(
             state,
             &mut carrier.reader,
-            &mut writer,
+            writer.half(),
             &new.accept,
             &mut carrier.input,
             &mut carrier.decoder,
@@ -435,7 +433,7 @@ fn run_session(
         // sent to it meanwhile wait in its queue until the writer starts.
         state.register(session.clone()).await;
         if Box::pin(write_now(
-            &mut writer,
+            writer.half(),
             frame::encode_raw(protocol, handshake::OK_RESPONSE),
         ))
         .await
@@ -452,7 +450,7 @@ fn run_session(
             resumable
         });
         let context = state.context_of(&session);
-        let mut writer_task = monoio::spawn(write_loop(session.clone(), writer));
+        state.flusher.attach(&session, writer);
         state.hub.on_connected(&caller, &context).await;
         state.drain_inbox();
         tracing::debug!(connection = %caller.connection_id, hub = %caller.hub, ?protocol, resumable = resumable.is_some(), "connected");
@@ -470,7 +468,6 @@ fn run_session(
             // The socket dropped: the session keeps its groups, presence and everything
             // sent to it, and waits for the client's new WebSocket.
             session.end_transport();
-            writer_task.await;
             session.detach();
             tracing::debug!(connection = %caller.connection_id, "transport lost; waiting for a resume");
             let timeout = state.node.config.disconnect_timeout;
@@ -489,7 +486,7 @@ fn run_session(
             rejoin_check(state, &session, attach.claims.as_ref());
             carrier = Carrier::new(attach.reader, attach.input);
             session.last_received.set(Instant::now());
-            writer_task = monoio::spawn(write_loop(session.clone(), attach.writer));
+            state.flusher.attach(&session, attach.writer);
         };
         match end {
             SessionEnd::ClientLeft | SessionEnd::Detached => session.stop_now(),

@@ -1,0 +1,219 @@
+//! The shard's flush pass: one task writes every streaming session (WebSocket, SSE).
+//!
+//! A session with new frames lists itself in the shard's [`FlushQueue`] (once until the
+//! pass reaches it); the pass runs after the tasks woken in the same loop turn, so the
+//! frames a turn's reads produced go out together, and writes each listed session's
+//! queue with one send that does not wait. Only a socket whose buffer is full gets a
+//! task of its own, which waits for room with the runtime's writes and hands the
+//! socket back when done. So an idle connection has no writer task and no send in
+//! flight, and a delivery costs no task wake-ups: with a writer task per connection,
+//! every delivery woke it twice (for the frame and for the send's completion).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use hashbrown::HashMap;
+
+use crate::session::outbox::Taken;
+use crate::session::{FlushQueue, Session};
+use crate::signal::Signal;
+use crate::transport::io::{write_all, write_copied, FrameBatch, Writer};
+
+/// The flush pass of a shard and the sockets it writes.
+#[derive(Default)]
+pub struct Flusher {
+    queue: Rc<FlushQueue>,
+    sinks: RefCell<HashMap<u64, Sink>>,
+    /// Reused by every send of the pass (sends complete before the next one starts):
+    /// the buffer a session's small frames are taken into, and its shared frames.
+    copied: RefCell<Vec<u8>>,
+    shared: RefCell<Vec<Bytes>>,
+}
+
+/// A session's socket, as the flush pass holds it.
+struct Sink {
+    session: Rc<Session>,
+    /// `None` while a write waiting for room in the socket has it.
+    writer: Option<Writer>,
+    /// The transport the socket carries (a resumed session gets a new one).
+    transport: Signal,
+}
+
+/// What one pass over one session did.
+enum Flushed {
+    /// Everything taken was sent (or nothing was queued).
+    Done,
+    /// The socket took part of it; the rest waits for room.
+    Blocked(Writer, Rest, Taken),
+    /// The session is done with this socket (held here unless a write waiting for
+    /// room has it): it closed and flushed, its transport ended, or the socket failed.
+    Ended(Option<Writer>),
+}
+
+/// What a full socket has yet to take.
+enum Rest {
+    Copied(Vec<u8>),
+    Frames(FrameBatch),
+}
+
+impl Flusher {
+    /// From now on the pass writes `session` on `writer` (a socket it held for an
+    /// earlier transport of the session is shut).
+    pub fn attach(&self, session: &Rc<Session>, writer: Writer) {
+        let sink = Sink {
+            session: session.clone(),
+            writer: Some(writer),
+            transport: session.transport_signal(),
+        };
+        let replaced = self.sinks.borrow_mut().insert(session.key, sink);
+        if let Some(writer) = replaced.and_then(|sink| sink.writer) {
+            writer.shutdown();
+        }
+        session.write_through(Some(self.queue.clone()));
+    }
+
+    /// The pass, for the shard's life.
+    pub async fn run(self: Rc<Self>) {
+        let mut keys = Vec::new();
+        loop {
+            self.queue.next(&mut keys).await;
+            for &key in &keys {
+                self.flush(key);
+            }
+        }
+    }
+
+    /// Writes what `key`'s session has queued.
+    fn flush(self: &Rc<Self>, key: u64) {
+        let (flushed, session, transport) = {
+            let mut sinks = self.sinks.borrow_mut();
+            let Some(sink) = sinks.get_mut(&key) else {
+                return;
+            };
+            sink.session.unlist();
+            match self.send(sink) {
+                Flushed::Done => return,
+                Flushed::Ended(writer) => {
+                    sinks.remove(&key);
+                    if let Some(writer) = writer {
+                        writer.shutdown();
+                    }
+                    return;
+                }
+                blocked => (blocked, sink.session.clone(), sink.transport.clone()),
+            }
+        };
+        if let Flushed::Blocked(writer, rest, taken) = flushed {
+            monoio::spawn(self.clone().wait_for_room(session, transport, writer, rest, taken));
+        }
+    }
+
+    /// Sends everything `sink`'s session has queued, as far as the socket takes it now.
+    fn send(&self, sink: &mut Sink) -> Flushed {
+        let session = sink.session.clone();
+        if sink.transport.is_fired() {
+            session.write_through(None);
+            return Flushed::Ended(sink.writer.take());
+        }
+        let Some(writer) = sink.writer.take() else {
+            // A write waiting for room has the socket; it lists the session when done.
+            return Flushed::Done;
+        };
+        let mut copied = std::mem::take(&mut *self.copied.borrow_mut());
+        let mut shared = self.shared.borrow_mut();
+        loop {
+            let Some(taken) = session.take_batch(&mut copied, &mut shared) else {
+                *self.copied.borrow_mut() = copied;
+                if session.closing_since().is_some() {
+                    // Closed and flushed: the session is done with its transport.
+                    session.write_through(None);
+                    session.transport_failed();
+                    return Flushed::Ended(Some(writer));
+                }
+                sink.writer = Some(writer);
+                return Flushed::Done;
+            };
+            let sent = if shared.is_empty() {
+                writer.send_now(&copied)
+            } else {
+                writer.send_frames_now(&shared)
+            };
+            match sent {
+                Ok(n) if n == taken.bytes => {
+                    session.wrote(n);
+                    session.sent(taken);
+                    session.recycle_send_buffer(&mut copied);
+                    shared.clear();
+                }
+                Ok(n) => {
+                    if n > 0 {
+                        session.wrote(n);
+                    }
+                    let rest = if shared.is_empty() {
+                        copied.drain(..n);
+                        Rest::Copied(copied)
+                    } else {
+                        let mut frames = FrameBatch::new(std::mem::take(&mut *shared));
+                        frames.consume(n);
+                        Rest::Frames(frames)
+                    };
+                    return Flushed::Blocked(writer, rest, taken);
+                }
+                Err(_) => {
+                    *self.copied.borrow_mut() = copied;
+                    shared.clear();
+                    session.write_through(None);
+                    session.transport_failed();
+                    return Flushed::Ended(Some(writer));
+                }
+            }
+        }
+    }
+
+    /// A socket whose buffer is full: the rest of the batch is written as the reader
+    /// makes room (each part counts as its progress), then the socket goes back to the
+    /// pass. The transport's end abandons the write.
+    async fn wait_for_room(
+        self: Rc<Self>,
+        session: Rc<Session>,
+        transport: Signal,
+        mut writer: Writer,
+        rest: Rest,
+        taken: Taken,
+    ) {
+        let stop = transport.watch();
+        let result = match rest {
+            Rest::Copied(buffer) => {
+                let write = write_copied(writer.half(), buffer, &session);
+                stop.run(write).await.map(|(result, mut buffer)| {
+                    session.recycle_send_buffer(&mut buffer);
+                    result
+                })
+            }
+            Rest::Frames(frames) => {
+                let write = Box::pin(write_all(writer.half(), frames, &session));
+                stop.run(write).await.map(|(result, _)| result)
+            }
+        };
+        match result {
+            Some(Ok(())) if !transport.is_fired() => {
+                session.sent(taken);
+                if let Some(sink) = self.sinks.borrow_mut().get_mut(&session.key) {
+                    if sink.transport.same_as(&transport) {
+                        sink.writer = Some(writer);
+                    }
+                }
+                session.wake_writer();
+            }
+            Some(Err(_)) => {
+                writer.shutdown();
+                self.sinks.borrow_mut().remove(&session.key);
+                session.write_through(None);
+                session.transport_failed();
+            }
+            // The transport ended meanwhile (its pass dropped the sink).
+            _ => writer.shutdown(),
+        }
+    }
+}
