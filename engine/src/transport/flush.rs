@@ -33,11 +33,54 @@ pub struct Flusher {
 
 /// A session's socket, as the flush pass holds it.
 struct Sink {
+    /// The number of the pass that last wrote it.
+    written_in: u64,
     session: Rc<Session>,
     /// `None` while a write waiting for room in the socket has it.
     writer: Option<Writer>,
     /// The transport the socket carries (a resumed session gets a new one).
     transport: Signal,
+}
+
+/// A session left for the next pass.
+#[derive(Debug, PartialEq, Eq)]
+struct Deferred;
+
+/// A pass that sent at least this many times means the shard is loaded: sessions it
+/// sent to wait a pass before they are sent to again, so that each send carries more
+/// frames (measured with `ringhub-bench` fanout-10k, see the README).
+const LOADED: u64 = 256;
+
+/// The longest a deferred session waits when no new frames start a pass.
+const DEFER_AT_MOST: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The pass being run, and whether the one before was loaded.
+#[derive(Default)]
+struct Pass {
+    number: u64,
+    /// Sessions this pass wrote (or found nothing to write for).
+    written: u64,
+    after_loaded: bool,
+}
+
+impl Pass {
+    fn start(&mut self) {
+        self.after_loaded = self.written >= LOADED;
+        self.number += 1;
+        self.written = 0;
+    }
+
+    /// Whether a session waits for the next pass: after a loaded pass, one that pass
+    /// wrote (`written_in`: the number of the last pass that wrote it, updated here
+    /// when this one does). A session whose transport `ended` is dealt with at once.
+    fn defers(&mut self, written_in: &mut u64, ended: bool) -> bool {
+        if self.after_loaded && *written_in + 1 == self.number && !ended {
+            return true;
+        }
+        *written_in = self.number;
+        self.written += 1;
+        false
+    }
 }
 
 /// What one pass over one session did.
@@ -62,6 +105,7 @@ impl Flusher {
     /// earlier transport of the session is shut).
     pub fn attach(&self, session: &Rc<Session>, writer: Writer) {
         let sink = Sink {
+            written_in: 0,
             session: session.clone(),
             writer: Some(writer),
             transport: session.transport_signal(),
@@ -75,38 +119,58 @@ impl Flusher {
 
     /// The pass, for the shard's life.
     pub async fn run(self: Rc<Self>) {
-        let mut keys = Vec::new();
+        let (mut keys, mut deferred, mut due) = (Vec::new(), Vec::new(), Vec::new());
+        let mut pass = Pass::default();
         loop {
-            self.queue.next(&mut keys).await;
-            for &key in &keys {
-                self.flush(key);
+            if deferred.is_empty() {
+                self.queue.next(&mut keys).await;
+            } else {
+                // Deferred sessions go in the next pass, which the next listing starts,
+                // or this long after the last one.
+                let next = monoio::time::timeout(DEFER_AT_MOST, self.queue.next(&mut keys));
+                if Box::pin(next).await.is_err() {
+                    keys.clear();
+                }
             }
+            pass.start();
+            std::mem::swap(&mut deferred, &mut due);
+            for &key in due.iter().chain(keys.iter()) {
+                if self.flush(key, &mut pass) == Some(Deferred) {
+                    deferred.push(key);
+                }
+            }
+            due.clear();
         }
     }
 
-    /// Writes what `key`'s session has queued.
-    fn flush(self: &Rc<Self>, key: u64) {
+    /// Writes what `key`'s session has queued (or defers it to the next pass).
+    fn flush(self: &Rc<Self>, key: u64, pass: &mut Pass) -> Option<Deferred> {
         let (flushed, session, transport) = {
             let mut sinks = self.sinks.borrow_mut();
-            let Some(sink) = sinks.get_mut(&key) else {
-                return;
-            };
+            let sink = sinks.get_mut(&key)?;
+            if pass.defers(&mut sink.written_in, sink.transport.is_fired()) {
+                return Some(Deferred);
+            }
             sink.session.unlist();
             match self.send(sink) {
-                Flushed::Done => return,
+                Flushed::Done => return None,
                 Flushed::Ended(writer) => {
                     sinks.remove(&key);
                     if let Some(writer) = writer {
                         writer.shutdown();
                     }
-                    return;
+                    return None;
                 }
                 blocked => (blocked, sink.session.clone(), sink.transport.clone()),
             }
         };
         if let Flushed::Blocked(writer, rest, taken) = flushed {
-            monoio::spawn(self.clone().wait_for_room(session, transport, writer, rest, taken));
+            monoio::spawn(
+                self.clone()
+                    .wait_for_room(session, transport, writer, rest, taken),
+            );
         }
+        None
     }
 
     /// Sends everything `sink`'s session has queued, as far as the socket takes it now.
@@ -215,5 +279,59 @@ impl Flusher {
             // The transport ended meanwhile (its pass dropped the sink).
             _ => writer.shutdown(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a pass over sessions (their `written_in`), returning which were deferred.
+    fn run_pass(pass: &mut Pass, sessions: &mut [u64]) -> Vec<usize> {
+        pass.start();
+        (0..sessions.len())
+            .filter(|&i| pass.defers(&mut sessions[i], false))
+            .collect()
+    }
+
+    #[test]
+    fn after_a_loaded_pass_its_sessions_wait_one_pass_and_never_two() {
+        let mut pass = Pass::default();
+        let mut busy = vec![0u64; LOADED as usize];
+        assert!(
+            run_pass(&mut pass, &mut busy).is_empty(),
+            "nothing before was loaded"
+        );
+        let deferred = run_pass(&mut pass, &mut busy);
+        assert_eq!(
+            deferred.len(),
+            busy.len(),
+            "written by the loaded pass before"
+        );
+        let mut newcomer = 0u64;
+        assert!(
+            !pass.defers(&mut newcomer, false),
+            "not written by it: sent at once"
+        );
+        pass.start();
+        for session in &mut busy {
+            assert!(!pass.defers(session, false), "deferred once, written now");
+        }
+    }
+
+    #[test]
+    fn a_light_pass_defers_nothing_and_an_ended_transport_is_never_deferred() {
+        let mut pass = Pass::default();
+        let mut few = vec![0u64; 10];
+        run_pass(&mut pass, &mut few);
+        assert!(
+            run_pass(&mut pass, &mut few).is_empty(),
+            "10 writes are no load"
+        );
+        let mut many = vec![0u64; LOADED as usize];
+        run_pass(&mut pass, &mut many);
+        pass.start();
+        assert!(!pass.defers(&mut many[0], true), "its transport ended");
+        assert!(pass.defers(&mut many[1], false));
     }
 }
