@@ -77,8 +77,9 @@ impl Inbox {
 
     /// Waits for commands and hands each to `handle`, until `handle` returns false.
     ///
-    /// After [`INBOX_BUDGET`] commands it yields, so the writers it woke get to flush
-    /// (once each, for everything queued meanwhile) even while other shards keep sending.
+    /// After [`INBOX_BUDGET`] commands it yields, so the flush pass gets to write what
+    /// they queued (once per session, for everything queued meanwhile) even while other
+    /// shards keep sending.
     pub async fn run(&self, mut handle: impl FnMut(Command) -> bool) {
         loop {
             let mut handled = 0;
@@ -107,7 +108,7 @@ impl Inbox {
 
 /// Commands handled in a row before the inbox lets the shard's other tasks run: small
 /// enough that a burst of largest messages (16 x 32 KiB) stays under the default queue
-/// bound before the writers get to flush.
+/// bound before the flush pass gets to write.
 const INBOX_BUDGET: usize = 16;
 
 /// Lets every other ready task of this thread run once.

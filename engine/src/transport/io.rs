@@ -216,7 +216,8 @@ pub async fn write_copied(
     (Ok(()), buffer)
 }
 
-/// Writes bytes before the writer task exists (HTTP responses, the handshake answer).
+/// Writes bytes before the flush pass writes the socket (HTTP responses, the
+/// handshake answer).
 pub async fn write_now(
     socket: &mut impl AsyncWriteRent,
     bytes: impl Into<Bytes>,
@@ -262,8 +263,8 @@ pub struct ReadSize(pub usize);
 
 /// The most one session read asks for.
 pub const MAX_READ_CHUNK: usize = 64 << 10;
-/// The least: what an idle connection's pending read holds (with the reader's and the
-/// writer's tasks, the largest parts of an idle connection's memory).
+/// The least: what an idle connection's pending read holds (with the reader's task and
+/// the session, the largest parts of an idle connection's memory).
 pub const MIN_READ_CHUNK: usize = 256;
 
 impl ReadSize {
