@@ -204,11 +204,13 @@ impl Outbox {
 
     /// Takes everything queued: into `copied` when only small frames are queued (the
     /// usual case), otherwise into `batch` (the copied ones sealed in order between the
-    /// shared ones). `None` when nothing is queued.
+    /// shared ones). `None` when nothing is queued. Whatever `copied` held is dropped:
+    /// its buffer becomes this outbox's, and a stale byte in it would reach the client.
     pub fn take(&mut self, copied: &mut Vec<u8>, batch: &mut Vec<Bytes>) -> Option<Taken> {
         if self.bytes == 0 {
             return None;
         }
+        copied.clear();
         if self.frames.is_empty() {
             std::mem::swap(&mut self.tail, copied);
         } else {
@@ -382,6 +384,23 @@ mod tests {
         let (taken, bytes) = take_all(&mut outbox);
         assert_eq!(taken.map(|t| t.frames), Some(1));
         assert_eq!(bytes, b"bye");
+    }
+
+    #[test]
+    fn bytes_left_in_the_buffer_handed_to_take_never_reach_the_client() {
+        let mut outbox = Outbox::new(1 << 20);
+        outbox.push(&Bytes::from_static(b"ab"), None);
+        let (mut copied, mut batch) = (b"stale".to_vec(), Vec::new());
+        outbox.take(&mut copied, &mut batch);
+        assert_eq!(copied, b"ab");
+        // The outbox now owns the buffer it was handed: the next frames start clean.
+        let mut stale = b"old".to_vec();
+        outbox.push(&Bytes::from_static(b"cd"), None);
+        outbox.take(&mut stale, &mut batch);
+        assert_eq!(stale, b"cd");
+        outbox.push(&Bytes::from_static(b"ef"), None);
+        let (_, bytes) = take_all(&mut outbox);
+        assert_eq!(bytes, b"ef");
     }
 
     #[test]

@@ -225,6 +225,9 @@ impl Flusher {
                     return Flushed::Blocked(writer, rest, taken);
                 }
                 Err(_) => {
+                    // What was taken is dropped with the socket (a resumable session
+                    // sends it again from its replay buffer).
+                    copied.clear();
                     *self.copied.borrow_mut() = copied;
                     shared.clear();
                     session.write_through(None);
