@@ -46,9 +46,6 @@ pub struct ShardState {
     publish_budget: Arc<Window>,
     /// Writes the streaming sessions' sockets (its pass runs as one of the shard's tasks).
     pub flusher: Rc<Flusher>,
-    /// What every streaming session's reads land in before their bytes are used (no
-    /// session owns a read buffer while it waits).
-    pub read_buffer: RefCell<Vec<u8>>,
 }
 
 /// What serves an HTTP connection handed over by another shard.
@@ -71,7 +68,6 @@ impl ShardState {
     pub fn new(index: usize, node: Arc<Node>, hub: Box<dyn Hub>) -> ShardState {
         ShardState {
             flusher: Rc::default(),
-            read_buffer: RefCell::new(vec![0; crate::transport::io::MAX_READ_CHUNK]),
             index,
             hub,
             context: HubContext {

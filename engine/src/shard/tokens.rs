@@ -54,7 +54,8 @@ pub struct Resumable {
 /// A new WebSocket for a resumable session, upgraded and answered: the socket, the
 /// bytes read after the upgrade request, and the claims of the token it came with.
 pub struct Attach {
-    pub socket: crate::transport::io::Socket,
+    pub reader: monoio::io::OwnedReadHalf<monoio::net::TcpStream>,
+    pub writer: crate::transport::io::Writer,
     pub input: bytes::BytesMut,
     pub claims: Option<crate::auth::Claims>,
 }

@@ -4,8 +4,8 @@
 //! pass reaches it); the pass runs after the tasks woken in the same loop turn, so the
 //! frames a turn's reads produced go out together, and writes each listed session's
 //! queue with one send that does not wait. Only a socket whose buffer is full gets a
-//! task of its own, which waits for room (a readiness wait of the runtime) and hands
-//! the socket back when done. So an idle connection has no writer task and no send in
+//! task of its own, which waits for room with the runtime's writes and hands the
+//! socket back when done. So an idle connection has no writer task and no send in
 //! flight, and a delivery costs no task wake-ups: with a writer task per connection,
 //! every delivery woke it twice (for the frame and for the send's completion).
 
@@ -18,7 +18,7 @@ use hashbrown::HashMap;
 use crate::session::outbox::Taken;
 use crate::session::{FlushQueue, Session};
 use crate::signal::Signal;
-use crate::transport::io::{consume, Socket};
+use crate::transport::io::{write_all, write_copied, FrameBatch, Writer};
 
 /// The flush pass of a shard and the sockets it writes.
 #[derive(Default)]
@@ -37,7 +37,7 @@ struct Sink {
     written_in: u64,
     session: Rc<Session>,
     /// `None` while a write waiting for room in the socket has it.
-    socket: Option<Socket>,
+    writer: Option<Writer>,
     /// The transport the socket carries (a resumed session gets a new one).
     transport: Signal,
 }
@@ -88,31 +88,31 @@ enum Flushed {
     /// Everything taken was sent (or nothing was queued).
     Done,
     /// The socket took part of it; the rest waits for room.
-    Blocked(Socket, Rest, Taken),
+    Blocked(Writer, Rest, Taken),
     /// The session is done with this socket (held here unless a write waiting for
     /// room has it): it closed and flushed, its transport ended, or the socket failed.
-    Ended(Option<Socket>),
+    Ended(Option<Writer>),
 }
 
 /// What a full socket has yet to take.
 enum Rest {
     Copied(Vec<u8>),
-    Frames(Vec<Bytes>),
+    Frames(FrameBatch),
 }
 
 impl Flusher {
-    /// From now on the pass writes `session` on `socket` (a socket it held for an
+    /// From now on the pass writes `session` on `writer` (a socket it held for an
     /// earlier transport of the session is shut).
-    pub fn attach(&self, session: &Rc<Session>, socket: Socket) {
+    pub fn attach(&self, session: &Rc<Session>, writer: Writer) {
         let sink = Sink {
             written_in: 0,
             session: session.clone(),
-            socket: Some(socket),
+            writer: Some(writer),
             transport: session.transport_signal(),
         };
         let replaced = self.sinks.borrow_mut().insert(session.key, sink);
-        if let Some(socket) = replaced.and_then(|sink| sink.socket) {
-            socket.shutdown();
+        if let Some(writer) = replaced.and_then(|sink| sink.writer) {
+            writer.shutdown();
         }
         session.write_through(Some(self.queue.clone()));
     }
@@ -154,20 +154,20 @@ impl Flusher {
             sink.session.unlist();
             match self.send(sink) {
                 Flushed::Done => return None,
-                Flushed::Ended(socket) => {
+                Flushed::Ended(writer) => {
                     sinks.remove(&key);
-                    if let Some(socket) = socket {
-                        socket.shutdown();
+                    if let Some(writer) = writer {
+                        writer.shutdown();
                     }
                     return None;
                 }
                 blocked => (blocked, sink.session.clone(), sink.transport.clone()),
             }
         };
-        if let Flushed::Blocked(socket, rest, taken) = flushed {
+        if let Flushed::Blocked(writer, rest, taken) = flushed {
             monoio::spawn(
                 self.clone()
-                    .wait_for_room(session, transport, socket, rest, taken),
+                    .wait_for_room(session, transport, writer, rest, taken),
             );
         }
         None
@@ -178,9 +178,9 @@ impl Flusher {
         let session = sink.session.clone();
         if sink.transport.is_fired() {
             session.write_through(None);
-            return Flushed::Ended(sink.socket.take());
+            return Flushed::Ended(sink.writer.take());
         }
-        let Some(socket) = sink.socket.take() else {
+        let Some(writer) = sink.writer.take() else {
             // A write waiting for room has the socket; it lists the session when done.
             return Flushed::Done;
         };
@@ -193,15 +193,15 @@ impl Flusher {
                     // Closed and flushed: the session is done with its transport.
                     session.write_through(None);
                     session.transport_failed();
-                    return Flushed::Ended(Some(socket));
+                    return Flushed::Ended(Some(writer));
                 }
-                sink.socket = Some(socket);
+                sink.writer = Some(writer);
                 return Flushed::Done;
             };
             let sent = if shared.is_empty() {
-                socket.send_now(&copied)
+                writer.send_now(&copied)
             } else {
-                socket.send_frames_now(&shared)
+                writer.send_frames_now(&shared)
             };
             match sent {
                 Ok(n) if n == taken.bytes => {
@@ -218,11 +218,11 @@ impl Flusher {
                         copied.drain(..n);
                         Rest::Copied(copied)
                     } else {
-                        let mut frames = std::mem::take(&mut *shared);
-                        consume(&mut frames, n);
+                        let mut frames = FrameBatch::new(std::mem::take(&mut *shared));
+                        frames.consume(n);
                         Rest::Frames(frames)
                     };
-                    return Flushed::Blocked(socket, rest, taken);
+                    return Flushed::Blocked(writer, rest, taken);
                 }
                 Err(_) => {
                     // What was taken is dropped with the socket (a resumable session
@@ -232,7 +232,7 @@ impl Flusher {
                     shared.clear();
                     session.write_through(None);
                     session.transport_failed();
-                    return Flushed::Ended(Some(socket));
+                    return Flushed::Ended(Some(writer));
                 }
             }
         }
@@ -245,37 +245,42 @@ impl Flusher {
         self: Rc<Self>,
         session: Rc<Session>,
         transport: Signal,
-        socket: Socket,
+        mut writer: Writer,
         rest: Rest,
         taken: Taken,
     ) {
         let stop = transport.watch();
         let result = match rest {
-            Rest::Copied(mut buffer) => {
-                let sent = stop.run(socket.send_all(&buffer, &session)).await;
-                session.recycle_send_buffer(&mut buffer);
-                sent
+            Rest::Copied(buffer) => {
+                let write = write_copied(writer.half(), buffer, &session);
+                stop.run(write).await.map(|(result, mut buffer)| {
+                    session.recycle_send_buffer(&mut buffer);
+                    result
+                })
             }
-            Rest::Frames(frames) => stop.run(socket.send_all_frames(frames, &session)).await,
+            Rest::Frames(frames) => {
+                let write = Box::pin(write_all(writer.half(), frames, &session));
+                stop.run(write).await.map(|(result, _)| result)
+            }
         };
         match result {
             Some(Ok(())) if !transport.is_fired() => {
                 session.sent(taken);
                 if let Some(sink) = self.sinks.borrow_mut().get_mut(&session.key) {
                     if sink.transport.same_as(&transport) {
-                        sink.socket = Some(socket);
+                        sink.writer = Some(writer);
                     }
                 }
                 session.wake_writer();
             }
             Some(Err(_)) => {
-                socket.shutdown();
+                writer.shutdown();
                 self.sinks.borrow_mut().remove(&session.key);
                 session.write_through(None);
                 session.transport_failed();
             }
             // The transport ended meanwhile (its pass dropped the sink).
-            _ => socket.shutdown(),
+            _ => writer.shutdown(),
         }
     }
 }

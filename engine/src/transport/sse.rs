@@ -5,6 +5,7 @@
 
 use std::rc::Rc;
 
+use bytes::BytesMut;
 use monoio::io::{OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
 use ringhub_protocol::http::{self as wire, RequestHead};
@@ -12,7 +13,7 @@ use ringhub_protocol::http::{self as wire, RequestHead};
 use crate::shard::state::ShardState;
 use crate::shard::tokens::HttpChannel;
 use crate::transport::channel::{self, Kind};
-use crate::transport::io::{write_now, Socket};
+use crate::transport::io::{read_up_to, write_now, Writer};
 
 /// Whether a GET asks for an event stream.
 pub fn wants_event_stream(head: &RequestHead) -> bool {
@@ -60,26 +61,20 @@ pub async fn run(
     channel: Rc<HttpChannel>,
     cors: Vec<(String, String)>,
 ) {
-    let mut writer = writer;
-    if write_now(&mut writer, stream_head(&cors)).await.is_err() {
+    let (mut reader, mut writer) = Writer::new(reader, writer);
+    if write_now(writer.half(), stream_head(&cors)).await.is_err() {
         channel::dispose(&state, &channel);
         return;
     }
     channel.receive_gone_since.set(None);
     let session = channel.session.clone();
-    let socket = Socket::new(reader, writer);
-    state.flusher.attach(&session, socket.clone());
-    // A client sends nothing more on this request: reading only tells when it leaves
-    // (whatever it does send is dropped).
+    state.flusher.attach(&session, writer);
+    // A client sends nothing more on this request: reading only tells when it leaves.
     let stop = session.stop.watch();
+    let mut sink = BytesMut::new();
     loop {
-        match stop.run(socket.readable()).await {
-            Some(Ok(())) => {}
-            _ => break,
-        }
-        match socket.recv_now(&mut state.read_buffer.borrow_mut()) {
-            Ok(None) => {}
-            Ok(Some(n)) if n > 0 => {}
+        match stop.run(read_up_to(&mut reader, &mut sink, 64)).await {
+            Some(Ok(n)) if n > 0 => sink.clear(),
             _ => break,
         }
     }

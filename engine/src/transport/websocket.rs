@@ -22,7 +22,7 @@ use crate::shard::dispatch::{self, BadInput, Dispatched};
 use crate::shard::inbox::ConnectionOp;
 use crate::shard::state::ShardState;
 use crate::shard::tokens::{Attach, Resumable, Token};
-use crate::transport::io::{read_more, write_now, Socket};
+use crate::transport::io::{read_more, read_up_to, write_now, ReadSize, Writer, MIN_READ_CHUNK};
 use crate::transport::negotiate::Refused;
 use crate::transport::{authenticate, negotiate, random_id};
 
@@ -270,6 +270,7 @@ pub fn run(
     // without an await, and the future is an `async move` block (see `run_session`).
     let start = start(upgrade);
     async move {
+        let (reader, mut writer) = Writer::new(reader, writer);
         match start {
             Start::Resume(resume) => {
                 let Resume {
@@ -279,13 +280,13 @@ pub fn run(
                 } = *resume;
                 // Answered here; the session's own task takes the socket from there (no
                 // handshake on a resumed connection: the Sequence message comes first).
-                let mut writer = writer;
-                if write_now(&mut writer, wire::upgrade_response(&accept))
+                if write_now(writer.half(), wire::upgrade_response(&accept))
                     .await
                     .is_ok()
                 {
                     resumable.offer(Attach {
-                        socket: Socket::new(reader, writer),
+                        reader,
+                        writer,
                         input,
                         claims,
                     });
@@ -293,7 +294,7 @@ pub fn run(
             }
             Start::New(new) => {
                 let token = new.token.clone();
-                run_session(&state, reader, writer, input, new).await;
+                run_session(&state, Carrier::new(reader, input), writer, new).await;
                 if let Some(token) = token {
                     state.tokens.remove(&token);
                 }
@@ -354,9 +355,8 @@ struct NewSession {
 
 /// What one WebSocket carrying a session reads from.
 struct Carrier {
-    socket: Socket,
+    reader: OwnedReadHalf<TcpStream>,
     decoder: FrameDecoder,
-    /// Bytes read and not yet decoded (empty, with no buffer, while the client is quiet).
     input: BytesMut,
     hub_bytes: BytesMut,
     /// What the read before the carrier started held besides hub bytes.
@@ -364,21 +364,17 @@ struct Carrier {
 }
 
 impl Carrier {
-    fn new(socket: Socket, input: BytesMut) -> Carrier {
+    fn new(reader: OwnedReadHalf<TcpStream>, input: BytesMut) -> Carrier {
         Carrier {
-            socket,
-            decoder: new_decoder(),
+            reader,
+            decoder: FrameDecoder::new(WsLimits {
+                max_message_bytes: MAX_WS_MESSAGE,
+            }),
             input,
             hub_bytes: BytesMut::new(),
             early: Pumped::default(),
         }
     }
-}
-
-fn new_decoder() -> FrameDecoder {
-    FrameDecoder::new(WsLimits {
-        max_message_bytes: MAX_WS_MESSAGE,
-    })
 }
 
 /// A new session's whole life. Not an `async fn`: an async fn's future keeps its
@@ -388,13 +384,11 @@ fn new_decoder() -> FrameDecoder {
 #[allow(clippy::manual_async_fn)]
 fn run_session(
     state: &Rc<ShardState>,
-    mut reader: OwnedReadHalf<TcpStream>,
-    mut writer: OwnedWriteHalf<TcpStream>,
-    mut input: BytesMut,
+    mut carrier: Carrier,
+    mut writer: Writer,
     new: Box<NewSession>,
 ) -> impl std::future::Future<Output = ()> + '_ {
     async move {
-        let (mut decoder, mut hub_bytes) = (new_decoder(), BytesMut::new());
         // Boxed: the handshake's state is large and needed once; the task keeps only what a
         // connected session needs for the rest of its life.
         let Some(Handshaken {
@@ -403,17 +397,18 @@ fn run_session(
             then,
         }) = Box::pin(take_handshake(
             state,
-            &mut reader,
-            &mut writer,
+            &mut carrier.reader,
+            writer.half(),
             &new.accept,
-            &mut input,
-            &mut decoder,
-            &mut hub_bytes,
+            &mut carrier.input,
+            &mut carrier.decoder,
+            &mut carrier.hub_bytes,
         ))
         .await
         else {
             return;
         };
+        carrier.early = then;
         let kind = FrameKind {
             protocol,
             framing: Framing::WebSocket,
@@ -438,7 +433,7 @@ fn run_session(
         // sent to it meanwhile wait in its queue until the writer starts.
         state.register(session.clone()).await;
         if Box::pin(write_now(
-            &mut writer,
+            writer.half(),
             frame::encode_raw(protocol, handshake::OK_RESPONSE),
         ))
         .await
@@ -455,15 +450,7 @@ fn run_session(
             resumable
         });
         let context = state.context_of(&session);
-        let socket = Socket::new(reader, writer);
-        let mut carrier = Carrier {
-            socket: socket.clone(),
-            decoder,
-            input,
-            hub_bytes,
-            early: then,
-        };
-        state.flusher.attach(&session, socket);
+        state.flusher.attach(&session, writer);
         state.hub.on_connected(&caller, &context).await;
         state.drain_inbox();
         tracing::debug!(connection = %caller.connection_id, hub = %caller.hub, ?protocol, resumable = resumable.is_some(), "connected");
@@ -497,9 +484,9 @@ fn run_session(
             ShardMetrics::add(&metrics.replayed_messages, resent as u64);
             tracing::debug!(connection = %caller.connection_id, resent, "resumed");
             rejoin_check(state, &session, attach.claims.as_ref());
-            carrier = Carrier::new(attach.socket.clone(), attach.input);
+            carrier = Carrier::new(attach.reader, attach.input);
             session.last_received.set(Instant::now());
-            state.flusher.attach(&session, attach.socket);
+            state.flusher.attach(&session, attach.writer);
         };
         match end {
             SessionEnd::ClientLeft | SessionEnd::Detached => session.stop_now(),
@@ -557,7 +544,7 @@ async fn read_loop(
     carrier: &mut Carrier,
 ) -> SessionEnd {
     let Carrier {
-        socket,
+        reader,
         decoder,
         input,
         hub_bytes,
@@ -566,6 +553,7 @@ async fn read_loop(
     let early = std::mem::take(early);
     let mut framing_error = early.error;
     let mut client_closed = early.closed;
+    let mut read_size = ReadSize(MIN_READ_CHUNK);
     let transport = session.transport_signal();
     let stop = transport.watch();
     let ended_by_server = || {
@@ -591,40 +579,26 @@ async fn read_loop(
         if session.closing_since().is_some() || transport.is_fired() {
             return ended_by_server();
         }
-        // A quiet connection keeps no buffer: what was read is used up.
-        release_if_empty(input);
-        release_if_empty(hub_bytes);
-        match stop.run(socket.readable()).await {
-            None => return ended_by_server(),
-            Some(Err(_)) => return SessionEnd::ClientLeft,
-            Some(Ok(())) => {}
+        // Everything read was used: after a burst, give the large buffer back, so that
+        // a quiet connection waits with a small one.
+        if input.is_empty() && input.capacity() > 2 * read_size.0 {
+            *input = BytesMut::new();
         }
-        // Read into the shard's buffer; only what is read is copied into the session's.
-        let got = {
-            let mut buffer = state.read_buffer.borrow_mut();
-            match socket.recv_now(&mut buffer) {
-                Ok(Some(0)) | Err(_) => return SessionEnd::ClientLeft,
-                Ok(None) => continue,
-                Ok(Some(n)) => {
-                    input.extend_from_slice(&buffer[..n]);
-                    n
-                }
-            }
+        let Some(read) = stop.run(read_up_to(reader, input, read_size.0)).await else {
+            return ended_by_server();
         };
-        debug_assert!(got > 0);
-        session.last_received.set(Instant::now());
+        match read {
+            Ok(got) if got > 0 => {
+                read_size.adapt(got);
+                session.last_received.set(Instant::now());
+            }
+            _ => return SessionEnd::ClientLeft,
+        }
         let pumped = pump(decoder, input, hub_bytes);
         for pong in pumped.pongs {
             session.enqueue_untracked(&pong);
         }
         framing_error = pumped.error;
         client_closed = pumped.closed;
-    }
-}
-
-/// Frees a buffer that holds nothing (a quiet connection then owns none).
-fn release_if_empty(buffer: &mut BytesMut) {
-    if buffer.is_empty() && buffer.capacity() > 0 {
-        *buffer = BytesMut::new();
     }
 }
