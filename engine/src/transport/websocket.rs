@@ -564,10 +564,14 @@ async fn read_loop(
         }
     };
     loop {
-        match dispatch::handle_records(state, session, hub_bytes).await {
-            Dispatched::More => {}
-            Dispatched::ClientClosed => return SessionEnd::ClientClosed,
-            Dispatched::BadInput(bad) => return SessionEnd::BadInput(bad),
+        if !hub_bytes.is_empty() {
+            // Boxed: handling messages is the largest state of this loop, and the task
+            // of every idle connection would otherwise be sized for it.
+            match Box::pin(dispatch::handle_records(state, session, hub_bytes)).await {
+                Dispatched::More => {}
+                Dispatched::ClientClosed => return SessionEnd::ClientClosed,
+                Dispatched::BadInput(bad) => return SessionEnd::BadInput(bad),
+            }
         }
         if client_closed && framing_error.is_none() {
             return SessionEnd::ClientClosed;
