@@ -61,8 +61,8 @@ impl Writer {
     }
 
     /// Sends what the socket takes now, without waiting: how many bytes (0 when its
-    /// buffer is full). A plain send from the flush pass: measured cheaper per delivery
-    /// than an io_uring send, whose completion must wake a task (docs/architecture.md).
+    /// buffer is full). A plain send costs what an io_uring send costs per delivery
+    /// (measured, docs/architecture.md) and leaves no completion to reap.
     pub fn send_now(&self, bytes: &[u8]) -> std::io::Result<usize> {
         self.with_socket(|socket| retry_send(|| socket.send_with_flags(bytes, SEND_FLAGS)))
     }
