@@ -5,6 +5,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::future::Either;
 use monoio::io::{OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
 use ringhub_protocol::frame::{self, Framing};
@@ -267,38 +268,43 @@ pub fn run(
 ) -> impl std::future::Future<Output = ()> {
     // This task lives as long as the connection, and whatever it holds across the
     // session's awaits is memory every idle connection pays for: the upgrade is split
-    // without an await, and the future is an `async move` block (see `run_session`).
-    let start = start(upgrade);
+    // without an await, and the task is the session's own future, not one wrapping it
+    // (a wrapper keeps its captured sockets and buffer as dead weight; see
+    // `run_session`).
+    let (reader, writer) = Writer::new(reader, writer);
+    match start(upgrade) {
+        Start::Resume(resume) => Either::Left(hand_to_session(reader, writer, input, resume)),
+        Start::New(new) => {
+            Either::Right(run_session(state, Carrier::new(reader, input), writer, new))
+        }
+    }
+}
+
+/// Answers a resume's upgrade here; the session's own task takes the socket from there
+/// (no handshake on a resumed connection: the Sequence message comes first).
+#[allow(clippy::manual_async_fn)] // on purpose: see `run_session`
+fn hand_to_session(
+    reader: OwnedReadHalf<TcpStream>,
+    mut writer: Writer,
+    input: BytesMut,
+    resume: Box<Resume>,
+) -> impl std::future::Future<Output = ()> {
     async move {
-        let (reader, mut writer) = Writer::new(reader, writer);
-        match start {
-            Start::Resume(resume) => {
-                let Resume {
-                    resumable,
-                    accept,
-                    claims,
-                } = *resume;
-                // Answered here; the session's own task takes the socket from there (no
-                // handshake on a resumed connection: the Sequence message comes first).
-                if write_now(writer.half(), wire::upgrade_response(&accept))
-                    .await
-                    .is_ok()
-                {
-                    resumable.offer(Attach {
-                        reader,
-                        writer,
-                        input,
-                        claims,
-                    });
-                }
-            }
-            Start::New(new) => {
-                let token = new.token.clone();
-                run_session(&state, Carrier::new(reader, input), writer, new).await;
-                if let Some(token) = token {
-                    state.tokens.remove(&token);
-                }
-            }
+        let Resume {
+            resumable,
+            accept,
+            claims,
+        } = *resume;
+        if write_now(writer.half(), wire::upgrade_response(&accept))
+            .await
+            .is_ok()
+        {
+            resumable.offer(Attach {
+                reader,
+                writer,
+                input,
+                claims,
+            });
         }
     }
 }
@@ -383,12 +389,19 @@ impl Carrier {
 /// task went from 2,048 to 1,112 bytes with this, the boxed timers and `start`).
 #[allow(clippy::manual_async_fn)]
 fn run_session(
-    state: &Rc<ShardState>,
+    state: Rc<ShardState>,
     mut carrier: Carrier,
     mut writer: Writer,
     new: Box<NewSession>,
-) -> impl std::future::Future<Output = ()> + '_ {
+) -> impl std::future::Future<Output = ()> {
     async move {
+        // The negotiate token it redeemed is freed when the session ends, however it
+        // ends (a failed handshake included).
+        let _token = new.token.clone().map(|token| TokenRelease {
+            state: state.clone(),
+            token,
+        });
+        let state = &state;
         // Boxed: the handshake's state is large and needed once; the task keeps only what a
         // connected session needs for the rest of its life.
         let Some(Handshaken {
@@ -508,6 +521,18 @@ fn run_session(
             session.stop_now();
         }
         tracing::debug!(connection = %caller.connection_id, "disconnected");
+    }
+}
+
+/// Frees a session's negotiate token when dropped.
+struct TokenRelease {
+    state: Rc<ShardState>,
+    token: String,
+}
+
+impl Drop for TokenRelease {
+    fn drop(&mut self) {
+        self.state.tokens.remove(&self.token);
     }
 }
 
