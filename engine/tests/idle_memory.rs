@@ -61,7 +61,7 @@ static GLOBAL: Counting = Counting;
 /// Connections measured (enough that the tables' growth steps average out).
 const CONNECTIONS: usize = 2000;
 
-/// The heap bytes one idle connection may keep. Measured 2026-11-30: 2,900 B (debug
+/// The heap bytes one idle connection may keep. Measured 2026-11-30: 2,804 B (debug
 /// and release alike; the README says where they go); 3,729 B with a writer task per
 /// connection, before the flush pass.
 const MAX_IDLE_BYTES: i64 = 3200;
