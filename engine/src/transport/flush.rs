@@ -191,8 +191,7 @@ impl Flusher {
                 *self.copied.borrow_mut() = copied;
                 if session.closing_since().is_some() {
                     // Closed and flushed: the session is done with its transport.
-                    session.write_through(None);
-                    session.transport_failed();
+                    socket_done(&session);
                     return Flushed::Ended(Some(writer));
                 }
                 sink.writer = Some(writer);
@@ -230,8 +229,7 @@ impl Flusher {
                     copied.clear();
                     *self.copied.borrow_mut() = copied;
                     shared.clear();
-                    session.write_through(None);
-                    session.transport_failed();
+                    socket_done(&session);
                     return Flushed::Ended(Some(writer));
                 }
             }
@@ -276,13 +274,20 @@ impl Flusher {
             Some(Err(_)) => {
                 writer.shutdown();
                 self.sinks.borrow_mut().remove(&session.key);
-                session.write_through(None);
-                session.transport_failed();
+                socket_done(&session);
             }
             // The transport ended meanwhile (its pass dropped the sink).
             _ => writer.shutdown(),
         }
     }
+}
+
+/// The session is done with its socket (closed and flushed, or the socket failed): the
+/// pass no longer writes it, and the session is told, which ends a session that cannot
+/// resume and makes a resumable one wait for a new socket.
+fn socket_done(session: &Session) {
+    session.write_through(None);
+    session.transport_failed();
 }
 
 #[cfg(test)]
