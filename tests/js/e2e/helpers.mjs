@@ -247,13 +247,20 @@ export async function freePort() {
   });
 }
 
-/** Starts Debian's `redis-server` (installed by .ci/run) on a free loopback port,
- *  without persistence; resolves once it answers PING. `restart()` kills it (data
- *  lost, as a Redis without persistence loses it) and starts it again on the same port. */
-export async function startRedis() {
-  const port = await freePort();
+/** Starts Debian's `redis-server` (installed by .ci/run) on a free loopback port (or
+ *  `port`); resolves once it answers PING. Without persistence by default: `restart()`
+ *  kills it (data lost, as a Redis without persistence loses it) and starts it again on
+ *  the same port. `persistent: true` keeps an append-only file synced on every write in
+ *  a fresh directory, so that a killed Redis comes back with its data. `start()`
+ *  starts it when it is not running; `pause()` and `resume()` stop and continue the
+ *  process (SIGSTOP, SIGCONT: it keeps its connections and answers nothing). */
+export async function startRedis({ persistent = false, port: fixedPort, started = true } = {}) {
+  const port = fixedPort ?? (await freePort());
   const url = `redis://127.0.0.1:${port}`;
-  const launch = () => spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], { stdio: "ignore" });
+  const persistence = persistent
+    ? ["--dir", tempDataDir(), "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+    : ["--save", "", "--appendonly", "no"];
+  const launch = () => spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", ...persistence], { stdio: "ignore" });
   const ping = async () => {
     const { createConnection } = await import("node:net");
     return new Promise((resolve) => {
@@ -273,11 +280,18 @@ export async function startRedis() {
     }
     throw new Error("redis-server did not start (is it installed? .ci/run installs it)");
   };
-  let child = launch();
-  await ready();
+  let child = null;
+  const running = () => child !== null && child.exitCode === null && child.signalCode === null;
+  const start = async () => {
+    if (running()) return;
+    child = launch();
+    await ready();
+  };
+  if (started) await start();
   const kill = async () => {
-    if (child.exitCode !== null || child.signalCode !== null) return;
+    if (!running()) return;
     const exited = new Promise((resolve) => child.on("exit", resolve));
+    child.kill("SIGCONT");
     child.kill("SIGKILL");
     await exited;
   };
@@ -285,11 +299,13 @@ export async function startRedis() {
     url,
     port,
     kill,
+    start,
     async restart() {
       await kill();
-      child = launch();
-      await ready();
+      await start();
     },
+    pause: () => child.kill("SIGSTOP"),
+    resume: () => child.kill("SIGCONT"),
     stop: kill,
   };
 }
