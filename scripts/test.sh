@@ -50,6 +50,10 @@ for transport in WebSockets ServerSentEvents LongPolling; do
     node --test --test-concurrency=1 tests/js/e2e/
 done
 
+step "the fault suite: a crashed node replaced, a rolling restart behind a balancer, Redis absent, killed, paused and black-holed, a host stall, concurrent durable changes"
+# Stock clients and real processes (nodes, redis-server, a TCP proxy), default flags.
+RINGHUB_BIN="$root/target/debug/ringhub" node --test --test-force-exit --test-concurrency=1 tests/js/faults/
+
 step "scripts/cluster.sh starts a cluster whose nodes share Redis, and stops it"
 cluster_log="$root/target/cluster-smoke.log"
 RINGHUB_BIN="$root/target/debug/ringhub" BASE_PORT=15201 REDIS_PORT=16401 \

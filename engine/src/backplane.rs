@@ -21,6 +21,7 @@ use thiserror::Error;
 use crate::api::types::Target;
 use crate::fanout::Broadcast;
 use crate::flow::Ticket;
+use crate::store::{DurableGroups, MembershipStore, StoreError};
 
 /// Every key and channel of a cluster starts with this.
 pub const PREFIX: &str = "ringhub";
@@ -47,6 +48,10 @@ pub fn presence_channel() -> String {
 pub fn durable_key(hub: &str, user: &str) -> String {
     format!("{PREFIX}:durable:{hub}:{user}")
 }
+/// The version of a user's durable groups (see [`DurableGroups`]).
+pub fn durable_version_key(hub: &str, user: &str) -> String {
+    format!("{PREFIX}:durable-version:{hub}:{user}")
+}
 /// A negotiated token, for whichever node the client connects to.
 pub fn token_key(token: &str) -> String {
     format!("{PREFIX}:token:{token}")
@@ -68,14 +73,20 @@ pub fn send_channel(hub: &str, target: &Target) -> String {
     }
 }
 
-/// What is asked of whichever node holds a connection (published on the connection's
-/// channel, answered on the asking node's): join, leave, watch, unwatch or close.
+/// What is asked of another node: of whichever node holds a connection (published on
+/// the connection's channel) or of every node with connections of a user (on the
+/// user's channel); answered on the asking node's channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemoteOp {
-    pub connection_id: String,
-    pub op: RemoteOpKind,
-    /// The group it is about (empty for a close).
-    pub group: String,
+pub enum RemoteOp {
+    /// Join, leave, watch, unwatch or close one connection.
+    Connection {
+        connection_id: String,
+        op: RemoteOpKind,
+        /// The group it is about (empty for a close).
+        group: String,
+    },
+    /// The user's connections take on its durable groups as of this version.
+    Durable { user: String, groups: DurableGroups },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,8 +230,9 @@ pub enum Outgoing {
     },
     Subscribe(String),
     Unsubscribe(String),
-    /// Answered once every subscription asked for before it is in effect (or at once
-    /// while Redis is unreachable: local delivery never waits for it).
+    /// Answered once every subscription asked for before it is in effect; at once while
+    /// Redis is unreachable, and after [`BARRIER_BOUND`] at the latest (a hung Redis
+    /// does not hold a handshake or a join longer).
     Barrier(oneshot::Sender<()>),
     /// Published on `channel`; answered with every receiving node's answer.
     Request {
@@ -229,10 +241,10 @@ pub enum Outgoing {
         op: RemoteOp,
         reply: oneshot::Sender<Result<Vec<Answer>, BackplaneError>>,
     },
-    /// Durable membership in Redis.
+    /// Durable membership in Redis (answered within [`STORE_BOUND`]).
     Store {
         op: StoreOp,
-        reply: oneshot::Sender<Result<Vec<String>, BackplaneError>>,
+        reply: oneshot::Sender<Result<DurableGroups, BackplaneError>>,
     },
     /// A negotiated token, kept for the node the client connects to.
     SaveToken {
@@ -248,10 +260,16 @@ pub enum Outgoing {
     Stop,
 }
 
-/// A durable-membership operation (one Redis set per hub and user).
+/// How long the backplane lets a barrier wait for Redis before answering it anyway.
+pub const BARRIER_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a durable-membership operation may wait for Redis.
+pub const STORE_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A durable-membership operation (one Redis set per hub and user, and its version);
+/// each answers the user's groups as they are after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreOp {
-    Groups {
+    Read {
         hub: String,
         user: String,
     },
@@ -275,6 +293,8 @@ pub enum BackplaneError {
     Redis(String),
     #[error("no answer from the node holding it within {0} s")]
     NoAnswer(u64),
+    #[error("Redis did not answer within {0} s")]
+    Timeout(u64),
     #[error("the backplane stopped")]
     Stopped,
 }
@@ -322,11 +342,9 @@ impl Link {
     }
 
     /// Resolves once every subscription asked for so far is in effect; at once while
-    /// Redis is unreachable (they are made when it is back).
+    /// Redis is unreachable (they are made when it is back), and within
+    /// [`BARRIER_BOUND`] whatever Redis does.
     pub async fn barrier(&self) {
-        if !self.is_connected() {
-            return;
-        }
         let (reply, answer) = oneshot::channel();
         self.send(Outgoing::Barrier(reply));
         let _ = answer.await;
@@ -348,7 +366,7 @@ impl Link {
         answer.await.unwrap_or(Err(BackplaneError::Stopped))
     }
 
-    pub async fn store(&self, op: StoreOp) -> Result<Vec<String>, BackplaneError> {
+    pub async fn store(&self, op: StoreOp) -> Result<DurableGroups, BackplaneError> {
         let (reply, answer) = oneshot::channel();
         self.send(Outgoing::Store { op, reply });
         answer.await.unwrap_or(Err(BackplaneError::Stopped))
@@ -361,6 +379,49 @@ impl Link {
             reply,
         });
         answer.await.ok().flatten()
+    }
+}
+
+/// Durable membership in Redis (with `--redis`): one set per hub and user, shared by
+/// every node of the cluster. Its calls block on the backplane thread, which talks to
+/// Redis: the engine makes them from its store thread only (reads at connect time and
+/// durable changes go to the backplane directly, without blocking a shard).
+pub(crate) struct RedisStore {
+    pub(crate) link: Link,
+}
+
+impl RedisStore {
+    fn run(&self, op: StoreOp) -> Result<DurableGroups, StoreError> {
+        futures_executor::block_on(self.link.store(op))
+            .map_err(|e| StoreError::Database(e.to_string()))
+    }
+}
+
+impl MembershipStore for RedisStore {
+    fn user_groups(&self, hub: &str, user: &str) -> Result<Vec<String>, StoreError> {
+        self.run(StoreOp::Read {
+            hub: hub.to_owned(),
+            user: user.to_owned(),
+        })
+        .map(|durable| durable.groups)
+    }
+
+    fn add(&self, hub: &str, user: &str, group: &str) -> Result<(), StoreError> {
+        self.run(StoreOp::Add {
+            hub: hub.to_owned(),
+            user: user.to_owned(),
+            group: group.to_owned(),
+        })
+        .map(drop)
+    }
+
+    fn remove(&self, hub: &str, user: &str, group: &str) -> Result<(), StoreError> {
+        self.run(StoreOp::Remove {
+            hub: hub.to_owned(),
+            user: user.to_owned(),
+            group: group.to_owned(),
+        })
+        .map(drop)
     }
 }
 
@@ -458,6 +519,10 @@ impl Reader {
     }
 }
 
+/// A request's operation tag for a durable change (the others are a [`RemoteOpKind`]'s
+/// index).
+const DURABLE_TAG: u8 = 255;
+
 fn write_target(w: &mut Writer, target: &Target) {
     match target {
         Target::All => w.u8(0),
@@ -546,9 +611,23 @@ impl Wire {
                 w.str(origin);
                 w.u64(*id);
                 w.str(hub);
-                w.str(&op.connection_id);
-                w.u8(op.op as u8);
-                w.str(&op.group);
+                match op {
+                    RemoteOp::Connection {
+                        connection_id,
+                        op,
+                        group,
+                    } => {
+                        w.u8(*op as u8);
+                        w.str(connection_id);
+                        w.str(group);
+                    }
+                    RemoteOp::Durable { user, groups } => {
+                        w.u8(DURABLE_TAG);
+                        w.str(user);
+                        w.u64(groups.version);
+                        w.strs(&groups.groups);
+                    }
+                }
             }
             Wire::Reply { id, answer } => {
                 w.u8(3);
@@ -661,12 +740,19 @@ impl Wire {
                 origin: r.str()?,
                 id: r.u64()?,
                 hub: r.str()?,
-                op: RemoteOp {
-                    connection_id: r.str()?,
-                    op: *RemoteOpKind::ALL
-                        .get(usize::from(r.u8()?))
-                        .ok_or(Malformed)?,
-                    group: r.str()?,
+                op: match r.u8()? {
+                    DURABLE_TAG => RemoteOp::Durable {
+                        user: r.str()?,
+                        groups: DurableGroups {
+                            version: r.u64()?,
+                            groups: r.strs()?,
+                        },
+                    },
+                    tag => RemoteOp::Connection {
+                        op: *RemoteOpKind::ALL.get(usize::from(tag)).ok_or(Malformed)?,
+                        connection_id: r.str()?,
+                        group: r.str()?,
+                    },
                 },
             },
             3 => Wire::Reply {
@@ -809,10 +895,22 @@ mod tests {
                 origin: "n1".into(),
                 id: 7,
                 hub: "chat".into(),
-                op: RemoteOp {
+                op: RemoteOp::Connection {
                     connection_id: "c".into(),
                     op: RemoteOpKind::Close,
                     group: String::new(),
+                },
+            },
+            Wire::Request {
+                origin: "n1".into(),
+                id: 8,
+                hub: "chat".into(),
+                op: RemoteOp::Durable {
+                    user: "ann".into(),
+                    groups: DurableGroups {
+                        version: 1_796_655_961_000_000,
+                        groups: vec!["ward:1".into(), "ward:2".into()],
+                    },
                 },
             },
             Wire::Reply {

@@ -1,9 +1,17 @@
 //! Counters for `/metrics` (contract section 8). Each shard writes only its own
 //! cache-padded block, so counting on the hot path never contends between cores;
-//! a scrape sums the blocks.
+//! a scrape sums the blocks. The process metrics (memory, CPU, descriptors, start
+//! time) are the `prometheus` crate's process collector, read from `/proc` per scrape.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use prometheus::core::Collector;
+
+/// Upper bounds (seconds) of the connection-duration histogram's buckets: from a page
+/// that reconnects at once to a tab left open for a day.
+const DURATION_BUCKETS: [u64; 8] = [1, 10, 60, 300, 1800, 3600, 14400, 86400];
 
 /// One shard's counters.
 #[derive(Debug, Default)]
@@ -22,11 +30,29 @@ pub struct ShardMetrics {
     pub resumes: AtomicU64,
     pub resumes_refused: AtomicU64,
     pub replayed_messages: AtomicU64,
+    /// Connections closed for silence past `--client-timeout-secs`.
+    pub client_timeouts: AtomicU64,
+    /// How long connections lasted: a count per bucket of [`DURATION_BUCKETS`] (and one
+    /// for longer), and the sum in milliseconds.
+    durations: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    durations_millis: AtomicU64,
 }
 
 impl ShardMetrics {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
+    }
+
+    /// A connection of this shard ended after `lasted`.
+    pub fn connection_ended(&self, lasted: Duration) {
+        let secs = lasted.as_secs_f64();
+        let bucket = DURATION_BUCKETS
+            .iter()
+            .position(|&bound| secs <= bound as f64)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.durations[bucket].fetch_add(1, Relaxed);
+        self.durations_millis
+            .fetch_add(lasted.as_millis() as u64, Relaxed);
     }
 }
 
@@ -40,13 +66,21 @@ impl MetricsRef {
 }
 
 /// All shards' counters.
-#[derive(Debug)]
 pub struct Metrics {
     pub shards: Vec<ShardMetrics>,
     /// 1 while the backplane is connected to Redis (always 0 without `--redis`).
     pub backplane_connected: AtomicU64,
     /// What could not be published to (or was lost on the way from) Redis.
     pub backplane_errors: AtomicU64,
+    /// Times the backplane came back after Redis was unreachable.
+    pub backplane_reconnects: AtomicU64,
+    process: prometheus::process_collector::ProcessCollector,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 impl Metrics {
@@ -55,6 +89,8 @@ impl Metrics {
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             backplane_connected: AtomicU64::new(0),
             backplane_errors: AtomicU64::new(0),
+            backplane_reconnects: AtomicU64::new(0),
+            process: prometheus::process_collector::ProcessCollector::for_self(),
         }
     }
 
@@ -101,11 +137,21 @@ impl Metrics {
             "# HELP ringhub_backplane_connected 1 while the Redis backplane is connected.\n# TYPE ringhub_backplane_connected gauge\nringhub_backplane_connected {}",
             self.backplane_connected.load(Relaxed)
         );
-        let counters: [(&str, &str, u64); 9] = [
+        let counters: [(&str, &str, u64); 11] = [
             (
                 "ringhub_backplane_errors_total",
                 "Messages that could not be published to, or were lost from, the Redis backplane.",
                 self.backplane_errors.load(Relaxed),
+            ),
+            (
+                "ringhub_backplane_reconnects_total",
+                "Times the backplane came back after Redis was unreachable.",
+                self.backplane_reconnects.load(Relaxed),
+            ),
+            (
+                "ringhub_client_timeouts_total",
+                "Connections closed for silence past --client-timeout-secs.",
+                self.sum(|s| &s.client_timeouts),
             ),
             (
                 "ringhub_messages_received_total",
@@ -154,6 +200,67 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
+        self.render_durations(&mut out);
+        // The process collector reads /proc; a scrape that cannot is left without them.
+        if let Ok(text) = prometheus::TextEncoder::new().encode_to_string(&self.process.collect()) {
+            out.push_str(&text);
+        }
         out
+    }
+
+    fn render_durations(&self, out: &mut String) {
+        let name = "ringhub_connection_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} How long connections lasted.\n# TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
+            cumulative += self.sum(|s| &s.durations[i]);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.sum(|s| &s.durations[DURATION_BUCKETS.len()]);
+        let millis = self.sum(|s| &s.durations_millis);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum {}.{:03}", millis / 1000, millis % 1000);
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_has_the_contracts_metrics_and_the_process_ones() {
+        let metrics = Metrics::new(2);
+        metrics.shards[0].connection_ended(Duration::from_millis(500));
+        metrics.shards[1].connection_ended(Duration::from_secs(90));
+        metrics.shards[1].connection_ended(Duration::from_secs(200_000));
+        ShardMetrics::add(&metrics.shards[0].client_timeouts, 2);
+        let text = metrics.render(0);
+        for line in [
+            "ringhub_connection_duration_seconds_bucket{le=\"1\"} 1",
+            "ringhub_connection_duration_seconds_bucket{le=\"60\"} 1",
+            "ringhub_connection_duration_seconds_bucket{le=\"300\"} 2",
+            "ringhub_connection_duration_seconds_bucket{le=\"+Inf\"} 3",
+            "ringhub_connection_duration_seconds_sum 200090.500",
+            "ringhub_connection_duration_seconds_count 3",
+            "ringhub_client_timeouts_total 2",
+            "ringhub_backplane_reconnects_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        for name in [
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{name} "))),
+                "{name} in\n{text}"
+            );
+        }
     }
 }

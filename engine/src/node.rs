@@ -2,7 +2,7 @@
 //! authentication, presence and the membership store. Read-mostly; nothing here is
 //! touched per delivered message.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::auth::{Claims, GroupAuthorizer, JwtVerifier, UserIdProvider};
@@ -39,10 +39,14 @@ pub struct Node {
     pub(crate) context_budget: Arc<Window>,
     /// The cluster's backplane thread (with `--redis`).
     pub(crate) backplane: Option<Link>,
-    /// The membership store is the cluster's, in Redis (`store::RedisStore`): read at
-    /// connect time through the backplane, without blocking a shard. An embedder's own
-    /// store is read as any store is, also in a cluster.
+    /// The membership store is the cluster's, in Redis (`backplane::RedisStore`): read
+    /// at connect time and changed through the backplane, without blocking a shard. An
+    /// embedder's own store is read as any store is, also in a cluster.
     pub(crate) durable_in_redis: bool,
+    /// The version of durable membership in a store other than Redis: one number for
+    /// the node, raised by every change after it is stored (Redis keeps its own, per
+    /// user, for the whole cluster). See `store::DurableGroups`.
+    durable_version: AtomicU64,
 }
 
 impl Node {
@@ -75,7 +79,18 @@ impl Node {
             context_budget,
             durable_in_redis: false,
             backplane,
+            durable_version: AtomicU64::new(0),
         }
+    }
+
+    /// The version of durable membership in a local store now.
+    pub(crate) fn durable_version(&self) -> u64 {
+        self.durable_version.load(Ordering::Acquire)
+    }
+
+    /// A durable change was stored in a local store: its version.
+    pub(crate) fn next_durable_version(&self) -> u64 {
+        self.durable_version.fetch_add(1, Ordering::AcqRel) + 1
     }
 
     pub(crate) fn is_shutting_down(&self) -> bool {
@@ -87,8 +102,29 @@ impl Node {
         self.next_owner.fetch_add(1, Ordering::Relaxed) % self.inboxes.len()
     }
 
+    /// Whether every shard accepts connections (liveness: `/healthz`).
     pub(crate) fn is_ready(&self) -> bool {
         !self.is_shutting_down() && self.ready_shards.load(Ordering::Acquire) == self.inboxes.len()
+    }
+
+    /// Whether the node can do its whole job now (`/readyz`): its shards accept
+    /// connections, it is not stopping, and in a cluster it reaches Redis. `Err` says
+    /// why not.
+    pub(crate) fn readiness(&self) -> Result<(), &'static str> {
+        if self.is_shutting_down() {
+            return Err("the node is stopping");
+        }
+        if self.ready_shards.load(Ordering::Acquire) < self.inboxes.len() {
+            return Err("the node is starting: not every shard accepts connections yet");
+        }
+        if self
+            .backplane
+            .as_ref()
+            .is_some_and(|link| !link.is_connected())
+        {
+            return Err("the node cannot reach Redis: cross-node sends, presence and durable membership are not served");
+        }
+        Ok(())
     }
 
     /// May this connection join (and send to) `group`?

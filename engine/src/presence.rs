@@ -630,6 +630,17 @@ impl Presence {
         });
     }
 
+    /// The other nodes not heard from within `silence` (each with its name).
+    pub(crate) fn silent_nodes(&self, silence: Duration) -> Vec<(String, String)> {
+        let registry = self.lock();
+        registry
+            .remote
+            .iter()
+            .filter(|(_, node)| node.last_heard.elapsed() > silence)
+            .map(|(id, node)| (id.clone(), node.name.clone()))
+            .collect()
+    }
+
     /// Forgets a node that said it stops.
     pub(crate) fn forget_node(&self, origin: &str) {
         self.forget_where(|id, _| id == origin);

@@ -11,12 +11,12 @@ use thiserror::Error;
 use crate::api::hub::HubFactory;
 use crate::api::{Hub, HubContext};
 use crate::auth::{ClaimPatterns, GroupAuthorizer, SubClaimUserId, UserIdProvider};
-use crate::backplane::{Link, Outgoing};
+use crate::backplane::{Link, Outgoing, RedisStore};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::node::{Node, StoreJob};
 use crate::shard::inbox::Command;
-use crate::store::{MembershipStore, RedbStore, RedisStore, StoreError};
+use crate::store::{MembershipStore, RedbStore, StoreError};
 
 /// Why a server could not start.
 #[derive(Debug, Error)]

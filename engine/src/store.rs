@@ -16,7 +16,15 @@ use hashbrown::{HashMap, HashSet};
 use redb::{Database, MultimapTableDefinition};
 use thiserror::Error;
 
-use crate::backplane::{Link, StoreOp};
+/// A user's durable groups as of a version of the store. Versions grow with every
+/// change of the user's membership, so that changes made concurrently (a REST `PUT`
+/// and a `DELETE` through two nodes) reach live connections in the store's order: a
+/// connection takes on a state only if it is at least as new as the one it has.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DurableGroups {
+    pub version: u64,
+    pub groups: Vec<String>,
+}
 
 /// A store failure.
 #[derive(Debug, Error)]
@@ -119,48 +127,6 @@ impl MembershipStore for RedbStore {
             .remove((hub, user), group)?;
         txn.commit()?;
         Ok(())
-    }
-}
-
-/// Durable membership in Redis (with `--redis`): one set per hub and user, shared by
-/// every node of the cluster. Its calls block on the backplane thread, which talks to
-/// Redis: the engine makes them from its store thread only (reads at connect time go
-/// to the backplane directly, without blocking a shard).
-pub(crate) struct RedisStore {
-    pub(crate) link: Link,
-}
-
-impl RedisStore {
-    fn run(&self, op: StoreOp) -> Result<Vec<String>, StoreError> {
-        futures_executor::block_on(self.link.store(op))
-            .map_err(|e| StoreError::Database(e.to_string()))
-    }
-}
-
-impl MembershipStore for RedisStore {
-    fn user_groups(&self, hub: &str, user: &str) -> Result<Vec<String>, StoreError> {
-        self.run(StoreOp::Groups {
-            hub: hub.to_owned(),
-            user: user.to_owned(),
-        })
-    }
-
-    fn add(&self, hub: &str, user: &str, group: &str) -> Result<(), StoreError> {
-        self.run(StoreOp::Add {
-            hub: hub.to_owned(),
-            user: user.to_owned(),
-            group: group.to_owned(),
-        })
-        .map(drop)
-    }
-
-    fn remove(&self, hub: &str, user: &str, group: &str) -> Result<(), StoreError> {
-        self.run(StoreOp::Remove {
-            hub: hub.to_owned(),
-            user: user.to_owned(),
-            group: group.to_owned(),
-        })
-        .map(drop)
     }
 }
 

@@ -9,13 +9,13 @@ use futures_channel::oneshot;
 use ringhub_protocol::Value;
 
 use crate::api::types::{check_group, check_user, Caller, ContextError, Target};
-use crate::backplane::{self, Answer, Link, Outgoing, RemoteOp, RemoteOpKind};
+use crate::backplane::{self, Answer, Link, Outgoing, RemoteOp, RemoteOpKind, StoreOp};
 use crate::fanout::Broadcast;
 use crate::flow::Window;
 use crate::node::Node;
 use crate::presence::GroupPresence;
 use crate::shard::inbox::{Command, ConnectionOp};
-use crate::store::{MembershipStore, StoreError};
+use crate::store::{DurableGroups, MembershipStore, StoreError};
 
 /// A store failure, for the caller.
 fn stored(error: StoreError) -> ContextError {
@@ -316,44 +316,136 @@ impl HubContext {
     ) -> impl Future<Output = Result<(), ContextError>> + Send + 'static {
         let context = self.clone();
         let (hub, user, group) = (hub.to_owned(), user.to_owned(), group.to_owned());
-        let limit = self.node.config.max_groups_per_connection;
         async move {
             check_group(&group)?;
             check_user(&user)?;
-            let (hub_key, user_key, group_key) = (hub.clone(), user.clone(), group.clone());
-            context
-                .run_on_store(move |store| {
-                    if !join {
-                        return store
-                            .remove(&hub_key, &user_key, &group_key)
-                            .map_err(stored);
-                    }
-                    // Durable groups count toward the limit of every connection of the user.
-                    let groups = store.user_groups(&hub_key, &user_key).map_err(stored)?;
-                    if groups.len() >= limit && !groups.contains(&group_key) {
-                        return Err(ContextError::TooManyGroups { limit });
-                    }
-                    store.add(&hub_key, &user_key, &group_key).map_err(stored)
-                })
-                .await?;
-            // Stored before the current connections are listed: a connection that
-            // registers meanwhile reads the store after registering, so every
-            // connection is covered by one side or the other.
-            for connection_id in context.user_connections(&hub, &user) {
-                let op = if join {
-                    ConnectionOp::Join(group.clone())
-                } else {
-                    ConnectionOp::Leave(group.clone())
+            let durable = context.store_durable(&hub, &user, &group, join).await?;
+            // Stored before the user's connections are told: a connection that registers
+            // meanwhile reads the store after registering, so every connection is covered
+            // by one side or the other, and each takes on the newest version it is given.
+            context.apply_durable(&hub, &user, durable).await
+        }
+    }
+
+    /// Stores a durable change; the user's durable groups after it, with their version.
+    async fn store_durable(
+        &self,
+        hub: &str,
+        user: &str,
+        group: &str,
+        join: bool,
+    ) -> Result<DurableGroups, ContextError> {
+        let limit = self.node.config.max_groups_per_connection;
+        // Durable groups count toward the limit of every connection of the user.
+        let over_limit = {
+            let group = group.to_owned();
+            move |groups: &[String]| groups.len() >= limit && !groups.contains(&group)
+        };
+        let (hub_key, user_key, group_key) = (hub.to_owned(), user.to_owned(), group.to_owned());
+        let redis = self
+            .node
+            .backplane
+            .as_ref()
+            .filter(|_| self.node.durable_in_redis);
+        if let Some(link) = redis {
+            let backplane = |e: backplane::BackplaneError| ContextError::Store(e.to_string());
+            let op = if join {
+                let read = StoreOp::Read {
+                    hub: hub_key.clone(),
+                    user: user_key.clone(),
                 };
-                match context.connection_op(&hub, &connection_id, op).await {
-                    // Stored; a connection already at its limit through other joins
-                    // stays out of this group until it reconnects with room for it.
-                    Ok(_) | Err(ContextError::TooManyGroups { .. }) => {}
-                    Err(e) => return Err(e),
+                if over_limit(&link.store(read).await.map_err(backplane)?.groups) {
+                    return Err(ContextError::TooManyGroups { limit });
+                }
+                StoreOp::Add {
+                    hub: hub_key,
+                    user: user_key,
+                    group: group_key,
+                }
+            } else {
+                StoreOp::Remove {
+                    hub: hub_key,
+                    user: user_key,
+                    group: group_key,
+                }
+            };
+            return link.store(op).await.map_err(backplane);
+        }
+        let node = self.node.clone();
+        self.run_on_store(move |store| {
+            if join {
+                if over_limit(&store.user_groups(&hub_key, &user_key).map_err(stored)?) {
+                    return Err(ContextError::TooManyGroups { limit });
+                }
+                store.add(&hub_key, &user_key, &group_key).map_err(stored)?;
+            } else {
+                store
+                    .remove(&hub_key, &user_key, &group_key)
+                    .map_err(stored)?;
+            }
+            // Numbered once stored, and read after: the groups are at least this new.
+            let version = node.next_durable_version();
+            let mut groups = store.user_groups(&hub_key, &user_key).map_err(stored)?;
+            groups.sort_unstable();
+            Ok(DurableGroups { version, groups })
+        })
+        .await
+    }
+
+    /// Every connection of the user, on every shard and node, takes on `durable`
+    /// (unless it has a newer version); resolves once they did.
+    async fn apply_durable(
+        &self,
+        hub: &str,
+        user: &str,
+        durable: DurableGroups,
+    ) -> Result<(), ContextError> {
+        self.apply_durable_here(hub, user, durable.clone()).await;
+        if let Some(link) = &self.node.backplane {
+            // Every node with connections of the user listens on the user's channel (a
+            // node without any answers nothing, and the request is done at once).
+            let op = RemoteOp::Durable {
+                user: user.to_owned(),
+                groups: durable,
+            };
+            let answers = link
+                .request(backplane::user_channel(hub, user), hub, op)
+                .await
+                .map_err(|e| ContextError::Backplane(e.to_string()))?;
+            for answer in answers {
+                if let Answer::Failed(e) = answer {
+                    return Err(ContextError::Backplane(e));
                 }
             }
-            Ok(())
         }
+        Ok(())
+    }
+
+    /// The user's connections on this node's shards take on `durable`; how many.
+    pub(crate) async fn apply_durable_here(
+        &self,
+        hub: &str,
+        user: &str,
+        durable: DurableGroups,
+    ) -> usize {
+        let (hub, durable) = (Arc::<str>::from(hub), Arc::new(durable));
+        let mut replies = Vec::with_capacity(self.node.inboxes.len());
+        for inbox in &self.node.inboxes {
+            let (reply, answer) = oneshot::channel();
+            inbox.push(Command::Durable {
+                hub: hub.clone(),
+                user: user.to_owned(),
+                groups: durable.clone(),
+                reply,
+            });
+            replies.push(answer);
+        }
+        let mut applied = 0;
+        for answer in replies {
+            // A shard that stopped answers nothing: its connections are gone with it.
+            applied += answer.await.unwrap_or(0);
+        }
+        applied
     }
 
     /// Runs `job` on the store thread.
@@ -485,7 +577,7 @@ fn remote_op(connection_id: &str, op: &ConnectionOp) -> RemoteOp {
         ConnectionOp::UnwatchPresence(group) => (RemoteOpKind::Unwatch, group.clone()),
         ConnectionOp::Close => (RemoteOpKind::Close, String::new()),
     };
-    RemoteOp {
+    RemoteOp::Connection {
         connection_id: connection_id.to_owned(),
         op,
         group,

@@ -27,11 +27,26 @@ enum Command {
     Serve(ServeArgs),
 }
 
+/// `RUST_LOG` (default `info`). The Redis driver logs every failed reconnect attempt
+/// (twice a second while Redis is down) as a warning; the backplane says what matters
+/// about Redis itself, at most once per 10 s, so the driver's own lines are errors only
+/// unless `RUST_LOG` names it (`RUST_LOG=info,fred=debug`).
+fn log_filter() -> EnvFilter {
+    let given = std::env::var(EnvFilter::DEFAULT_ENV).unwrap_or_default();
+    let filter = EnvFilter::try_new(if given.is_empty() { "info" } else { &given })
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    if given.contains("fred") {
+        return filter;
+    }
+    match "fred=error".parse() {
+        Ok(quiet_driver) => filter.add_directive(quiet_driver),
+        Err(_) => filter,
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(log_filter())
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

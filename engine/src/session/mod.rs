@@ -49,6 +49,11 @@ pub struct Session {
     pub groups: RefCell<HashSet<String>>,
     /// Groups whose presence this session watches.
     pub watching: RefCell<HashSet<String>>,
+    /// The version of its user's durable groups it took on last (see
+    /// `store::DurableGroups`), and the groups it is in because of them (boxed: most
+    /// sessions have none).
+    pub durable_version: Cell<u64>,
+    pub durable_groups: RefCell<Option<Box<HashSet<String>>>>,
     outbox: RefCell<Outbox>,
     /// Since when the session has been congested (its backlog above half the bound, or
     /// frames held) without its reader making progress: the slow-consumer clock.
@@ -68,6 +73,8 @@ pub struct Session {
     pub publish_window: Arc<Window>,
     pub last_received: Cell<Instant>,
     pub last_sent: Cell<Instant>,
+    /// When the session began (the connection-duration metric).
+    pub started: Instant,
     /// Ends the session: fire it with [`Session::stop_now`], which also ends its
     /// transport.
     pub stop: Signal,
@@ -108,6 +115,8 @@ impl Session {
             framing: kind.framing,
             groups: RefCell::default(),
             watching: RefCell::default(),
+            durable_version: Cell::new(0),
+            durable_groups: RefCell::default(),
             outbox: RefCell::new(Outbox::new(max_buffered_bytes)),
             congested_since: Cell::new(None),
             progress: Cell::new(0),
@@ -118,6 +127,7 @@ impl Session {
             publish_window,
             last_received: Cell::new(now),
             last_sent: Cell::new(now),
+            started: now,
             stop: Signal::default(),
             transport: RefCell::default(),
             stateful: None,

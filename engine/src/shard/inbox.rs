@@ -10,6 +10,7 @@ use crate::api::types::{ContextError, Target};
 use crate::fanout::Broadcast;
 use crate::flow::Ticket;
 use crate::shard::tokens::Negotiated;
+use crate::store::DurableGroups;
 
 /// What one shard asks of another.
 pub enum Command {
@@ -28,6 +29,17 @@ pub enum Command {
         op: ConnectionOp,
         reply: oneshot::Sender<Result<bool, ContextError>>,
     },
+    /// The user's connections here take on these durable groups (unless they have a
+    /// newer version of them); the reply counts the connections.
+    Durable {
+        hub: Arc<str>,
+        user: String,
+        groups: Arc<DurableGroups>,
+        reply: oneshot::Sender<usize>,
+    },
+    /// Redis answers again: every connection with a user reads its durable groups anew
+    /// (made or changed while this node could not read them).
+    ResyncDurable,
     /// Keep a token negotiated on another shard (sessions are spread over the shards by
     /// negotiate, whichever shard the client's HTTP connection reached).
     Negotiated {

@@ -13,6 +13,7 @@ use ringhub_protocol::{HubMessage, HubProtocol};
 
 use crate::api::hub::HubFactory;
 use crate::fanout::FrameKind;
+use crate::metrics::ShardMetrics;
 use crate::node::Node;
 use crate::presence::PRESENCE_INTERVAL;
 use crate::session::CLOSE_GRACE;
@@ -193,41 +194,33 @@ impl LateTicks {
     }
 }
 
-/// After a stall of the shard, the pings its clients sent meanwhile sit unread in the
-/// socket buffers, and judging them silent would close every healthy client: client
-/// timeouts wait [`StallGuard::SETTLE`] for the readers to take what is pending.
+/// A stall of the shard (its process stopped, its host frozen, its core starved) is not
+/// its clients' silence: they may have sent nothing because they heard nothing (the
+/// stock JS client pings only after it received something), and what they did send
+/// still waits unread. So after a stall every silence clock starts again, and the
+/// keep-alive pings that fall due at once ask the clients to speak up.
 struct StallGuard {
     ticks: LateTicks,
-    settle_until: Option<Instant>,
 }
 
 impl StallGuard {
-    const SETTLE: Duration = Duration::from_secs(2);
-
     fn new(now: Instant) -> StallGuard {
         StallGuard {
             ticks: LateTicks::new(TICK, now),
-            settle_until: None,
         }
     }
 
-    /// Whether this tick may close sessions for silence.
-    fn judge_silence(&mut self, shard: usize, now: Instant) -> bool {
-        if let Some(gap) = self.ticks.stalled(now) {
-            tracing::warn!(
-                shard,
-                stalled_ms = gap.as_millis() as u64,
-                "the shard did not run for a while; client timeouts wait for pending reads"
-            );
-            self.settle_until = Some(now + Self::SETTLE);
-        }
-        match self.settle_until {
-            Some(until) if now < until => false,
-            _ => {
-                self.settle_until = None;
-                true
-            }
-        }
+    /// Whether the shard was stalled before this tick (logged once per stall).
+    fn stalled(&mut self, shard: usize, now: Instant) -> bool {
+        let Some(gap) = self.ticks.stalled(now) else {
+            return false;
+        };
+        tracing::warn!(
+            shard,
+            stalled_ms = gap.as_millis() as u64,
+            "the shard did not run for a while; its clients' silence clocks start again"
+        );
+        true
     }
 }
 
@@ -252,7 +245,7 @@ async fn tick(state: Rc<ShardState>) {
             return;
         }
         let now = Instant::now();
-        let judge_silence = stall.judge_silence(state.index, now);
+        let stalled = stall.stalled(state.index, now);
         let mut timed_out = 0usize;
         for session in state.all_sessions() {
             // Between transports (stateful reconnect) the resume's own timeout applies.
@@ -260,24 +253,26 @@ async fn tick(state: Rc<ShardState>) {
                 continue;
             }
             session.acknowledge_client();
-            // Long polling keeps itself alive: no pings, no client timeout (the channel
-            // check below disposes a connection whose polls stopped).
-            let inherent_keepalive = session.framing == Framing::Raw;
+            if stalled {
+                session.last_received.set(now);
+            }
             if let Some(since) = session.closing_since() {
                 if now - since > CLOSE_GRACE {
                     session.stop_now();
                 }
-            } else if inherent_keepalive {
-            } else if now - session.last_received.get() > config.client_timeout {
-                // Silent by our clock; after a stall of this shard, what the client sent
-                // meanwhile may still wait unread: judged again once reads have run.
-                if judge_silence {
-                    timed_out += 1;
-                    session.close(
-                        Some("Server timeout elapsed without receiving a message from the client."),
-                        true,
-                    );
-                }
+                continue;
+            }
+            // Long polling keeps itself alive: no pings, no client timeout (the channel
+            // check below disposes a connection whose polls stopped).
+            if session.framing == Framing::Raw {
+                continue;
+            }
+            if now - session.last_received.get() > config.client_timeout {
+                timed_out += 1;
+                session.close(
+                    Some("Server timeout elapsed without receiving a message from the client."),
+                    true,
+                );
             } else if now - session.last_sent.get() >= config.keepalive
                 && session.queued_bytes() == 0
             {
@@ -287,6 +282,7 @@ async fn tick(state: Rc<ShardState>) {
                 }
             }
         }
+        ShardMetrics::add(&state.metrics().client_timeouts, timed_out as u64);
         if timed_out >= MANY_TIMEOUTS {
             tracing::warn!(
                 shard = state.index,
@@ -296,6 +292,9 @@ async fn tick(state: Rc<ShardState>) {
             );
         }
         for channel in state.tokens.channels() {
+            if stalled && channel.receive_gone_since.get().is_some() {
+                channel.receive_gone_since.set(Some(now));
+            }
             let no_handshake =
                 !channel.connected.get() && now - channel.created > HANDSHAKE_TIMEOUT;
             let receive_gone = channel
@@ -355,25 +354,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn after_a_stall_silence_is_judged_only_once_reads_had_time() {
+    fn a_late_tick_shows_a_stall_once() {
         let start = Instant::now();
         let mut guard = StallGuard::new(start);
         let at = |secs: f64| start + Duration::from_secs_f64(secs);
-        assert!(guard.judge_silence(0, at(1.0)));
+        assert!(!guard.stalled(0, at(1.0)));
+        assert!(!guard.stalled(0, at(2.1)), "a little late is not a stall");
+        assert!(guard.stalled(0, at(9.0)), "7 s without a tick: stalled");
         assert!(
-            guard.judge_silence(0, at(2.1)),
-            "a little late is not a stall"
+            !guard.stalled(0, at(9.0)),
+            "the burst of overdue ticks after it is not another stall"
         );
-        assert!(
-            !guard.judge_silence(0, at(9.0)),
-            "7 s without a tick: stalled"
-        );
-        assert!(
-            !guard.judge_silence(0, at(9.0)),
-            "a burst of overdue ticks waits too"
-        );
-        assert!(!guard.judge_silence(0, at(10.0)));
-        assert!(guard.judge_silence(0, at(11.1)), "settled");
+        assert!(!guard.stalled(0, at(10.0)));
     }
 
     #[test]

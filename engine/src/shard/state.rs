@@ -12,7 +12,7 @@ use hashbrown::HashMap;
 use ringhub_protocol::HubMessage;
 
 use crate::api::{Caller, ContextError, Hub, HubContext, Target};
-use crate::backplane::StoreOp;
+use crate::backplane::{Link, StoreOp};
 use crate::fanout::{Broadcast, FrameKind};
 use crate::flow::{Ticket, Window};
 use crate::metrics::{MetricsRef, ShardMetrics};
@@ -23,7 +23,13 @@ use crate::shard::inbox::{Command, ConnectionOp};
 use crate::shard::tables::HubTables;
 use crate::shard::tokens::{Token, Tokens};
 use crate::signal::Signal;
+use crate::store::DurableGroups;
 use crate::transport::flush::Flusher;
+
+/// The longest a new connection's registration waits on Redis (its durable groups and
+/// its subscriptions), so that a hung Redis never holds a handshake for longer: what
+/// it could not do then is done once Redis answers again.
+const REGISTER_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct ShardState {
     pub index: usize,
@@ -187,11 +193,12 @@ impl ShardState {
     }
 
     /// Puts a session in this shard's tables and in presence, then in its user's
-    /// durable groups. In that order: a durable add stores first and then lists the
-    /// user's connections, so a session registering meanwhile is covered by one side
-    /// or the other. In a cluster, resolves once the session's channels (its own, its
-    /// user's, its durable groups') are subscribed, so that what other nodes send it
-    /// from the moment the client learns it is connected reaches it.
+    /// durable groups. In that order: a durable change stores first and then tells the
+    /// user's connections, so a session registering meanwhile is covered by one side or
+    /// the other (and versions keep the newer side). In a cluster, resolves once the
+    /// session's channels (its own, its user's, its durable groups') are subscribed, so
+    /// that what other nodes send it from the moment the client learns it is connected
+    /// reaches it; within [`REGISTER_BOUND`] whatever Redis does.
     pub async fn register(&self, session: Rc<Session>) {
         let caller = session.caller.clone();
         self.node.presence.connected(
@@ -204,11 +211,55 @@ impl ShardState {
             .borrow_mut()
             .entry_ref(caller.hub.as_str())
             .or_default()
-            .insert(session);
+            .insert(session.clone());
         self.metrics().connections.fetch_add(1, Relaxed);
-        self.join_durable_groups(&caller).await;
-        if let Some(link) = &self.node.backplane {
-            link.barrier().await;
+        // Boxed: a timer future is 128-byte aligned, and the session's task is sized
+        // for its largest state (see `transport::websocket::run_session`).
+        let waited = Box::pin(monoio::time::timeout(REGISTER_BOUND, async {
+            self.join_durable_groups(&session).await;
+            if let Some(link) = &self.node.backplane {
+                link.barrier().await;
+            }
+        }))
+        .await;
+        if waited.is_err() {
+            tracing::debug!(connection = %caller.connection_id, "Redis is slow: connected before its subscriptions were confirmed");
+        }
+    }
+
+    /// A registered session's handshake answer is on its way: its hub learns of it, and
+    /// what the hub sent then is queued for this shard's recipients first.
+    pub async fn announce(&self, session: &Session, transport: &'static str) {
+        let caller = &session.caller;
+        self.hub
+            .on_connected(caller, &self.context_of(session))
+            .await;
+        self.drain_inbox();
+        tracing::debug!(
+            connection = %caller.connection_id,
+            hub = %caller.hub,
+            user = caller.user_id.as_deref().unwrap_or(""),
+            transport,
+            protocol = ?session.protocol(),
+            "connected"
+        );
+    }
+
+    /// A registered session ended: it leaves every table and group now (presence drops
+    /// at once, watchers are told), and the returned future tells its hub.
+    pub fn end(
+        self: &Rc<Self>,
+        session: &Session,
+    ) -> impl std::future::Future<Output = ()> + 'static {
+        self.unregister(session);
+        let (state, caller, context) = (
+            self.clone(),
+            session.caller.clone(),
+            self.context_of(session),
+        );
+        async move {
+            state.hub.on_disconnected(&caller, &context).await;
+            tracing::debug!(connection = %caller.connection_id, hub = %caller.hub, "disconnected");
         }
     }
 
@@ -231,47 +282,152 @@ impl ShardState {
             }
         }
         presence.disconnected(hub, &session.caller.connection_id);
-        self.metrics().connections.fetch_sub(1, Relaxed);
+        let metrics = self.metrics();
+        metrics.connections.fetch_sub(1, Relaxed);
+        metrics.connection_ended(session.started.elapsed());
     }
 
-    /// Joins a new session to its user's durable groups. The store is read here when
-    /// it is the embedded one (a read transaction costs microseconds) or an embedder's;
-    /// when it is the cluster's, Redis is read by the backplane thread while this shard
-    /// goes on.
-    async fn join_durable_groups(&self, caller: &Caller) {
+    /// The backplane, when durable membership lives in Redis (read through it without
+    /// blocking this shard).
+    fn durable_link(&self) -> Option<&Link> {
+        self.node
+            .backplane
+            .as_ref()
+            .filter(|_| self.node.durable_in_redis)
+    }
+
+    /// A user's durable groups and their version. The embedded store (or an
+    /// embedder's) is read here: a read transaction costs microseconds, and the
+    /// version is read first, so it is never newer than the groups.
+    async fn read_durable(&self, hub: &str, user: &str) -> Result<DurableGroups, String> {
+        if let Some(link) = self.durable_link() {
+            let read = StoreOp::Read {
+                hub: hub.to_owned(),
+                user: user.to_owned(),
+            };
+            return link.store(read).await.map_err(|e| e.to_string());
+        }
+        let version = self.node.durable_version();
+        let groups = self
+            .node
+            .store
+            .user_groups(hub, user)
+            .map_err(|e| e.to_string())?;
+        Ok(DurableGroups { version, groups })
+    }
+
+    /// Joins a new session to its user's durable groups. When they cannot be read now
+    /// (Redis unreachable), the session takes them on once Redis answers again.
+    async fn join_durable_groups(&self, session: &Rc<Session>) {
+        let caller = &session.caller;
         let Some(user) = &caller.user_id else {
             return;
         };
-        let redis = (self.node.backplane.as_ref()).filter(|_| self.node.durable_in_redis);
-        let groups = match redis {
-            Some(link) if !link.is_connected() => Err(
-                "Redis is unreachable (the connection joins them once it reconnects)".to_owned(),
+        match self.read_durable(&caller.hub, user).await {
+            Ok(durable) => self.apply_durable(session, &durable),
+            Err(e) => tracing::debug!(
+                user,
+                "cannot read durable groups now ({e}); the connection takes them on once Redis answers"
             ),
-            Some(link) => link
-                .store(StoreOp::Groups {
-                    hub: caller.hub.clone(),
-                    user: user.clone(),
-                })
-                .await
-                .map_err(|e| e.to_string()),
-            None => self
-                .node
-                .store
-                .user_groups(&caller.hub, user)
-                .map_err(|e| e.to_string()),
-        };
-        match groups {
-            Ok(groups) => {
-                for group in groups {
-                    let join = ConnectionOp::Join(group);
-                    if let Err(e) = self.connection_op(&caller.hub, &caller.connection_id, &join) {
-                        tracing::warn!(user, "cannot join every durable group: {e}");
-                        break;
-                    }
+        }
+    }
+
+    /// Brings a session's durable groups to `durable`, unless it took on a newer version
+    /// already: the groups it holds durably and `durable` no longer lists are left, the
+    /// new ones joined (a connection at its group limit stays out of the rest).
+    pub fn apply_durable(&self, session: &Session, durable: &DurableGroups) {
+        if durable.version < session.durable_version.get() {
+            return;
+        }
+        session.durable_version.set(durable.version);
+        let caller = &session.caller;
+        let (hub, id) = (caller.hub.as_str(), caller.connection_id.as_str());
+        let held = session.durable_groups.borrow_mut().take();
+        let mut now_held = hashbrown::HashSet::new();
+        for group in held.into_iter().flat_map(|held| held.into_iter()) {
+            if durable.groups.contains(&group) {
+                now_held.insert(group);
+            } else {
+                let _ = self.connection_op(hub, id, &ConnectionOp::Leave(group));
+            }
+        }
+        for group in &durable.groups {
+            if now_held.contains(group) {
+                continue;
+            }
+            match self.connection_op(hub, id, &ConnectionOp::Join(group.clone())) {
+                Ok(_) => {
+                    now_held.insert(group.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        user = caller.user_id,
+                        "cannot join every durable group: {e}"
+                    );
+                    break;
                 }
             }
-            Err(e) => tracing::warn!(user, "cannot read durable groups: {e}"),
         }
+        if !now_held.is_empty() {
+            *session.durable_groups.borrow_mut() = Some(Box::new(now_held));
+        }
+    }
+
+    /// [`ShardState::apply_durable`] for every connection of `user` here; how many.
+    fn apply_durable_to_user(&self, hub: &str, user: &str, durable: &DurableGroups) -> usize {
+        let sessions = match self.hubs.borrow().get(hub) {
+            Some(tables) => tables.user_sessions(user),
+            None => return 0,
+        };
+        for session in &sessions {
+            self.apply_durable(session, durable);
+        }
+        sessions.len()
+    }
+
+    /// Redis answers again: every connection with a user takes on its durable groups as
+    /// Redis has them now (those it could not read at connect, and changes made while
+    /// this node could not hear of them).
+    fn resync_durable(&self) {
+        let Some(link) = self.durable_link().cloned() else {
+            return;
+        };
+        let mut users = hashbrown::HashSet::new();
+        for (hub, tables) in self.hubs.borrow().iter() {
+            for session in tables.sessions.values() {
+                if let Some(user) = &session.caller.user_id {
+                    users.insert((hub.clone(), user.clone()));
+                }
+            }
+        }
+        if users.is_empty() {
+            return;
+        }
+        // The answers come back through this shard's inbox, as any durable change does.
+        let (node, index) = (self.node.clone(), self.index);
+        monoio::spawn(async move {
+            let reads = users.into_iter().map(|(hub, user)| {
+                let link = link.clone();
+                async move {
+                    let read = StoreOp::Read {
+                        hub: hub.clone(),
+                        user: user.clone(),
+                    };
+                    (link.store(read).await, hub, user)
+                }
+            });
+            for (read, hub, user) in futures_util::future::join_all(reads).await {
+                match read {
+                    Ok(durable) => node.inboxes[index].push(Command::Durable {
+                        hub: hub.into(),
+                        user,
+                        groups: Arc::new(durable),
+                        reply: futures_channel::oneshot::channel().0,
+                    }),
+                    Err(e) => tracing::debug!(user, "cannot read durable groups again: {e}"),
+                }
+            }
+        });
     }
 
     /// Tells this shard's watchers about the groups whose counts changed.
@@ -316,6 +472,15 @@ impl ShardState {
             } => {
                 let _ = reply.send(self.connection_op(&hub, &connection_id, &op));
             }
+            Command::Durable {
+                hub,
+                user,
+                groups,
+                reply,
+            } => {
+                let _ = reply.send(self.apply_durable_to_user(&hub, &user, &groups));
+            }
+            Command::ResyncDurable => self.resync_durable(),
             Command::Negotiated { token, negotiated } => {
                 self.tokens.insert(token, Token::Negotiated(negotiated));
             }

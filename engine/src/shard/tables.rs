@@ -80,6 +80,14 @@ impl HubTables {
         Some(session)
     }
 
+    /// The sessions of `user` here.
+    pub fn user_sessions(&self, user: &str) -> Vec<Rc<Session>> {
+        self.users
+            .get(user)
+            .map(|members| members.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     pub fn key_of(&self, connection_id: &str) -> Option<u64> {
         self.by_id.get(connection_id).copied()
     }

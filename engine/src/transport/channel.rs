@@ -191,17 +191,12 @@ async fn connect(state: &Rc<ShardState>, channel: &Rc<HttpChannel>, protocol: Hu
     ));
     channel.connected.set(true);
     state.register(session.clone()).await;
-    state
-        .hub
-        .on_connected(&session.caller, &state.context_of(session))
-        .await;
-    state.drain_inbox();
-    tracing::debug!(
-        connection = %session.caller.connection_id,
-        long_polling = channel.long_polling,
-        ?protocol,
-        "connected"
-    );
+    let transport = if channel.long_polling {
+        "long polling"
+    } else {
+        "server-sent events"
+    };
+    state.announce(session, transport).await;
 }
 
 /// Ends a channel once: its token is freed, its session stops and leaves its groups.
@@ -216,12 +211,6 @@ pub fn dispose(state: &Rc<ShardState>, channel: &Rc<HttpChannel>) {
         poll.fire();
     }
     if channel.connected.get() {
-        state.unregister(session);
-        let (caller, context) = (session.caller.clone(), state.context_of(session));
-        let state = state.clone();
-        monoio::spawn(async move {
-            state.hub.on_disconnected(&caller, &context).await;
-            tracing::debug!(connection = %caller.connection_id, "disconnected");
-        });
+        monoio::spawn(state.end(session));
     }
 }

@@ -329,6 +329,19 @@ fn route(state: &Rc<ShardState>, head: &RequestHead, body: &[u8]) -> Routed {
                 answer
             })
         }
+        ("GET" | "HEAD", ["readyz"]) => {
+            let (status, body) = match state.node.readiness() {
+                Ok(()) => (200, r#"{"status":"ready"}"#.to_owned()),
+                Err(reason) => (503, serde_json::json!({ "reason": reason }).to_string()),
+            };
+            let answer =
+                wire::response(status, "application/json", &[], body.as_bytes(), keep_alive);
+            Routed::Respond(if head.method == "HEAD" {
+                head_only(answer)
+            } else {
+                answer
+            })
+        }
         ("GET", ["metrics"]) => Routed::Respond(wire::response(
             200,
             "text/plain; version=0.0.4",

@@ -462,11 +462,8 @@ fn run_session(
                 .insert(token, Token::Resumable(resumable.clone()));
             resumable
         });
-        let context = state.context_of(&session);
         state.flusher.attach(&session, writer);
-        state.hub.on_connected(&caller, &context).await;
-        state.drain_inbox();
-        tracing::debug!(connection = %caller.connection_id, hub = %caller.hub, ?protocol, resumable = resumable.is_some(), "connected");
+        state.announce(&session, "websockets").await;
 
         let end = loop {
             let end = read_loop(state, &session, &mut carrier).await;
@@ -510,8 +507,7 @@ fn run_session(
                 session.close_with_code(Some(&bad.message), false, bad.close_code);
             }
         }
-        state.unregister(&session);
-        state.hub.on_disconnected(&caller, &context).await;
+        state.end(&session).await;
         // Unregistered, the session is no longer on the shard's timer: the close grace is
         // kept here, so a peer that reads nothing cannot keep the socket open.
         if Box::pin(monoio::time::timeout(CLOSE_GRACE, session.stop.fired()))
@@ -520,7 +516,6 @@ fn run_session(
         {
             session.stop_now();
         }
-        tracing::debug!(connection = %caller.connection_id, "disconnected");
     }
 }
 

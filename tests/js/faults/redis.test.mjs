@@ -116,6 +116,7 @@ describe("Redis faults", () => {
     cleanups.push(() => far.stop());
     await c.invoke("SendToGroup", "g", "receive", ["cross"]);
     await until(() => far.received.includes("cross"), 5000, "a send to the other node");
+    await c.stop();
     strictEqual(await node.stop(), 0);
     ok(!/Attempted to quit|already stopped/.test(node.log()), "no driver noise at shutdown");
   });
