@@ -425,6 +425,32 @@ impl MembershipStore for RedisStore {
     }
 }
 
+/// Checks the records of another node's send as a client's input is checked (contract
+/// section 6): for each protocol one whole record (JSON: text ending in its 0x1E;
+/// MessagePack: its length prefix and body), at most `limit` bytes, of a non-blocking
+/// invocation, which is all a send ever is. A record that is not would reach clients as
+/// garbage, a forged Close, or a frame too large for any queue.
+pub fn check_send_records(json: &[u8], messagepack: &[u8], limit: usize) -> Result<(), Malformed> {
+    use ringhub_protocol::{HubMessage, HubProtocol};
+    for (protocol, record) in [
+        (HubProtocol::Json, json),
+        (HubProtocol::MessagePack, messagepack),
+    ] {
+        let split = protocol
+            .split_record(record, limit)
+            .map_err(|_| Malformed)?
+            .ok_or(Malformed)?;
+        if split.consumed != record.len() {
+            return Err(Malformed);
+        }
+        match protocol.parse(split.body) {
+            Ok(Some(HubMessage::Invocation(invocation))) if invocation.invocation_id.is_none() => {}
+            _ => return Err(Malformed),
+        }
+    }
+    Ok(())
+}
+
 /// Another node's bytes that are not a backplane message.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("malformed backplane message")]
@@ -1008,6 +1034,47 @@ mod tests {
             bytes[at] = value;
             let _ = Wire::decode(Bytes::from(bytes));
         }
+    }
+
+    #[test]
+    fn only_whole_records_of_a_non_blocking_invocation_pass_as_a_send() {
+        use ringhub_protocol::frame::Framing::Raw;
+        use ringhub_protocol::{HubMessage, HubProtocol, Value};
+        let message = HubMessage::invocation("say", vec![Value::from("hi")]);
+        let record = |protocol| ringhub_protocol::frame::encode_framed(protocol, Raw, &message);
+        let (json, messagepack) = (record(HubProtocol::Json), record(HubProtocol::MessagePack));
+        assert_eq!(check_send_records(&json, &messagepack, 1024), Ok(()));
+        let close = |protocol| {
+            ringhub_protocol::frame::encode_framed(
+                protocol,
+                Raw,
+                &HubMessage::Close(Default::default()),
+            )
+        };
+        let forged: [(&[u8], &[u8]); 7] = [
+            (b"not json\x1e", &messagepack),
+            (&json[..json.len() - 1], &messagepack),
+            (&[json.as_ref(), json.as_ref()].concat(), &messagepack),
+            (
+                b"{\"type\":1,\"target\":\"\xff\",\"arguments\":[]}\x1e",
+                &messagepack,
+            ),
+            (&close(HubProtocol::Json), &close(HubProtocol::MessagePack)),
+            (&json, &messagepack[..messagepack.len() - 1]),
+            (b"", b""),
+        ];
+        for (json_record, messagepack_record) in forged {
+            assert_eq!(
+                check_send_records(json_record, messagepack_record, 1024),
+                Err(Malformed),
+                "{json_record:?}"
+            );
+        }
+        assert_eq!(
+            check_send_records(&json, &messagepack, 8),
+            Err(Malformed),
+            "over the limit"
+        );
     }
 
     #[test]

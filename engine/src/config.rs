@@ -91,6 +91,14 @@ pub struct ServeArgs {
     /// Seconds a long poll waits for messages before answering empty [default: 90].
     #[arg(long, env = "RINGHUB_LONG_POLL_TIMEOUT_SECS", value_name = "N")]
     pub long_poll_timeout_secs: Option<u64>,
+    /// Seconds a REST send waits for room to queue its message (its recipients are slow)
+    /// before it answers 503 [default: 10].
+    #[arg(long, env = "RINGHUB_REST_TIMEOUT_SECS", value_name = "N")]
+    pub rest_timeout_secs: Option<u64>,
+    /// Sessions of every transport together (WebSockets, SSE, long polling); past it a
+    /// new one is refused with 503 [default: what the open-file limit allows].
+    #[arg(long, env = "RINGHUB_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
 }
 
 /// The same settings in a TOML file.
@@ -115,6 +123,8 @@ struct FileSettings {
     max_groups_per_connection: Option<usize>,
     slow_consumer_secs: Option<u64>,
     node_name: Option<String>,
+    rest_timeout_secs: Option<u64>,
+    max_connections: Option<usize>,
 }
 
 /// A validated configuration.
@@ -140,6 +150,10 @@ pub struct Config {
     /// How long a receiver may stay above half its queue bound.
     pub slow_consumer: Duration,
     pub node_name: String,
+    /// How long a REST send waits for room before it answers `503`.
+    pub rest_timeout: Duration,
+    /// Sessions of every transport together, on this node.
+    pub max_connections: usize,
 }
 
 impl Default for Config {
@@ -162,6 +176,8 @@ impl Default for Config {
             max_groups_per_connection: 1000,
             slow_consumer: Duration::from_secs(2),
             node_name: default_node_name(),
+            rest_timeout: Duration::from_secs(10),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -188,6 +204,12 @@ impl Config {
 
     /// What sends through a `HubContext` (REST, embedders) may have on their way together.
     pub fn context_publish_budget(&self) -> usize {
+        self.max_buffered_bytes.saturating_mul(16)
+    }
+
+    /// What bytes POSTed before sessions' first receive requests may take together
+    /// (each session's at most `--max-message-bytes`: a handshake fits).
+    pub fn early_input_budget(&self) -> usize {
         self.max_buffered_bytes.saturating_mul(16)
     }
 }
@@ -218,6 +240,26 @@ fn default_node_name() -> String {
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "ringhub".to_owned());
     format!("{host}-{}", std::process::id())
+}
+
+/// The process's open-file limit (1024 when it cannot be read).
+pub fn open_file_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+            line.split_whitespace().nth(3)?.parse::<usize>().ok()
+        })
+        .unwrap_or(1024)
+}
+
+/// Sessions a node takes by default: what the open-file limit leaves beside the
+/// connections in the HTTP phase (half of it, see `shard::state`) and a margin for the
+/// listeners, the store and Redis. SSE and long-polling sessions hold no descriptor
+/// between requests, so without this bound they would not be bounded at all.
+fn default_max_connections() -> usize {
+    let limit = open_file_limit();
+    (limit / 2).saturating_sub(64).max(64)
 }
 
 fn default_threads() -> usize {
@@ -362,6 +404,16 @@ impl ServeArgs {
             self.slow_consumer_secs.or(file.slow_consumer_secs),
             defaults.slow_consumer,
         )?;
+        let rest_timeout = secs(
+            "rest-timeout-secs",
+            self.rest_timeout_secs.or(file.rest_timeout_secs),
+            defaults.rest_timeout,
+        )?;
+        let max_connections = count(
+            "max-connections",
+            self.max_connections.or(file.max_connections),
+            defaults.max_connections,
+        )?;
         let node_name = match self.node_name.or(file.node_name) {
             Some(name) if name.trim().is_empty() => {
                 return Err(invalid("node-name", "must not be empty"))
@@ -387,6 +439,8 @@ impl ServeArgs {
             max_groups_per_connection,
             slow_consumer,
             node_name,
+            rest_timeout,
+            max_connections,
         })
     }
 }
@@ -417,6 +471,8 @@ mod tests {
         assert_eq!(c.slow_consumer, Duration::from_secs(2));
         assert_eq!(c.max_groups_per_connection, 1000);
         assert_eq!(c.jwt_leeway, Duration::from_secs(30));
+        assert_eq!(c.rest_timeout, Duration::from_secs(10));
+        assert!(c.max_connections >= 64);
         assert!(c.node_name.ends_with(&format!("-{}", std::process::id())));
     }
 

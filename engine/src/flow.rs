@@ -11,7 +11,10 @@
 //! only when a window was full.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{
+    AtomicBool, AtomicUsize,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 
@@ -93,6 +96,9 @@ impl Window {
         Ticket {
             window: self.clone(),
             bytes: AtomicUsize::new(bytes),
+            recipients: AtomicUsize::new(0),
+            holders: AtomicUsize::new(0),
+            dropped: AtomicUsize::new(0),
             done: None,
         }
     }
@@ -151,6 +157,14 @@ impl Window {
 pub struct Ticket {
     window: Arc<Window>,
     bytes: AtomicUsize,
+    /// Sessions the message was delivered to, counted per shard after its delivery (one
+    /// addition per shard, not per recipient), the congested ones holding it now, and
+    /// those that dropped it without taking it (closed while holding it). These tell
+    /// whether a receiver holds the publisher after another recipient took the message
+    /// (see `Outbox::holds_a_publisher_alone`); only the congested path counts.
+    recipients: AtomicUsize,
+    holders: AtomicUsize,
+    dropped: AtomicUsize,
     done: Option<oneshot::Sender<()>>,
 }
 
@@ -168,6 +182,33 @@ impl Ticket {
     pub fn charge_more(&self, bytes: usize) {
         self.bytes.fetch_add(bytes, SeqCst);
         self.window.add(bytes);
+    }
+
+    /// A shard delivered the message to `count` sessions.
+    pub fn delivered_to(&self, count: usize) {
+        if count > 0 {
+            self.recipients.fetch_add(count, Relaxed);
+        }
+    }
+
+    /// A congested receiver holds the message.
+    pub fn held(&self) {
+        self.holders.fetch_add(1, Relaxed);
+    }
+
+    /// A receiver that held the message took it (`taken`) or dropped it (it was closed).
+    pub fn let_go(&self, taken: bool) {
+        self.holders.fetch_sub(1, Relaxed);
+        if !taken {
+            self.dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Whether exactly one receiver holds the message while another recipient (on this
+    /// node) took it: that one alone keeps the publisher waiting.
+    pub fn held_by_one_after_another_took_it(&self) -> bool {
+        self.holders.load(Relaxed) == 1
+            && self.recipients.load(Relaxed) > 1 + self.dropped.load(Relaxed)
     }
 }
 

@@ -30,6 +30,7 @@ mod flow;
 pub mod metrics;
 mod node;
 pub mod presence;
+mod quota;
 mod rest;
 pub mod runtime;
 pub mod server;

@@ -74,6 +74,9 @@ pub struct Metrics {
     pub backplane_errors: AtomicU64,
     /// Times the backplane came back after Redis was unreachable.
     pub backplane_reconnects: AtomicU64,
+    /// Messages from the backplane dropped as malformed (not a backplane message, or a
+    /// send whose records are not whole invocations within the message limit).
+    pub backplane_rejected: AtomicU64,
     process: prometheus::process_collector::ProcessCollector,
 }
 
@@ -90,6 +93,7 @@ impl Metrics {
             backplane_connected: AtomicU64::new(0),
             backplane_errors: AtomicU64::new(0),
             backplane_reconnects: AtomicU64::new(0),
+            backplane_rejected: AtomicU64::new(0),
             process: prometheus::process_collector::ProcessCollector::for_self(),
         }
     }
@@ -137,7 +141,12 @@ impl Metrics {
             "# HELP ringhub_backplane_connected 1 while the Redis backplane is connected.\n# TYPE ringhub_backplane_connected gauge\nringhub_backplane_connected {}",
             self.backplane_connected.load(Relaxed)
         );
-        let counters: [(&str, &str, u64); 11] = [
+        let counters: [(&str, &str, u64); 12] = [
+            (
+                "ringhub_backplane_rejected_total",
+                "Messages from the backplane dropped as malformed.",
+                self.backplane_rejected.load(Relaxed),
+            ),
             (
                 "ringhub_backplane_errors_total",
                 "Messages that could not be published to, or were lost from, the Redis backplane.",

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::flow::Window;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
+use crate::quota::Quota;
 use crate::shard::inbox::Inbox;
 use crate::store::MembershipStore;
 
@@ -39,6 +40,15 @@ pub struct Node {
     pub(crate) context_budget: Arc<Window>,
     /// The cluster's backplane thread (with `--redis`).
     pub(crate) backplane: Option<Link>,
+    /// Sessions of every transport (`--max-connections`): a WebSocket holds a
+    /// descriptor, an SSE or long-polling session between requests none, and both hold
+    /// memory and groups.
+    pub(crate) sessions: Arc<Quota>,
+    /// Tokens negotiated and not used by a transport yet (they expire after the
+    /// disconnect timeout; negotiates cost nothing to send).
+    pub(crate) negotiations: Arc<Quota>,
+    /// Bytes POSTed for sessions whose first receive request has not come yet.
+    pub(crate) early_input: Arc<Quota>,
     /// The membership store is the cluster's, in Redis (`backplane::RedisStore`): read
     /// at connect time and changed through the backplane, without blocking a shard. An
     /// embedder's own store is read as any store is, also in a cluster.
@@ -60,6 +70,9 @@ impl Node {
     ) -> Node {
         let shards = config.threads;
         let context_budget = Window::new(config.context_publish_budget(), None);
+        let sessions = Quota::new(config.max_connections);
+        let negotiations = Quota::new(config.max_connections);
+        let early_input = Quota::new(config.early_input_budget());
         Node {
             jwt: config
                 .jwt_secret
@@ -79,6 +92,9 @@ impl Node {
             context_budget,
             durable_in_redis: false,
             backplane,
+            sessions,
+            negotiations,
+            early_input,
             durable_version: AtomicU64::new(0),
         }
     }

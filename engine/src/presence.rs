@@ -137,9 +137,11 @@ fn add_member(hubs: &mut Hubs, hub: &str, group: &str, user: Option<&str>) -> bo
         .groups
         .entry_ref(group)
         .or_default();
-    entry.connections += 1;
+    // Saturating: another node's counts (a snapshot) are input like any other.
+    entry.connections = entry.connections.saturating_add(1);
     if let Some(user) = user {
-        *entry.users.entry_ref(user).or_default() += 1;
+        let count = entry.users.entry_ref(user).or_default();
+        *count = count.saturating_add(1);
     }
     entry.connections == 1
 }
@@ -156,7 +158,7 @@ fn remove_member(hubs: &mut Hubs, hub: &str, group: &str, user: Option<&str>) ->
     entry.connections -= 1;
     if let Some(user) = user {
         if let Some(count) = entry.users.get_mut(user) {
-            *count -= 1;
+            *count = count.saturating_sub(1);
             if *count == 0 {
                 entry.users.remove(user);
             }
@@ -387,7 +389,7 @@ impl Presence {
         let mut connections = 0;
         let mut users = HashSet::new();
         for entry in registry.group_entries(hub, group) {
-            connections += entry.connections;
+            connections = entry.connections.saturating_add(connections);
             users.extend(entry.users.keys());
         }
         let mut user_ids: Vec<String> = users.into_iter().cloned().collect();

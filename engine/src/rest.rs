@@ -113,17 +113,8 @@ async fn route(context: &HubContext, api_key: Option<&str>, request: Request<'_>
             _ => method_not_allowed("GET"),
         };
     }
-    let Some(expected) = api_key else {
-        return Reply::error(
-            404,
-            "The REST API is disabled: start ringhub with --api-key.",
-        );
-    };
-    if !key_matches(head.bearer_token(), expected) {
-        return Reply::error(
-            401,
-            "A valid API key is required (Authorization: Bearer <key>).",
-        );
+    if let Err(refused) = check_key(api_key, head) {
+        return refused;
     }
     let ["api", "hubs", hub, rest @ ..] = segments.as_slice() else {
         return Reply::error(404, "Not found.");
@@ -286,6 +277,35 @@ fn unknown_connection(id: &str) -> Reply {
     Reply::error(404, format!("No connection with the id '{id}'."))
 }
 
+/// Whether the request carries the API key (and the API is enabled).
+fn check_key(api_key: Option<&str>, head: &RequestHead) -> Result<(), Reply> {
+    let Some(expected) = api_key else {
+        return Err(Reply::error(
+            404,
+            "The REST API is disabled: start ringhub with --api-key.",
+        ));
+    };
+    if !key_matches(head.bearer_token(), expected) {
+        return Err(Reply::error(
+            401,
+            "A valid API key is required (Authorization: Bearer <key>).",
+        ));
+    }
+    Ok(())
+}
+
+/// The answer to a request under `/api/` that is refused whatever its body holds (no
+/// key, or the API disabled), so that its body need not be read: the connection closes
+/// after it.
+pub fn refused_before_body(api_key: Option<&str>, head: &RequestHead) -> Option<Vec<u8>> {
+    if head.path == "/api/openapi.json" {
+        return None;
+    }
+    check_key(api_key, head)
+        .err()
+        .map(|reply| reply.render(false))
+}
+
 /// Compares in time independent of where the first difference is.
 fn key_matches(given: Option<&str>, expected: &str) -> bool {
     let Some(given) = given else {
@@ -344,8 +364,15 @@ async fn send(
         Ok(t) => t,
         Err(reply) => return reply,
     };
+    let given_up = context.node.config.rest_timeout;
     match context
-        .send(hub, target, &message.target, message.arguments)
+        .send_unless(
+            hub,
+            target,
+            &message.target,
+            message.arguments,
+            monoio::time::sleep(given_up),
+        )
         .await
     {
         Ok(()) => Reply::empty(202),

@@ -135,6 +135,20 @@ impl HubContext {
         method: &str,
         arguments: Vec<Value>,
     ) -> impl Future<Output = Result<(), ContextError>> + Send + 'static {
+        self.send_unless(hub, target, method, arguments, std::future::pending())
+    }
+
+    /// [`HubContext::send`], refused with [`ContextError::NoRoom`] if `given_up`
+    /// resolves before there is room for the message (the caller's timer: REST's
+    /// `--rest-timeout-secs`). Once handed over, the send goes on to its end.
+    pub(crate) fn send_unless(
+        &self,
+        hub: &str,
+        target: Target,
+        method: &str,
+        arguments: Vec<Value>,
+        given_up: impl Future<Output = ()> + 'static,
+    ) -> impl Future<Output = Result<(), ContextError>> + 'static {
         let prepared = self.prepare_send(hub, target, method, arguments);
         let node = self.node.clone();
         let publisher = self.publisher.clone();
@@ -146,7 +160,13 @@ impl HubContext {
                 size,
             } = prepared?;
             let window = publisher.as_ref().unwrap_or(&node.context_budget);
-            window.room().await;
+            let room = window.room();
+            futures_util::pin_mut!(room, given_up);
+            if let futures_util::future::Either::Right(_) =
+                futures_util::future::select(room, given_up).await
+            {
+                return Err(ContextError::NoRoom);
+            }
             if node.is_shutting_down() {
                 return Err(ContextError::ShuttingDown);
             }

@@ -90,6 +90,10 @@ pub enum ContextError {
     /// `--max-groups-per-connection` (durable groups count).
     #[error("Too many groups for this connection (limit {limit}).")]
     TooManyGroups { limit: usize },
+    /// No room to queue a send before its caller gave up: its recipients are slow (the
+    /// slow ones are closed within `--slow-consumer-secs`), or the node is flooded.
+    #[error("The message could not be queued in time: its recipients are slow or the server is busy; try again later.")]
+    NoRoom,
     /// A message whose frame would be larger than half of `--max-buffered-bytes`.
     #[error("The message is too large (limit {limit} bytes once encoded).")]
     MessageTooLarge { limit: usize },
@@ -101,7 +105,10 @@ impl ContextError {
     pub fn is_refusal(&self) -> bool {
         !matches!(
             self,
-            ContextError::ShuttingDown | ContextError::Store(_) | ContextError::Backplane(_)
+            ContextError::ShuttingDown
+                | ContextError::Store(_)
+                | ContextError::Backplane(_)
+                | ContextError::NoRoom
         )
     }
 }

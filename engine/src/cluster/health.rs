@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 /// How long the node's heartbeats may stay unanswered before Redis counts as gone.
 pub const UNRESPONSIVE: Duration = Duration::from_secs(3);
+/// The same once the driver reported a failed or lost connection since the last echo
+/// (the error alone is not enough: the driver also reports a failure of a connection
+/// it already replaced, after the link works again).
+pub const UNRESPONSIVE_AFTER_ERROR: Duration = Duration::from_millis(1500);
 /// How long a starting node waits for Redis before it says it cannot reach it.
 pub const STARTUP_GRACE: Duration = Duration::from_secs(1);
 /// While Redis stays unreachable, one log line per this interval at most.
@@ -48,6 +52,8 @@ pub struct Health {
     was_up: bool,
     /// What the driver last reported, and how many failures since the last log line.
     last_error: Option<String>,
+    /// The driver reported a failure since the last echo.
+    failed_since_echo: bool,
     failures: u64,
     logged_at: Instant,
 }
@@ -61,6 +67,7 @@ impl Health {
             last_echo: None,
             was_up: false,
             last_error: None,
+            failed_since_echo: false,
             failures: 0,
             logged_at: now,
         }
@@ -77,6 +84,7 @@ impl Health {
     /// The node heard its own heartbeat: Redis took it and delivered it.
     pub fn echo(&mut self, now: Instant) -> Option<Change> {
         self.last_echo = Some(now);
+        self.failed_since_echo = false;
         if self.state == LinkState::Up {
             return None;
         }
@@ -89,22 +97,25 @@ impl Health {
         Some(Change::Up { after, again })
     }
 
-    /// The driver reported a failed connection (or a reset one): Redis is gone now.
-    pub fn failed(&mut self, error: String, now: Instant) -> Option<Change> {
+    /// The driver reported a failed connection (or a reset one): the link is judged
+    /// down sooner if the heartbeats do not come back ([`UNRESPONSIVE_AFTER_ERROR`]).
+    pub fn failed(&mut self, error: String) {
         self.failures += 1;
         self.last_error = Some(error);
-        match self.state {
-            LinkState::Up => Some(self.go_down(now)),
-            LinkState::Starting | LinkState::Down => None,
-        }
+        self.failed_since_echo = true;
     }
 
     /// Looks at the clock: a starting node that has not reached Redis, or a link whose
     /// heartbeats stopped coming back, goes down.
     pub fn check(&mut self, now: Instant) -> Option<Change> {
+        let allowed = if self.failed_since_echo {
+            UNRESPONSIVE_AFTER_ERROR
+        } else {
+            UNRESPONSIVE
+        };
         let overdue = match self.state {
             LinkState::Starting => now - self.since > STARTUP_GRACE,
-            LinkState::Up => self.last_echo.is_none_or(|echo| now - echo > UNRESPONSIVE),
+            LinkState::Up => self.last_echo.is_none_or(|echo| now - echo > allowed),
             LinkState::Down => false,
         };
         overdue.then(|| self.go_down(now))
@@ -185,7 +196,7 @@ mod tests {
     fn a_redis_that_never_answers_is_reported_within_the_startup_grace() {
         let start = Instant::now();
         let mut health = Health::new("redis://r:6379".into(), start);
-        health.failed("Connection refused (os error 111)".into(), at(start, 10));
+        health.failed("Connection refused (os error 111)".into());
         assert_eq!(health.check(at(start, 900)), None);
         let Some(Change::Down { report }) = health.check(at(start, 1100)) else {
             panic!("down after the grace");
@@ -222,23 +233,36 @@ mod tests {
     }
 
     #[test]
-    fn a_reset_connection_is_down_at_once_and_logged_once_per_interval() {
+    fn a_reset_connection_is_down_sooner_and_logged_once_per_interval() {
         let start = Instant::now();
         let mut health = Health::new("redis://r:6379".into(), start);
         health.echo(at(start, 100));
+        health.failed("Connection reset by peer".into());
+        assert_eq!(health.check(at(start, 1500)), None);
         assert!(matches!(
-            health.failed("Connection reset by peer".into(), at(start, 200)),
+            health.check(at(start, 1700)),
             Some(Change::Down { .. })
         ));
-        assert_eq!(health.failed("refused".into(), at(start, 700)), None);
+        health.failed("refused".into());
         assert_eq!(health.report(at(start, 5000)), None);
-        health.failed("refused".into(), at(start, 1200));
-        let line = health.report(at(start, 10_300)).expect("a line after 10 s");
+        health.failed("refused".into());
+        let line = health.report(at(start, 11_800)).expect("a line after 10 s");
         assert!(
             line.contains("2 failed attempts") && line.contains("after 10 s"),
             "{line}"
         );
-        assert_eq!(health.report(at(start, 12_000)), None);
+        assert_eq!(health.report(at(start, 13_000)), None);
+    }
+
+    #[test]
+    fn a_late_report_of_a_replaced_connection_does_not_take_a_working_link_down() {
+        let start = Instant::now();
+        let mut health = Health::new("redis://r:6379".into(), start);
+        health.echo(at(start, 100));
+        health.failed("Connection reset by peer".into());
+        health.echo(at(start, 1000));
+        assert_eq!(health.check(at(start, 1900)), None);
+        assert_eq!(health.state(), LinkState::Up);
     }
 
     #[test]

@@ -413,21 +413,14 @@ impl Backplane {
 
     /// The Redis driver reported a failed or lost connection.
     fn driver_failed(
-        self: &Rc<Self>,
+        &self,
         error: Result<
             (fred::error::Error, Option<fred::types::config::Server>),
             tokio::sync::broadcast::error::RecvError,
         >,
     ) {
-        let Ok((error, _)) = error else {
-            return;
-        };
-        let change = self
-            .health
-            .borrow_mut()
-            .failed(describe(&error), Instant::now());
-        if let Some(change) = change {
-            self.changed(change, false);
+        if let Ok((error, _)) = error {
+            self.health.borrow_mut().failed(describe(&error));
         }
     }
 
@@ -855,6 +848,18 @@ impl Backplane {
                 if own(&origin) {
                     return;
                 }
+                let limit = self.node.config.message_limit();
+                if backplane::check_send_records(&json, &messagepack, limit).is_err() {
+                    self.node
+                        .metrics
+                        .backplane_rejected
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        origin,
+                        "dropped a send whose records are not whole invocations within the limit"
+                    );
+                    return;
+                }
                 let (hub, target) = (Arc::<str>::from(hub), Arc::new(target));
                 self.inbound.room().await;
                 let ticket = Arc::new(self.inbound.charge(json.len()));
@@ -1107,8 +1112,12 @@ async fn receive(
                 match Wire::decode(bytes) {
                     Ok(wire) => backplane.handle_incoming(wire).await,
                     Err(e) => {
-                        backplane.count_errors(1);
-                        tracing::warn!(channel = %message.channel, "ignored: {e}");
+                        backplane
+                            .node
+                            .metrics
+                            .backplane_rejected
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(channel = %message.channel, "ignored: {e}");
                     }
                 }
             }

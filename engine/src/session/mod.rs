@@ -24,6 +24,7 @@ use crate::api::types::Caller;
 use crate::fanout::FrameKind;
 use crate::flow::{Ticket, Window};
 use crate::metrics::{MetricsRef, ShardMetrics};
+use crate::quota::Share;
 use crate::signal::Signal;
 use outbox::{Outbox, Pushed, Taken};
 use replay::{ClientSequence, Incoming, Replay};
@@ -31,9 +32,17 @@ use replay::{ClientSequence, Incoming, Replay};
 /// The error sentence of a slow-consumer close (contract section 6).
 pub const SLOW_CONSUMER: &str = "Connection closed: client too slow.";
 
-/// What a congested receiver must take within `--slow-consumer-secs` not to be closed
-/// as a slow consumer (see [`Session::wrote`]).
-pub const PROGRESS: usize = 64 << 10;
+/// Why a receiver is closed as a slow consumer (logged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowConsumer {
+    /// Its queue (or what it holds) passed its bound.
+    Overflow,
+    /// Congested, it took nothing for `--slow-consumer-secs`.
+    TookNothing,
+    /// It held a publisher alone, after everyone else took the send, for
+    /// `--slow-consumer-secs`.
+    HeldPublishersAlone,
+}
 
 /// How long a closing session may take to flush its last frames.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
@@ -56,10 +65,11 @@ pub struct Session {
     pub durable_groups: RefCell<Option<Box<HashSet<String>>>>,
     outbox: RefCell<Outbox>,
     /// Since when the session has been congested (its backlog above half the bound, or
-    /// frames held) without its reader making progress: the slow-consumer clock.
+    /// frames held) without its reader taking anything: one slow-consumer clock.
     congested_since: Cell<Option<Instant>>,
-    /// Bytes written since the clock last restarted (see [`Session::wrote`]).
-    progress: Cell<usize>,
+    /// Since when it has been the only recipient holding its oldest held send's
+    /// publisher (every other recipient took it): the other clock.
+    alone_since: Cell<Option<Instant>>,
     /// The transport's task waiting for frames (long polling).
     writer: RefCell<Option<Waker>>,
     /// The shard's flush pass, while it writes this session's socket (streaming
@@ -85,6 +95,8 @@ pub struct Session {
     /// have none, and idle sessions' memory is mostly this struct and their tasks).
     stateful: Option<Box<Stateful>>,
     metrics: Rc<MetricsRef>,
+    /// Its place among the node's sessions (`--max-connections`), given back with it.
+    _slot: Option<Share>,
 }
 
 /// A session's stateful-reconnect state.
@@ -106,6 +118,7 @@ impl Session {
         max_buffered_bytes: usize,
         publish_window: Arc<Window>,
         metrics: Rc<MetricsRef>,
+        slot: Option<Share>,
     ) -> Session {
         let now = Instant::now();
         Session {
@@ -119,7 +132,7 @@ impl Session {
             durable_groups: RefCell::default(),
             outbox: RefCell::new(Outbox::new(max_buffered_bytes)),
             congested_since: Cell::new(None),
-            progress: Cell::new(0),
+            alone_since: Cell::new(None),
             writer: RefCell::new(None),
             flush: RefCell::new(None),
             flush_listed: Cell::new(false),
@@ -132,6 +145,7 @@ impl Session {
             transport: RefCell::default(),
             stateful: None,
             metrics,
+            _slot: slot,
         }
     }
 
@@ -215,7 +229,7 @@ impl Session {
             }
             Pushed::Closing => false,
             Pushed::Overflow => {
-                self.close_as_slow();
+                self.close_as_slow(SlowConsumer::Overflow);
                 false
             }
         }
@@ -304,6 +318,7 @@ impl Session {
             stateful.detached.set(true);
             self.outbox.borrow_mut().reset();
             self.congested_since.set(None);
+            self.alone_since.set(None);
         }
     }
 
@@ -391,40 +406,58 @@ impl Session {
         }
     }
 
-    /// Whether the session has stayed congested (above half its queue bound, counting
-    /// what its writer holds, or with frames held) for longer than `allowed`, as of
-    /// `now`: a receiver that stopped reading, or reads far slower than the rest. A
-    /// write that brings the backlog down resets the clock.
-    pub fn too_slow(&self, now: Instant, allowed: Duration) -> bool {
-        if !self.outbox.borrow().is_congested() {
-            self.congested_since.set(None);
-            return false;
+    /// Whether the session is a slow consumer as of `now` (contract section 6), by
+    /// either clock, each allowed `allowed`:
+    /// - it stayed congested (above half its queue bound, counting what its writer
+    ///   holds, or with frames held) without taking anything: it stopped reading, alone
+    ///   or with everyone else in its groups;
+    /// - it held its publishers alone: every other recipient of its oldest held send
+    ///   took it, and it did not, however much it reads meanwhile (a reader that trickles
+    ///   would otherwise set the pace of everyone in its groups). A crowd of readers that
+    ///   keeps up as a whole (a busy client process, a pause of it) shares every held
+    ///   send, and is not closed: its publishers are slowed instead.
+    pub fn too_slow(&self, now: Instant, allowed: Duration) -> Option<SlowConsumer> {
+        let outbox = self.outbox.borrow();
+        let alone = outbox.holds_a_publisher_alone();
+        let congested = outbox.is_congested();
+        drop(outbox);
+        let clock = |cell: &Cell<Option<Instant>>, running: bool| {
+            if !running {
+                cell.set(None);
+                return false;
+            }
+            let since = cell.get().unwrap_or(now);
+            cell.set(Some(since));
+            now - since > allowed
+        };
+        let held_alone = clock(&self.alone_since, alone);
+        let stopped = clock(&self.congested_since, congested);
+        if held_alone {
+            Some(SlowConsumer::HeldPublishersAlone)
+        } else if stopped {
+            Some(SlowConsumer::TookNothing)
+        } else {
+            None
         }
-        let since = self.congested_since.get().unwrap_or(now);
-        self.congested_since.set(Some(since));
-        now - since > allowed
     }
 
-    /// The transport handed `bytes` more to the socket: the reader made room for them.
-    /// Every [`PROGRESS`] bytes restart a running slow-consumer clock, so a receiver
-    /// that keeps reading is not closed however long one write of its queue takes (all
-    /// receivers slowed by one flood, say); one that takes less than that in
-    /// `--slow-consumer-secs` while congested is.
+    /// The transport handed `bytes` more to the socket: the reader took something, so
+    /// it has not stopped (the congestion clock starts again; the other clock does not
+    /// care how much it takes).
     pub fn wrote(&self, bytes: usize) {
-        let progress = self.progress.get() + bytes;
-        if progress < PROGRESS {
-            self.progress.set(progress);
-            return;
+        // The clock is read only while it runs: no time is taken per write otherwise.
+        if bytes > 0 && self.congested_since.get().is_some() {
+            self.congested_since.set(Some(Instant::now()));
         }
-        self.progress.set(0);
-        self.restart_congestion_clock(Instant::now());
     }
 
-    /// Restarts a running slow-consumer clock at `now` (the reader made progress, or
-    /// the shard itself was stalled: the time it did not run is not the reader's fault).
-    pub fn restart_congestion_clock(&self, now: Instant) {
-        if self.congested_since.get().is_some() {
-            self.congested_since.set(Some(now));
+    /// The shard itself was stalled: the time it did not run is not the reader's fault,
+    /// both clocks start again.
+    pub fn restart_slow_consumer_clocks(&self, now: Instant) {
+        for clock in [&self.congested_since, &self.alone_since] {
+            if clock.get().is_some() {
+                clock.set(Some(now));
+            }
         }
     }
 
@@ -450,9 +483,9 @@ impl Session {
     }
 
     /// Closes it as a slow consumer (contract section 6), counted in the metrics.
-    pub fn close_as_slow(&self) {
+    pub fn close_as_slow(&self, why: SlowConsumer) {
         ShardMetrics::add(&self.metrics().slow_consumer_closes, 1);
-        tracing::info!(connection = %self.caller.connection_id, "closing a slow consumer");
+        tracing::info!(connection = %self.caller.connection_id, ?why, "closing a slow consumer");
         self.close(Some(SLOW_CONSUMER), false);
     }
 

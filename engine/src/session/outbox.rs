@@ -6,7 +6,9 @@
 //! at most half the bound. Above that the receiver is congested: frames wait in
 //! order in a held queue, each keeping its publisher's [`Ticket`] (so the publisher is
 //! slowed, see `flow`), and are admitted as writes bring the backlog down again.
-//! Messages are at most half the bound, so an admitted one always fits.
+//! Messages are at most half the bound, so an admitted one always fits. What one
+//! receiver may hold is bounded too ([`HELD_FACTOR`] queue bounds), so that it can
+//! never pin the windows its publishers share with everyone else.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -22,6 +24,12 @@ use crate::flow::{Ticket, HELD_ENTRY_CHARGE};
 /// increment and decrement per recipient and, in the kernel, an iovec import per send.
 /// A memcpy of a few hundred bytes costs less than either.
 pub const COPY_MAX: usize = 1024;
+
+/// What one receiver may hold, in queue bounds: a quarter of the windows publishers
+/// share (a shard's connections, REST and `HubContext` sends: 16 queue bounds each, see
+/// `Config`), so that one slow receiver never fills them, while the frames a crowd of
+/// publishers has on its way to a receiver that keeps up fit easily.
+pub const HELD_FACTOR: usize = 4;
 
 /// A writer keeps a send buffer of at most this capacity between bursts.
 const KEEP_SEND_BUFFER: usize = 16 << 10;
@@ -66,6 +74,8 @@ pub struct Outbox {
     /// Bytes of held frames without a ticket (Completions, pongs, pings): they slow no
     /// publisher, so they count toward the bound.
     held_untracked: usize,
+    /// Bytes of held frames with a ticket: at most [`HELD_FACTOR`] bounds.
+    held_tracked: usize,
     max_bytes: usize,
     /// Set once the session is ending: nothing more is queued, what is queued is
     /// flushed, then the transport stops.
@@ -82,6 +92,7 @@ impl Outbox {
             in_flight: 0,
             held: VecDeque::new(),
             held_untracked: 0,
+            held_tracked: 0,
             max_bytes,
             closing_since: None,
         }
@@ -99,7 +110,12 @@ impl Outbox {
         }
         if !self.held.is_empty() || self.is_above_half() {
             if let Some(ticket) = ticket {
+                if self.held_tracked + frame.len() > HELD_FACTOR * self.max_bytes {
+                    return Pushed::Overflow;
+                }
                 ticket.charge_more(HELD_ENTRY_CHARGE);
+                ticket.held();
+                self.held_tracked += frame.len();
             }
             self.held_untracked += untracked;
             self.held.push_back((frame.clone(), ticket.cloned()));
@@ -144,6 +160,17 @@ impl Outbox {
         self.held.len()
     }
 
+    /// Whether the oldest held send is held by this receiver alone after another
+    /// recipient took it: only this one keeps its publisher charged. (A send to this
+    /// receiver only, or whose other recipients were closed rather than took it, slows
+    /// its publisher as any backpressure does.)
+    pub fn holds_a_publisher_alone(&self) -> bool {
+        self.held
+            .iter()
+            .find_map(|(_, ticket)| ticket.as_ref())
+            .is_some_and(|ticket| ticket.held_by_one_after_another_took_it())
+    }
+
     /// The transport wrote what it took: held frames are admitted while the backlog is
     /// at most half the bound, and their tickets dropped (the publishers may go on).
     /// Returns whether the backlog came down to half the bound or less (before the held
@@ -155,8 +182,12 @@ impl Outbox {
             let Some((frame, ticket)) = self.held.pop_front() else {
                 break;
             };
-            if ticket.is_none() {
-                self.held_untracked -= frame.len();
+            match ticket {
+                Some(ticket) => {
+                    ticket.let_go(true);
+                    self.held_tracked -= frame.len();
+                }
+                None => self.held_untracked -= frame.len(),
             }
             self.admit(&frame);
         }
@@ -190,8 +221,13 @@ impl Outbox {
     fn drop_queued(&mut self) {
         self.frames.clear();
         self.tail.clear();
-        self.held.clear();
+        for (_, ticket) in self.held.drain(..) {
+            if let Some(ticket) = ticket {
+                ticket.let_go(false);
+            }
+        }
         self.held_untracked = 0;
+        self.held_tracked = 0;
     }
 
     pub fn closing_since(&self) -> Option<Instant> {
@@ -353,6 +389,77 @@ mod tests {
         assert_eq!(window.used(), 0, "admitted: the publisher may go on");
         let (_, bytes) = take_all(&mut outbox);
         assert_eq!(bytes, [&frame(b'd')[..], b"ping"].concat());
+    }
+
+    #[test]
+    fn a_send_every_other_recipient_took_is_held_alone() {
+        let window = Window::new(1 << 20, None);
+        let (mut slow, mut other) = (Outbox::new(100), Outbox::new(100));
+        let ticket = Arc::new(window.charge(60));
+        for outbox in [&mut slow, &mut other] {
+            outbox.push(&Bytes::from(vec![0; 60]), Some(&ticket));
+        }
+        ticket.delivered_to(2);
+        let second = Arc::new(window.charge(30));
+        second.delivered_to(2);
+        slow.push(&Bytes::from(vec![1; 30]), Some(&second));
+        other.push(&Bytes::from(vec![1; 30]), Some(&second));
+        assert_eq!(slow.held_frames(), 1);
+        drop(second);
+        assert!(
+            !slow.holds_a_publisher_alone(),
+            "the other receiver holds it too"
+        );
+        take_all(&mut other);
+        other.written();
+        assert!(
+            slow.holds_a_publisher_alone(),
+            "every other recipient took it: only this receiver holds its publisher"
+        );
+        drop(ticket);
+        // The same, but the other receiver is closed instead of taking it: this one is
+        // no slower than anyone who got the message.
+        let (mut slow, mut closed) = (Outbox::new(100), Outbox::new(100));
+        let first = Arc::new(window.charge(60));
+        let second = Arc::new(window.charge(30));
+        for outbox in [&mut slow, &mut closed] {
+            outbox.push(&Bytes::from(vec![0; 60]), Some(&first));
+            outbox.push(&Bytes::from(vec![1; 30]), Some(&second));
+        }
+        second.delivered_to(2);
+        closed.close_with([], Instant::now());
+        assert!(!slow.holds_a_publisher_alone());
+        let mut lone = Outbox::new(100);
+        let only_for_it = Arc::new(window.charge(60));
+        lone.push(&Bytes::from(vec![0; 60]), Some(&only_for_it));
+        lone.push(&Bytes::from(vec![0; 30]), Some(&only_for_it));
+        only_for_it.delivered_to(1);
+        drop(only_for_it);
+        assert!(
+            !lone.holds_a_publisher_alone(),
+            "a send to this receiver only is backpressure, not unfairness"
+        );
+    }
+
+    #[test]
+    fn one_receiver_holds_at_most_held_factor_bounds() {
+        let window = Window::new(usize::MAX, None);
+        let mut outbox = Outbox::new(100);
+        let frame = Bytes::from(vec![0; 50]);
+        let ticket = Arc::new(window.charge(50));
+        let mut pushed = Vec::new();
+        for _ in 0..(2 + 2 * HELD_FACTOR + 1) {
+            pushed.push(outbox.push(&frame, Some(&ticket)));
+        }
+        assert_eq!(&pushed[..2], [Pushed::Queued; 2]);
+        assert!(pushed[2..2 + 2 * HELD_FACTOR]
+            .iter()
+            .all(|p| *p == Pushed::Held));
+        assert_eq!(
+            pushed.last(),
+            Some(&Pushed::Overflow),
+            "past HELD_FACTOR bounds held, the receiver is closed"
+        );
     }
 
     #[test]

@@ -131,7 +131,9 @@ impl ClientSequence {
     /// Counts a message from the client (a Sequence resets the count).
     pub fn receive(&mut self, message: &HubMessage) -> Incoming {
         if let HubMessage::Sequence { sequence_id } = message {
-            if *sequence_id > self.processed + 1 {
+            // Ids start at 1: a Sequence of 0 would make the next message's id 0, taken
+            // as already processed and silently dropped.
+            if *sequence_id == 0 || *sequence_id > self.processed + 1 {
                 return Incoming::Invalid;
             }
             self.next_id = *sequence_id;
@@ -228,5 +230,11 @@ mod tests {
         assert_eq!(client.receive(&invocation()), Incoming::Process, "4");
         let ahead = HubMessage::Sequence { sequence_id: 6 };
         assert_eq!(client.receive(&ahead), Incoming::Invalid);
+        let zero = HubMessage::Sequence { sequence_id: 0 };
+        assert_eq!(
+            client.receive(&zero),
+            Incoming::Invalid,
+            "ids start at 1: a Sequence of 0 is refused, not a message dropped"
+        );
     }
 }

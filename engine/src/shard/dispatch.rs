@@ -219,7 +219,7 @@ mod tests {
             protocol: HubProtocol::Json,
             framing: Framing::Raw,
         };
-        let session = state.new_session(caller, kind, None);
+        let session = state.new_session(caller, kind, None, None);
         futures_executor::block_on(state.register(session.clone()));
         session
     }

@@ -332,9 +332,9 @@ async fn slow_consumer_watch(state: Rc<ShardState>) {
                 continue;
             }
             if stalled {
-                session.restart_congestion_clock(now);
-            } else if session.too_slow(now, allowed) {
-                session.close_as_slow();
+                session.restart_slow_consumer_clocks(now);
+            } else if let Some(why) = session.too_slow(now, allowed) {
+                session.close_as_slow(why);
             }
         }
     }

@@ -18,6 +18,7 @@ use crate::flow::{Ticket, Window};
 use crate::metrics::{MetricsRef, ShardMetrics};
 use crate::node::Node;
 use crate::presence::PRESENCE_CHANGED;
+use crate::quota::Share;
 use crate::session::Session;
 use crate::shard::inbox::{Command, ConnectionOp};
 use crate::shard::tables::HubTables;
@@ -60,14 +61,7 @@ pub type Adopter = Box<dyn Fn(std::net::TcpStream, BytesMut)>;
 /// The bound on one shard's HTTP-phase connections: half the process's open-file limit,
 /// shared by its shards (the other half is for sessions and everything else).
 fn max_http_connections(shards: usize) -> usize {
-    let limit = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|limits| {
-            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-            line.split_whitespace().nth(3)?.parse::<usize>().ok()
-        })
-        .unwrap_or(1024);
-    (limit / 2 / shards.max(1)).max(16)
+    (crate::config::open_file_limit() / 2 / shards.max(1)).max(16)
 }
 
 impl ShardState {
@@ -110,6 +104,7 @@ impl ShardState {
         caller: Rc<Caller>,
         kind: FrameKind,
         stateful_reconnect: Option<usize>,
+        slot: Option<Share>,
     ) -> Rc<Session> {
         let key = self.next_key.get();
         self.next_key.set(key + 1);
@@ -125,6 +120,7 @@ impl ShardState {
             config.max_buffered_bytes,
             window,
             self.metrics.clone(),
+            slot,
         );
         Rc::new(match stateful_reconnect {
             Some(buffer) => session.with_stateful_reconnect(buffer),
@@ -140,8 +136,22 @@ impl ShardState {
         ticket: Option<&Arc<Ticket>>,
     ) {
         if let Some(tables) = self.hubs.borrow().get(hub) {
-            tables.deliver(target, broadcast, ticket);
+            let count = tables.deliver(target, broadcast, ticket);
+            if let Some(ticket) = ticket {
+                ticket.delivered_to(count);
+            }
         }
+    }
+
+    /// A place for a new session among the node's (`--max-connections`), or the answer
+    /// that refuses it.
+    pub fn session_slot(&self) -> Result<Share, crate::transport::negotiate::Refused> {
+        self.node
+            .sessions
+            .try_take(1)
+            .ok_or(crate::transport::negotiate::Refused::Busy(
+                "The server is at its limit of connections (--max-connections); try again later.",
+            ))
     }
 
     /// Acts on a session if it lives on this shard; `Ok(false)` if it does not.
@@ -166,12 +176,9 @@ impl ShardState {
         let user = session.caller.user_id.as_deref();
         match op {
             ConnectionOp::Join(group) => {
-                let limit = self.node.config.max_groups_per_connection;
-                let groups = session.groups.borrow();
-                if groups.len() >= limit && !groups.contains(group.as_str()) {
-                    return Err(ContextError::TooManyGroups { limit });
+                if !session.groups.borrow().contains(group.as_str()) {
+                    self.check_group_limit(&session)?;
                 }
-                drop(groups);
                 if tables.join(session.key, group) {
                     presence.joined(hub, group, user);
                 }
@@ -183,6 +190,9 @@ impl ShardState {
             }
             ConnectionOp::WatchPresence(group) | ConnectionOp::UnwatchPresence(group) => {
                 let watch = matches!(op, ConnectionOp::WatchPresence(_));
+                if watch && !session.watching.borrow().contains(group.as_str()) {
+                    self.check_group_limit(&session)?;
+                }
                 if tables.watch(session.key, group, watch) {
                     presence.watch(hub, group, self.index, watch);
                 }
@@ -190,6 +200,17 @@ impl ShardState {
             ConnectionOp::Close => session.close(None, false),
         }
         Ok(true)
+    }
+
+    /// Refuses one group more for a session already in (or watching)
+    /// `--max-groups-per-connection` groups: watches count, as each holds memory and a
+    /// presence entry like a membership.
+    fn check_group_limit(&self, session: &Session) -> Result<(), ContextError> {
+        let limit = self.node.config.max_groups_per_connection;
+        if session.groups.borrow().len() + session.watching.borrow().len() >= limit {
+            return Err(ContextError::TooManyGroups { limit });
+        }
+        Ok(())
     }
 
     /// Puts a session in this shard's tables and in presence, then in its user's

@@ -281,7 +281,15 @@ mod tests {
         });
         let metrics = Rc::new(MetricsRef(Arc::new(Metrics::new(1)), 0));
         let window = crate::flow::Window::new(1 << 18, None);
-        Rc::new(Session::new(key, caller, kind, 1 << 20, window, metrics))
+        Rc::new(Session::new(
+            key,
+            caller,
+            kind,
+            1 << 20,
+            window,
+            metrics,
+            None,
+        ))
     }
 
     const JSON_WS: FrameKind = FrameKind {

@@ -11,6 +11,7 @@ use futures_util::lock::Mutex;
 use hashbrown::HashMap;
 
 use crate::backplane::SharedToken;
+use crate::quota::Share;
 use crate::session::Session;
 use crate::signal::Signal;
 
@@ -100,22 +101,29 @@ pub struct Negotiated {
     pub user_id: Option<String>,
     pub created: Instant,
     /// Bytes POSTed before the first receive request (some clients send the handshake
-    /// first; ASP.NET Core keeps them for the transport too).
+    /// first; ASP.NET Core keeps them for the transport too), and their share of the
+    /// node's budget for them.
     pub early_input: bytes::BytesMut,
+    pub early_share: Option<Share>,
     /// The client asked for stateful reconnect, and negotiate offered it.
     pub stateful_reconnect: bool,
+    /// Its place among the node's pending negotiations (given back when the token is
+    /// used or expires).
+    _slot: Share,
 }
 
 impl Negotiated {
     /// A token negotiated now (here, or on another node of the cluster).
-    pub fn new(shared: SharedToken) -> Negotiated {
+    pub fn new(shared: SharedToken, slot: Share) -> Negotiated {
         Negotiated {
             hub: shared.hub,
             connection_id: shared.connection_id,
             user_id: shared.user_id,
             created: Instant::now(),
             early_input: bytes::BytesMut::new(),
+            early_share: None,
             stateful_reconnect: shared.stateful_reconnect,
+            _slot: slot,
         }
     }
 }
@@ -219,6 +227,7 @@ impl Tokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quota::Quota;
 
     #[test]
     fn a_token_names_its_shard() {
@@ -234,17 +243,16 @@ mod tests {
     fn negotiated_tokens_expire_and_others_stay() {
         let tokens = Tokens::default();
         let old = Instant::now();
-        tokens.insert(
-            "00a".into(),
-            Token::Negotiated(Negotiated {
-                hub: "h".into(),
-                connection_id: "c".into(),
-                user_id: None,
-                created: old,
-                early_input: bytes::BytesMut::new(),
-                stateful_reconnect: false,
-            }),
-        );
+        let pending = Quota::new(1);
+        let shared = SharedToken {
+            hub: "h".into(),
+            connection_id: "c".into(),
+            user_id: None,
+            stateful_reconnect: false,
+        };
+        let mut negotiated = Negotiated::new(shared, pending.try_take(1).unwrap());
+        negotiated.created = old;
+        tokens.insert("00a".into(), Token::Negotiated(negotiated));
         tokens.insert("00b".into(), Token::WebSocket);
         let ttl = std::time::Duration::from_secs(15);
         let known = |token: &str| tokens.with(token, |entry| entry.is_some());
@@ -252,6 +260,7 @@ mod tests {
         assert!(known("00a") && known("00b"));
         tokens.purge_negotiated(old + ttl, ttl);
         assert!(!known("00a") && known("00b"));
+        assert_eq!(pending.used(), 0, "an expired token gives its place back");
         assert!(matches!(tokens.remove("00b"), Some(Token::WebSocket)));
     }
 }

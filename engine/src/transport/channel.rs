@@ -81,6 +81,7 @@ pub fn start(
     long_polling: bool,
 ) -> Result<Rc<HttpChannel>, Refused> {
     let user_id = state.node.user_ids.user_id(claims.as_ref());
+    let slot = state.session_slot()?;
     let mut created = None;
     negotiate::redeem(
         state,
@@ -106,6 +107,7 @@ pub fn start(
                     framing,
                 },
                 None,
+                Some(slot),
             );
             let has_early_input = !early.is_empty();
             let channel = Rc::new(HttpChannel::new(

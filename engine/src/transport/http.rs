@@ -28,6 +28,11 @@ const HTTP_IDLE: Duration = Duration::from_secs(30);
 /// A request head must arrive whole within this long of its first byte (contract
 /// section 6).
 const HEAD_DEADLINE: Duration = Duration::from_secs(10);
+/// After its head, a request body must arrive at least this fast (bytes per second):
+/// its deadline is the head's plus its length at this rate, so a body sent a byte at a
+/// time cannot hold a connection (and its place among the HTTP-phase connections) for
+/// long. A 32 KiB hub message may take 11 s, the largest body 42 s.
+const MIN_BODY_RATE: usize = 32 << 10;
 
 /// A connection in the HTTP phase (not upgraded, not streaming), counted against the
 /// shard's bound while it lives.
@@ -58,7 +63,7 @@ impl Drop for HttpPhase {
 /// `buf` holds bytes already read from it (by the shard that handed it over).
 pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: BytesMut) {
     let (mut reader, mut writer) = stream.into_split();
-    let Some(phase) = HttpPhase::enter(&state) else {
+    let Some(mut phase) = HttpPhase::enter(&state) else {
         // Past the bound: refused at once, so that idle or slow HTTP clients cannot take
         // every descriptor of the process.
         let _ = write_now(
@@ -124,6 +129,14 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
             }
         };
         let is_api = head.path.starts_with("/api/");
+        if body_len > 0 {
+            // Refused whatever the body says: answered before it is read, then closed, so
+            // that bodies nobody may send cost nothing.
+            if let Some(refusal) = refused_before_body(&state, &head) {
+                let _ = write_now(&mut writer, refusal).await;
+                return;
+            }
+        }
         if body_len > MAX_BODY_BYTES {
             let response = if is_api {
                 rest::too_large()
@@ -135,10 +148,19 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
             }
             return;
         }
+        let body_deadline = head_started.unwrap_or_else(Instant::now)
+            + HEAD_DEADLINE
+            + Duration::from_secs((body_len / MIN_BODY_RATE) as u64);
         while buf.len() < body_len {
-            match monoio::time::timeout(HTTP_IDLE, read_more(&mut reader, &mut buf)).await {
+            let wait = body_deadline.saturating_duration_since(Instant::now());
+            match monoio::time::timeout(wait, read_more(&mut reader, &mut buf)).await {
                 Ok(Ok(true)) => {}
-                _ => return,
+                Ok(_) => return,
+                Err(_) => {
+                    let answer = text_response(408, "The request body took too long.", false);
+                    let _ = write_now(&mut writer, answer).await;
+                    return;
+                }
             }
         }
         let body = buf.split_to(body_len);
@@ -166,13 +188,23 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
             Routed::Respond(bytes) => (bytes, false),
             Routed::Close(bytes) => (bytes, true),
             Routed::Poll(channel) => {
+                // A pending poll is a session's receive request, bounded with the
+                // sessions (`--max-connections`), not an HTTP-phase connection: long-polling
+                // clients waiting for messages do not lock everyone else out.
+                drop(phase);
                 let polled =
                     long_polling::poll(&state, channel, keep_alive, &mut reader, &mut buf).await;
-                match polled {
-                    Some(answer) => (answer, false),
+                let Some(answer) = polled else {
                     // The client went away.
-                    None => return,
-                }
+                    return;
+                };
+                let Some(again) = HttpPhase::enter(&state) else {
+                    // Past the bound now: answered, then closed (the client polls anew).
+                    let _ = write_now(&mut writer, with_cors(answer, origin.as_deref())).await;
+                    return;
+                };
+                phase = again;
+                (answer, false)
             }
             Routed::Send(channel) => {
                 let status = channel::send(&state, &channel, &body).await;
@@ -197,6 +229,25 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
             return;
         }
     }
+}
+
+/// The answer to a request with a body that is refused whatever its body holds: a REST
+/// call without the key, a send-channel POST without a valid token.
+fn refused_before_body(state: &ShardState, head: &RequestHead) -> Option<Vec<u8>> {
+    if head.path.starts_with("/api/") {
+        return rest::refused_before_body(state.node.config.api_key.as_deref(), head);
+    }
+    let segments = head.path_segments()?;
+    let is_send_channel = head.method == "POST"
+        && matches!(segments.as_slice(), [hubs, hub] if hubs == "hubs" && valid_hub_name(hub));
+    if !is_send_channel {
+        return None;
+    }
+    let (token, _) = match channel::identify(state, head) {
+        Ok(identified) => identified,
+        Err(refusal) => return Some(refusal),
+    };
+    (!negotiate::is_known(state, &token)).then(|| negotiate::Refused::Unknown.response(false))
 }
 
 /// An answer without its body (for HEAD).

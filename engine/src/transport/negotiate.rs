@@ -8,7 +8,7 @@ use crate::backplane::{Outgoing, SharedToken};
 use crate::shard::inbox::Command;
 use crate::shard::state::ShardState;
 use crate::shard::tokens::{new_token, Negotiated, Token};
-use crate::transport::{authenticate, random_id, text_response, MAX_BODY_BYTES};
+use crate::transport::{authenticate, random_id, text_response};
 
 /// Answers `POST /hubs/{hub}/negotiate`.
 pub fn negotiate(state: &ShardState, head: &RequestHead, hub: &str) -> Vec<u8> {
@@ -22,6 +22,11 @@ pub fn negotiate(state: &ShardState, head: &RequestHead, hub: &str) -> Vec<u8> {
         return json(wire::negotiate_error_body(
             "negotiateVersion must be a number.",
         ));
+    };
+    // Bounded, as tokens live for the disconnect timeout and negotiates are free.
+    let Some(slot) = state.node.negotiations.try_take(1) else {
+        return Refused::Busy("Too many connections are being negotiated; try again shortly.")
+            .response(head.keep_alive());
     };
     // The session will live on the next shard in turn: whichever shard the client's
     // transport requests reach, they are handed to that one.
@@ -57,7 +62,7 @@ pub fn negotiate(state: &ShardState, head: &RequestHead, hub: &str) -> Vec<u8> {
             negotiated: shared.encode(),
         });
     }
-    let negotiated = Negotiated::new(shared);
+    let negotiated = Negotiated::new(shared, slot);
     if owner == state.index {
         state.tokens.insert(token, Token::Negotiated(negotiated));
     } else {
@@ -91,14 +96,18 @@ pub async fn find_in_cluster(state: &ShardState, head: &RequestHead) {
         tracing::warn!("a malformed token was found in Redis");
         return;
     };
+    // Counted like one negotiated here (none left: the request finds no token, 404).
+    let Some(slot) = state.node.negotiations.try_take(1) else {
+        return;
+    };
     state
         .tokens
-        .insert(token, Token::Negotiated(Negotiated::new(shared)));
+        .insert(token, Token::Negotiated(Negotiated::new(shared, slot)));
 }
 
 /// Whether this shard knows the token, counting one that is still in its inbox, sent by
 /// the shard that negotiated it (taken from there now).
-fn is_known(state: &ShardState, token: &str) -> bool {
+pub fn is_known(state: &ShardState, token: &str) -> bool {
     let known = |state: &ShardState| state.tokens.with(token, |entry| entry.is_some());
     if known(state) {
         return true;
@@ -120,16 +129,30 @@ pub enum Refused {
     Active,
     /// `400`: it was started with another transport.
     OtherTransport,
+    /// `413`: more bytes POSTed before the first receive request than a session may
+    /// keep (`--max-message-bytes`).
+    TooMuchEarlyInput(usize),
+    /// `503`: the node is at one of its limits (sessions, pending negotiations, early
+    /// input): the client should try again later.
+    Busy(&'static str),
 }
 
 impl Refused {
     pub fn response(self, keep_alive: bool) -> Vec<u8> {
+        let too_much;
         let (status, text) = match self {
             Refused::NoId => (400, "Connection ID required"),
             Refused::Unknown => (404, "No Connection with that ID"),
             Refused::OtherUser => (403, "Forbidden"),
             Refused::Active => (409, "Connection is already in use by another transport."),
             Refused::OtherTransport => (400, "Cannot change transports mid-connection"),
+            Refused::TooMuchEarlyInput(limit) => {
+                too_much = format!(
+                    "More than {limit} bytes were sent before the connection's first receive request."
+                );
+                (413, too_much.as_str())
+            }
+            Refused::Busy(why) => (503, why),
         };
         text_response(status, text, keep_alive)
     }
@@ -166,8 +189,9 @@ pub fn redeem(
     })
 }
 
-/// Keeps bytes POSTed to a negotiated token before its transport started (at most
-/// [`MAX_BODY_BYTES`] in all): they are handled once it starts.
+/// Keeps bytes POSTed to a negotiated token before its transport started: at most
+/// `--max-message-bytes` per token (a handshake fits), within the node's budget for
+/// such bytes. They are handled once the transport starts.
 pub fn keep_early_input(
     state: &ShardState,
     hub: &str,
@@ -175,12 +199,29 @@ pub fn keep_early_input(
     user_id: Option<&str>,
     body: &[u8],
 ) -> Result<(), Refused> {
-    with_negotiated(state, hub, token, user_id, |entry| match entry {
-        Token::Negotiated(n) if n.early_input.len() + body.len() <= MAX_BODY_BYTES => {
-            n.early_input.extend_from_slice(body);
-            Ok(())
+    let limit = state.node.config.max_message_bytes;
+    let budget = &state.node.early_input;
+    with_negotiated(state, hub, token, user_id, |entry| {
+        let Token::Negotiated(n) = entry else {
+            return Err(Refused::Unknown);
+        };
+        if n.early_input.len() + body.len() > limit {
+            return Err(Refused::TooMuchEarlyInput(limit));
         }
-        _ => Err(Refused::Unknown),
+        let kept = match &mut n.early_share {
+            Some(share) => share.try_grow(body.len()),
+            None => budget
+                .try_take(body.len())
+                .map(|share| n.early_share = Some(share))
+                .is_some(),
+        };
+        if !kept {
+            return Err(Refused::Busy(
+                "The server holds too much input for connections not started yet; try again shortly.",
+            ));
+        }
+        n.early_input.extend_from_slice(body);
+        Ok(())
     })
 }
 

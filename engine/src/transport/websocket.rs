@@ -18,6 +18,7 @@ use crate::api::Caller;
 use crate::auth::Claims;
 use crate::fanout::FrameKind;
 use crate::metrics::ShardMetrics;
+use crate::quota::Share;
 use crate::session::{Session, CLOSE_GRACE};
 use crate::shard::dispatch::{self, BadInput, Dispatched};
 use crate::shard::inbox::ConnectionOp;
@@ -49,6 +50,8 @@ enum UpgradeKind {
         token: Option<String>,
         /// Negotiate offered stateful reconnect (the handshake decides).
         stateful_reconnect: bool,
+        /// Its place among the node's sessions.
+        slot: Share,
     },
     /// A new WebSocket for a session whose previous one dropped (stateful reconnect).
     Resume(Rc<Resumable>),
@@ -87,6 +90,9 @@ pub fn upgrade(state: &ShardState, head: &RequestHead, hub: &str) -> Result<Upgr
             });
         }
     }
+    let slot = state
+        .session_slot()
+        .map_err(|refused| refused.response(false))?;
     let (connection_id, stateful_reconnect) = match &token {
         None => (random_id(), false),
         Some(token) => {
@@ -105,6 +111,7 @@ pub fn upgrade(state: &ShardState, head: &RequestHead, hub: &str) -> Result<Upgr
             connection_id,
             token,
             stateful_reconnect,
+            slot,
         },
     })
 }
@@ -338,6 +345,7 @@ fn start(upgrade: Upgrade) -> Start {
             connection_id,
             token,
             stateful_reconnect,
+            slot,
         } => Start::New(Box::new(NewSession {
             accept,
             claims,
@@ -345,6 +353,7 @@ fn start(upgrade: Upgrade) -> Start {
             connection_id,
             token,
             stateful_reconnect,
+            slot,
         })),
     }
 }
@@ -357,6 +366,7 @@ struct NewSession {
     connection_id: String,
     token: Option<String>,
     stateful_reconnect: bool,
+    slot: Share,
 }
 
 /// What one WebSocket carrying a session reads from.
@@ -440,6 +450,7 @@ fn run_session(
             caller.clone(),
             kind,
             resumable_with.as_ref().map(|_| buffer),
+            Some(new.slot),
         );
         // Registered (and in its durable groups) before the client learns it is connected,
         // so that whatever the client or its backend does next already finds it. Frames
