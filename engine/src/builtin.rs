@@ -190,6 +190,9 @@ async fn dispatch(mut call: Call<'_>) -> Result<Value, HubError> {
             send(&call, Target::Users(users), target, args).await
         }
         "sendtoconnection" => {
+            // Admin only, like the other direct sends (contract section 4, revised
+            // 2026-12-07): connection ids are not secrets (an app may broadcast them).
+            require_admin(&call)?;
             let (target, args) = message(&mut call, 1)?;
             let id: String = call.arg(0)?;
             send(&call, Target::Connection(id), target, args).await

@@ -39,7 +39,9 @@ pub struct ServeArgs {
     /// Shards, one pinned thread each [default: number of cores].
     #[arg(long, env = "RINGHUB_THREADS", value_name = "N")]
     pub threads: Option<usize>,
-    /// HS256 secret; when set, every connection needs a valid token.
+    /// HS256 secret; when set, every connection needs a valid token (claims: `exp`
+    /// required, `nbf` checked, `sub` the user id, `groups` the patterns it may join,
+    /// `role: "admin"` everything). Without it the node runs in anonymous mode.
     #[arg(long, env = "RINGHUB_JWT_SECRET", value_name = "S")]
     pub jwt_secret: Option<String>,
     /// Bearer key for the REST API under /api (document: GET /api/openapi.json); REST is
@@ -50,8 +52,8 @@ pub struct ServeArgs {
     /// restart with the same directory keeps it [default: ./ringhub-data].
     #[arg(long, env = "RINGHUB_DATA", value_name = "DIR")]
     pub data: Option<PathBuf>,
-    /// Redis URL of the backplane for multi-node scale-out. (Used once scale-out
-    /// lands; validated now.)
+    /// Redis of the cluster this node joins (redis://, rediss://, redis+unix:// or
+    /// host:port); without it the node runs alone.
     #[arg(long, env = "RINGHUB_REDIS", value_name = "URL")]
     pub redis: Option<String>,
     /// Largest incoming hub message in bytes [default: 32768].
@@ -63,15 +65,18 @@ pub struct ServeArgs {
     /// Server Ping interval in seconds [default: 15].
     #[arg(long, env = "RINGHUB_KEEPALIVE_SECS", value_name = "N")]
     pub keepalive_secs: Option<u64>,
-    /// Silence in seconds after which a connection is dropped [default: 30].
+    /// Silence in seconds after which a connection is dropped; longer than
+    /// --keepalive-secs (clients ping when they hear the server) [default: 30].
     #[arg(long, env = "RINGHUB_CLIENT_TIMEOUT_SECS", value_name = "N")]
     pub client_timeout_secs: Option<u64>,
-    /// Bytes kept for replay per connection by stateful reconnect [default: 102400].
-    /// (Stateful reconnect is not offered yet; validated now.)
+    /// Bytes of unacknowledged messages kept per connection for stateful reconnect; a
+    /// connection past it cannot be resumed [default: 102400]. Offered whenever a client
+    /// asks.
     #[arg(long, env = "RINGHUB_STATEFUL_RECONNECT_BUFFER", value_name = "N")]
     pub stateful_reconnect_buffer: Option<usize>,
-    /// Seconds a receiver may stay above half its queue bound before it is closed as too
-    /// slow [default: 2].
+    /// Seconds a receiver may hold its publishers alone (everyone else took their
+    /// messages) or take nothing while congested, before it is closed as too slow
+    /// [default: 2].
     #[arg(long, env = "RINGHUB_SLOW_CONSUMER_SECS", value_name = "N")]
     pub slow_consumer_secs: Option<u64>,
     /// This node's name in logs (and in a cluster) [default: host name and pid].
@@ -83,9 +88,10 @@ pub struct ServeArgs {
     /// Clock skew in seconds allowed when checking a token's `exp` and `nbf` [default: 30].
     #[arg(long, env = "RINGHUB_JWT_LEEWAY_SECS", value_name = "N")]
     pub jwt_leeway_secs: Option<u64>,
-    /// Seconds an SSE or long-polling connection may be without its receive request
-    /// (and a negotiated connection without a transport) before it is disposed and
-    /// leaves its groups (ASP.NET Core's DisconnectTimeout) [default: 15].
+    /// Seconds an SSE or long-polling connection may be without its receive request, a
+    /// negotiated connection without a transport, and a dropped stateful-reconnect
+    /// WebSocket without its resume, before it is disposed and leaves its groups
+    /// (ASP.NET Core's DisconnectTimeout) [default: 15].
     #[arg(long, env = "RINGHUB_DISCONNECT_TIMEOUT_SECS", value_name = "N")]
     pub disconnect_timeout_secs: Option<u64>,
     /// Seconds a long poll waits for messages before answering empty [default: 90].

@@ -23,9 +23,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start one node (every flag also reads RINGHUB_<NAME>, e.g. RINGHUB_LISTEN).
+    /// Start one node.
+    #[command(after_help = SERVE_NOTES)]
     Serve(ServeArgs),
 }
+
+/// What `ringhub serve --help` says below the flags.
+const SERVE_NOTES: &str = "\
+Every flag is also read from the environment (RINGHUB_<NAME>: RINGHUB_LISTEN, \
+RINGHUB_JWT_SECRET, ...) and from the TOML file given with --config (keys named as the \
+flags: max-message-bytes = 65536). A flag wins over the environment, which wins over \
+the file, which wins over the default.
+
+Logs go to stderr; RUST_LOG filters them (default: info; RUST_LOG=debug for every \
+connection, RUST_LOG=info,fred=debug for the Redis driver's own lines).
+
+Endpoints: /hubs/{hub} (SignalR: negotiate, WebSockets, Server-Sent Events, long \
+polling), /api/... (REST, with --api-key; the document at /api/openapi.json), /healthz \
+(liveness), /readyz (readiness), /metrics (Prometheus).";
 
 /// `RUST_LOG` (default `info`). The Redis driver logs every failed reconnect attempt
 /// (twice a second while Redis is down) as a warning; the backplane says what matters
@@ -58,6 +73,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if config.jwt_secret.is_none() {
+        tracing::warn!(
+            "anonymous mode: no --jwt-secret, so any client may join and send to any group or \
+             connection, and there are no users; set --jwt-secret for anything but a trial"
+        );
+    }
     let listen = config.listen;
     let threads = config.threads;
     let node = config.node_name.clone();

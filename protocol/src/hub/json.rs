@@ -1,6 +1,6 @@
 //! The SignalR JSON hub protocol: UTF-8 JSON objects, each ended by `0x1E`.
 //!
-//! Parsing goes through serde into [`Wire`], a borrowed view of every property the
+//! Parsing goes through serde into `Wire`, a borrowed view of every property the
 //! protocol defines; property order is free and unknown properties are ignored. Two
 //! parsers can feed the same view: `serde_json` ([`parse`], used by the engine) and,
 //! with the `simd-json` feature, `simd-json` (`parse_simd`). `bench/benches/protocol.rs`

@@ -54,6 +54,12 @@ test("group patterns and the admin role decide joins and sends", async () => {
   }
   await rejects(bob.invoke("SendToUser", "ann", "receive", ["x"]), { message: "This method requires the admin role." });
   await rejects(bob.invoke("SendToUsers", ["ann"], "receive", ["x"]), { message: "This method requires the admin role." });
+  // A connection id is no secret (an app may show or broadcast it): a direct send to one
+  // is an admin's, like a send to a user.
+  await rejects(bob.invoke("SendToConnection", ann.connectionId, "receive", ["x"]), { message: "This method requires the admin role." });
+  strictEqual(await admin.invoke("SendToConnection", ann.connectionId, "receive", ["from the admin"]), null);
+  await until(() => ann.received.length === 1);
+  deepStrictEqual(ann.received.shift(), ["from the admin"]);
   strictEqual(await admin.invoke("JoinGroup", "alert:fire"), null, "admin may join every group");
   strictEqual(await ann.invoke("SendToGroup", "ward:4b", "receive", ["ward news"]), null);
   await until(() => ann.received.length === 1);
