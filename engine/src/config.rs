@@ -33,7 +33,8 @@ pub struct ServeArgs {
     /// TOML file with any of these settings, keys named as the flags (max-message-bytes = 65536).
     #[arg(long, env = "RINGHUB_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// TCP address for HTTP and WebSocket [default: 127.0.0.1:5000].
+    /// TCP address for HTTP and WebSocket: an address or host:port (0.0.0.0:5000 to listen
+    /// on every interface, localhost:5000) [default: 127.0.0.1:5000].
     #[arg(long, env = "RINGHUB_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
     /// Shards, one pinned thread each [default: number of cores].
@@ -105,6 +106,15 @@ pub struct ServeArgs {
     /// new one is refused with 503 [default: what the open-file limit allows].
     #[arg(long, env = "RINGHUB_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Origins a browser page may call from, comma-separated (https://app.example.com);
+    /// `*` allows any origin. With a list, WebSocket upgrades from other origins are
+    /// refused (403) [default: *].
+    #[arg(long, env = "RINGHUB_CORS_ORIGINS", value_name = "LIST")]
+    pub cors_origins: Option<String>,
+    /// Serve /metrics and /api/openapi.json on this address instead of --listen (a
+    /// port not exposed to clients) [default: on --listen].
+    #[arg(long, env = "RINGHUB_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
 }
 
 /// The same settings in a TOML file.
@@ -131,6 +141,8 @@ struct FileSettings {
     node_name: Option<String>,
     rest_timeout_secs: Option<u64>,
     max_connections: Option<usize>,
+    cors_origins: Option<String>,
+    admin_listen: Option<String>,
 }
 
 /// A validated configuration.
@@ -160,6 +172,29 @@ pub struct Config {
     pub rest_timeout: Duration,
     /// Sessions of every transport together, on this node.
     pub max_connections: usize,
+    /// Origins browser pages may call from.
+    pub cors_origins: CorsOrigins,
+    /// Where `/metrics` and `/api/openapi.json` are served, when not on `listen`.
+    pub admin_listen: Option<SocketAddr>,
+}
+
+/// Which browser origins may call a node (`--cors-origins`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// Any origin: each is reflected (access is by token, never by cookie).
+    Any,
+    /// Only these (`scheme://host[:port]`, lower case).
+    Only(Vec<String>),
+}
+
+impl Config {
+    /// Whether a page from `origin` may call this node.
+    pub fn allows_origin(&self, origin: &str) -> bool {
+        match &self.cors_origins {
+            CorsOrigins::Any => true,
+            CorsOrigins::Only(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+        }
+    }
 }
 
 impl Default for Config {
@@ -184,6 +219,8 @@ impl Default for Config {
             node_name: default_node_name(),
             rest_timeout: Duration::from_secs(10),
             max_connections: default_max_connections(),
+            cors_origins: CorsOrigins::Any,
+            admin_listen: None,
         }
     }
 }
@@ -303,12 +340,7 @@ impl ServeArgs {
         let defaults = Config::default();
         let listen_text = self.listen.or(file.listen);
         let listen = match listen_text {
-            Some(text) => text.parse::<SocketAddr>().map_err(|_| {
-                invalid(
-                    "listen",
-                    format!("'{text}' is not an address like 127.0.0.1:5000"),
-                )
-            })?,
+            Some(text) => listen_address(&text)?,
             None => defaults.listen,
         };
         let threads = match self.threads.or(file.threads) {
@@ -420,6 +452,25 @@ impl ServeArgs {
             self.max_connections.or(file.max_connections),
             defaults.max_connections,
         )?;
+        let cors_origins = match self.cors_origins.or(file.cors_origins) {
+            None => CorsOrigins::Any,
+            Some(list) => cors_origins(&list)?,
+        };
+        let admin_listen = self
+            .admin_listen
+            .or(file.admin_listen)
+            .map(|text| {
+                listen_address(&text).map_err(|_| {
+                    invalid(
+                        "admin-listen",
+                        format!("'{text}' is not an address or host:port"),
+                    )
+                })
+            })
+            .transpose()?;
+        if admin_listen.is_some_and(|admin| admin == listen && admin.port() != 0) {
+            return Err(invalid("admin-listen", "must differ from --listen"));
+        }
         let node_name = match self.node_name.or(file.node_name) {
             Some(name) if name.trim().is_empty() => {
                 return Err(invalid("node-name", "must not be empty"))
@@ -447,8 +498,63 @@ impl ServeArgs {
             node_name,
             rest_timeout,
             max_connections,
+            cors_origins,
+            admin_listen,
         })
     }
+}
+
+/// `--cors-origins`: `*`, or origins (`scheme://host[:port]`) separated by commas.
+#[cfg(feature = "cli")]
+fn cors_origins(list: &str) -> Result<CorsOrigins, ConfigError> {
+    if list.trim() == "*" {
+        return Ok(CorsOrigins::Any);
+    }
+    let mut origins = Vec::new();
+    for origin in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        let valid = origin.split_once("://").is_some_and(|(scheme, host)| {
+            matches!(scheme, "http" | "https") && !host.is_empty() && !host.contains('/')
+        });
+        if !valid {
+            return Err(invalid(
+                "cors-origins",
+                format!("'{origin}' is not an origin like https://app.example.com (no path)"),
+            ));
+        }
+        origins.push(origin.to_ascii_lowercase());
+    }
+    if origins.is_empty() {
+        return Err(invalid("cors-origins", "names no origin (use * for any)"));
+    }
+    Ok(CorsOrigins::Only(origins))
+}
+
+/// `--listen`: an address (`0.0.0.0:5000`, `[::]:5000`) or a host name and a port
+/// (`localhost:5000`), resolved once at startup (its first address, IPv4 first).
+#[cfg(feature = "cli")]
+fn listen_address(text: &str) -> Result<SocketAddr, ConfigError> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let not_an_address = || {
+        invalid(
+            "listen",
+            format!(
+                "'{text}' is not an address or host:port like 127.0.0.1:5000 or localhost:5000"
+            ),
+        )
+    };
+    let (host, port) = text.rsplit_once(':').ok_or_else(not_an_address)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(not_an_address());
+    }
+    let mut addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| invalid("listen", format!("cannot resolve '{host}': {e}")))?
+        .collect();
+    addrs.sort_by_key(|addr| addr.is_ipv6());
+    addrs.into_iter().next().ok_or_else(not_an_address)
 }
 
 #[cfg(feature = "cli")]
@@ -519,6 +625,55 @@ mod tests {
         }
         .resolve()
         .is_ok());
+    }
+
+    #[test]
+    fn listen_takes_addresses_and_host_names() {
+        let listen = |text: &str| {
+            ServeArgs {
+                listen: Some(text.into()),
+                ..Default::default()
+            }
+            .resolve()
+            .map(|c| c.listen.to_string())
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(listen("0.0.0.0:5000").unwrap(), "0.0.0.0:5000");
+        assert_eq!(listen("[::1]:5001").unwrap(), "[::1]:5001");
+        assert_eq!(listen("localhost:5002").unwrap(), "127.0.0.1:5002");
+        for bad in [
+            "localhost",
+            "localhost:http",
+            ":5000",
+            "no such host.invalid:1",
+        ] {
+            assert!(listen(bad).unwrap_err().starts_with("--listen:"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cors_origins_are_any_or_a_list_of_origins() {
+        let resolve = |list: &str| {
+            ServeArgs {
+                cors_origins: Some(list.into()),
+                ..Default::default()
+            }
+            .resolve()
+        };
+        let config = resolve("https://App.example.com, http://localhost:8080").unwrap();
+        assert!(config.allows_origin("https://app.example.com"));
+        assert!(config.allows_origin("http://localhost:8080"));
+        assert!(!config.allows_origin("https://evil.example.com"));
+        assert!(resolve("*").unwrap().allows_origin("https://anything"));
+        for bad in [
+            "app.example.com",
+            "https://a.example.com/path",
+            ",",
+            "ftp://x",
+        ] {
+            let error = resolve(bad).unwrap_err().to_string();
+            assert!(error.starts_with("--cors-origins:"), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //!   [`server`]: building, starting, stopping;
 //! - [`runtime`]: the io_uring runtime every thread runs on.
 
+mod admin;
 pub mod api;
 pub mod auth;
 mod backplane;

@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 
 use thiserror::Error;
 
+use crate::admin::AdminServer;
 use crate::api::hub::HubFactory;
 use crate::api::{Hub, HubContext};
 use crate::auth::{ClaimPatterns, GroupAuthorizer, SubClaimUserId, UserIdProvider};
@@ -36,6 +37,11 @@ pub enum ServerError {
     MessageOverHalfTheQueue { message: usize, buffered: usize },
     #[error("--data: {0}")]
     Store(#[from] StoreError),
+    #[error("--admin-listen {addr}: cannot listen: {source}")]
+    AdminListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Configures a server.
@@ -137,6 +143,13 @@ impl ServerBuilder {
         );
         node.durable_in_redis = durable_in_redis;
         let node = Arc::new(node);
+        let admin = match node.config.admin_listen {
+            Some(addr) => Some(
+                AdminServer::start(addr, node.clone())
+                    .map_err(|source| ServerError::AdminListen { addr, source })?,
+            ),
+            None => None,
+        };
         if let (Some(end), Some(url)) = (link_end, &node.config.redis) {
             crate::cluster::start(node.clone(), url, end).map_err(ServerError::Thread)?;
         }
@@ -157,6 +170,7 @@ impl ServerBuilder {
             node,
             handles,
             local_addr,
+            admin,
         })
     }
 }
@@ -244,12 +258,20 @@ pub struct Server {
     node: Arc<Node>,
     handles: Vec<JoinHandle<()>>,
     local_addr: SocketAddr,
+    /// The listener of `--admin-listen`, when set.
+    admin: Option<AdminServer>,
 }
 
 impl Server {
     /// The address it listens on (the real port when 0 was configured).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where `/metrics` and `/api/openapi.json` are served when `--admin-listen` moved
+    /// them off [`Server::local_addr`].
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::address)
     }
 
     /// A handle to send and manage groups from anywhere.
@@ -298,6 +320,9 @@ impl Server {
         }
         if let Some(link) = &self.node.backplane {
             link.send(Outgoing::Stop);
+        }
+        if let Some(admin) = &self.admin {
+            admin.stop();
         }
     }
 }

@@ -90,6 +90,9 @@ fn main() -> ExitCode {
         }
     };
     tracing::info!(address = %server.local_addr(), threads, requested = %listen, node, "ringhub listening");
+    if let Some(admin) = server.admin_addr() {
+        tracing::info!(address = %admin, "metrics and the REST document served on the admin address");
+    }
     if let Err(e) = server.run_until_signal() {
         eprintln!("ringhub: cannot watch signals: {e}");
         return ExitCode::from(1);

@@ -12,6 +12,7 @@ use monoio::io::{OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 use ringhub_protocol::http::{self as wire, HttpLimits, RequestHead};
 
+use crate::admin;
 use crate::api::valid_hub_name;
 use crate::rest;
 use crate::shard::inbox::Command;
@@ -164,7 +165,8 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
             }
         }
         let body = buf.split_to(body_len);
-        if is_api {
+        if is_api && !(head.path == "/api/openapi.json" && state.node.config.admin_listen.is_some())
+        {
             let request = rest::Request {
                 head: &head,
                 body: &body,
@@ -181,7 +183,12 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
             continue;
         }
         let keep_alive = head.keep_alive();
-        let origin = head.header_str("origin").map(str::to_owned);
+        // CORS headers only for an allowed origin (`--cors-origins`): a browser then
+        // refuses other origins' pages the answer.
+        let origin = head
+            .header_str("origin")
+            .filter(|origin| state.node.config.allows_origin(origin))
+            .map(str::to_owned);
         negotiate::find_in_cluster(&state, &head).await;
         // The answer, and whether the connection closes after it.
         let (answer, close) = match route(&state, &head, &body) {
@@ -248,14 +255,6 @@ fn refused_before_body(state: &ShardState, head: &RequestHead) -> Option<Vec<u8>
         Err(refusal) => return Some(refusal),
     };
     (!negotiate::is_known(state, &token)).then(|| negotiate::Refused::Unknown.response(false))
-}
-
-/// An answer without its body (for HEAD).
-fn head_only(mut answer: Vec<u8>) -> Vec<u8> {
-    if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
-        answer.truncate(end + 4);
-    }
-    answer
 }
 
 /// The shard that owns the token of a transport request, when it is another one.
@@ -348,6 +347,17 @@ fn route(state: &Rc<ShardState>, head: &RequestHead, body: &[u8]) -> Routed {
         None => return respond(400, "path is not valid UTF-8"),
     };
     let segments: Vec<&str> = segments.iter().map(|s| s.as_ref()).collect();
+    if let Some(endpoint) = admin::Endpoint::of(&head.path) {
+        if endpoint.is_admin_only() && state.node.config.admin_listen.is_some() {
+            return respond(404, "not found (served on --admin-listen)");
+        }
+        return Routed::Respond(admin::answer(
+            &state.node,
+            endpoint,
+            &head.method,
+            keep_alive,
+        ));
+    }
     match (head.method.as_str(), segments.as_slice()) {
         // CORS preflight of a browser on another origin (headers added by `with_cors`).
         ("OPTIONS", ["hubs", ..]) => {
@@ -366,44 +376,6 @@ fn route(state: &Rc<ShardState>, head: &RequestHead, body: &[u8]) -> Routed {
                 keep_alive,
             ))
         }
-        ("GET" | "HEAD", ["healthz"]) => {
-            let (status, text) = if state.node.is_ready() {
-                (200, "ok")
-            } else {
-                (503, "starting")
-            };
-            let answer = text_response(status, text, keep_alive);
-            // HEAD: the same head (load balancers check it), no body.
-            Routed::Respond(if head.method == "HEAD" {
-                head_only(answer)
-            } else {
-                answer
-            })
-        }
-        ("GET" | "HEAD", ["readyz"]) => {
-            let (status, body) = match state.node.readiness() {
-                Ok(()) => (200, r#"{"status":"ready"}"#.to_owned()),
-                Err(reason) => (503, serde_json::json!({ "reason": reason }).to_string()),
-            };
-            let answer =
-                wire::response(status, "application/json", &[], body.as_bytes(), keep_alive);
-            Routed::Respond(if head.method == "HEAD" {
-                head_only(answer)
-            } else {
-                answer
-            })
-        }
-        ("GET", ["metrics"]) => Routed::Respond(wire::response(
-            200,
-            "text/plain; version=0.0.4",
-            &[],
-            state
-                .node
-                .metrics
-                .render(state.node.presence.nonempty_groups())
-                .as_bytes(),
-            keep_alive,
-        )),
         (method, ["hubs", hub, "negotiate"]) if valid_hub_name(hub) => {
             if method != "POST" {
                 return respond(405, "negotiate requires POST");
@@ -411,6 +383,20 @@ fn route(state: &Rc<ShardState>, head: &RequestHead, body: &[u8]) -> Routed {
             Routed::Respond(negotiate::negotiate(state, head, hub))
         }
         (method, ["hubs", hub]) if valid_hub_name(hub) => match method {
+            // Browsers do not apply CORS to WebSockets: with an allow-list, another
+            // origin's page is refused here (cross-site WebSocket hijacking).
+            "GET"
+                if head.wants_websocket()
+                    && head
+                        .header_str("origin")
+                        .is_some_and(|origin| !state.node.config.allows_origin(origin)) =>
+            {
+                Routed::Close(text_response(
+                    403,
+                    "This origin is not allowed (--cors-origins).",
+                    false,
+                ))
+            }
             "GET" if head.wants_websocket() => match websocket::upgrade(state, head, hub) {
                 Ok(upgrade) => Routed::Upgrade(Box::new(upgrade)),
                 Err(refusal) => Routed::Close(refusal),
