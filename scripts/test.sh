@@ -59,16 +59,20 @@ cluster_log="$root/target/cluster-smoke.log"
 RINGHUB_BIN="$root/target/debug/ringhub" BASE_PORT=15201 REDIS_PORT=16401 \
   scripts/cluster.sh 2 -- --api-key smoke > "$cluster_log" 2>&1 &
 cluster_pid=$!
+# Whole answers are read, then matched: in `curl | grep -q` grep quits at its match
+# and curl, cut off mid-write, fails the pipeline (pipefail).
+backplane_connected() { [[ "$(curl -fs "http://127.0.0.1:$1/metrics" 2> /dev/null)" == *$'\n'"ringhub_backplane_connected 1"* ]]; }
 for port in 15201 15202; do
   for _ in $(seq 200); do
-    curl -fs "http://127.0.0.1:$port/metrics" 2> /dev/null | grep -q "^ringhub_backplane_connected 1" && break
+    backplane_connected "$port" && break
     sleep 0.05
   done
-  curl -fs "http://127.0.0.1:$port/metrics" | grep -q "^ringhub_backplane_connected 1"
+  backplane_connected "$port"
 done
 # Durable membership stored through one node is read through the other.
 curl -fs -X PUT -H "authorization: Bearer smoke" http://127.0.0.1:15201/api/hubs/chat/groups/g/users/u
-curl -fs -H "authorization: Bearer smoke" http://127.0.0.1:15202/api/hubs/chat/users/u | grep -q '"groups":\["g"\]'
+groups=$(curl -fs -H "authorization: Bearer smoke" http://127.0.0.1:15202/api/hubs/chat/users/u)
+[[ "$groups" == *'"groups":["g"]'* ]]
 kill "$cluster_pid"
 wait "$cluster_pid" || true
 leftovers="^redis-server 127.0.0.1:16401|ringhub serve --listen 127.0.0.1:1520[12]"

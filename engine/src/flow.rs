@@ -12,11 +12,12 @@
 
 use std::future::Future;
 use std::sync::atomic::{
-    AtomicBool, AtomicUsize,
+    AtomicBool, AtomicU64, AtomicUsize,
     Ordering::{Relaxed, SeqCst},
 };
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
 
@@ -96,9 +97,9 @@ impl Window {
         Ticket {
             window: self.clone(),
             bytes: AtomicUsize::new(bytes),
-            recipients: AtomicUsize::new(0),
             holders: AtomicUsize::new(0),
-            dropped: AtomicUsize::new(0),
+            kept_up: AtomicBool::new(false),
+            last_taken: AtomicU64::new(0),
             done: None,
         }
     }
@@ -157,14 +158,18 @@ impl Window {
 pub struct Ticket {
     window: Arc<Window>,
     bytes: AtomicUsize,
-    /// Sessions the message was delivered to, counted per shard after its delivery (one
-    /// addition per shard, not per recipient), the congested ones holding it now, and
-    /// those that dropped it without taking it (closed while holding it). These tell
-    /// whether a receiver holds the publisher after another recipient took the message
-    /// (see `Outbox::holds_a_publisher_alone`); only the congested path counts.
-    recipients: AtomicUsize,
+    /// The congested receivers holding the message now, and whether a recipient kept up
+    /// with it (queued it with little before it, or took it from its held queue). These
+    /// tell whether a receiver holds the publisher alone after the others took the
+    /// message (see `Outbox::behind_the_others`). A recipient that queues it behind a
+    /// long backlog of its own is not keeping up (a reader that stopped, while its
+    /// queue fills): that makes nobody else look slow.
     holders: AtomicUsize,
-    dropped: AtomicUsize,
+    kept_up: AtomicBool,
+    /// When a receiver that held the message last took it (nanoseconds after
+    /// [`epoch`]; 0: none did): from then on, whoever still holds it is behind the
+    /// others.
+    last_taken: AtomicU64,
     done: Option<oneshot::Sender<()>>,
 }
 
@@ -184,10 +189,11 @@ impl Ticket {
         self.window.add(bytes);
     }
 
-    /// A shard delivered the message to `count` sessions.
-    pub fn delivered_to(&self, count: usize) {
-        if count > 0 {
-            self.recipients.fetch_add(count, Relaxed);
+    /// A recipient queued the message with little before it: it keeps up. (A load
+    /// first: one store per message, not one write of a shared line per recipient.)
+    pub fn kept_up(&self) {
+        if !self.kept_up.load(Relaxed) {
+            self.kept_up.store(true, Relaxed);
         }
     }
 
@@ -198,18 +204,34 @@ impl Ticket {
 
     /// A receiver that held the message took it (`taken`) or dropped it (it was closed).
     pub fn let_go(&self, taken: bool) {
+        if taken {
+            let since_epoch = Instant::now().duration_since(epoch()).as_nanos() as u64;
+            self.last_taken.fetch_max(since_epoch.max(1), Relaxed);
+            self.kept_up();
+        }
         self.holders.fetch_sub(1, Relaxed);
-        if !taken {
-            self.dropped.fetch_add(1, Relaxed);
+    }
+
+    /// When a receiver that held the message last took it, if one did.
+    pub fn last_taken(&self) -> Option<Instant> {
+        match self.last_taken.load(Relaxed) {
+            0 => None,
+            nanos => Some(epoch() + Duration::from_nanos(nanos)),
         }
     }
 
     /// Whether exactly one receiver holds the message while another recipient (on this
-    /// node) took it: that one alone keeps the publisher waiting.
+    /// node) kept up with it: that one alone keeps the publisher waiting.
     pub fn held_by_one_after_another_took_it(&self) -> bool {
-        self.holders.load(Relaxed) == 1
-            && self.recipients.load(Relaxed) > 1 + self.dropped.load(Relaxed)
+        self.holders.load(Relaxed) == 1 && self.kept_up.load(Relaxed)
     }
+}
+
+/// The instant [`Ticket::last_taken`] counts from (one per process, so that tickets
+/// shared between shards agree).
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 impl Drop for Ticket {

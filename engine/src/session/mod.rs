@@ -39,7 +39,7 @@ pub enum SlowConsumer {
     Overflow,
     /// Congested, it took nothing for `--slow-consumer-secs`.
     TookNothing,
-    /// It held a publisher alone, after everyone else took the send, for
+    /// It held publishers alone, behind every other recipient of their sends, for
     /// `--slow-consumer-secs`.
     HeldPublishersAlone,
 }
@@ -67,9 +67,9 @@ pub struct Session {
     /// Since when the session has been congested (its backlog above half the bound, or
     /// frames held) without its reader taking anything: one slow-consumer clock.
     congested_since: Cell<Option<Instant>>,
-    /// Since when it has been the only recipient holding its oldest held send's
-    /// publisher (every other recipient took it): the other clock.
-    alone_since: Cell<Option<Instant>>,
+    /// How long it has been behind the other recipients of its sends, holding their
+    /// publishers alone (see [`Session::too_slow`]): the other clock.
+    behind_for: Cell<Duration>,
     /// The transport's task waiting for frames (long polling).
     writer: RefCell<Option<Waker>>,
     /// The shard's flush pass, while it writes this session's socket (streaming
@@ -132,7 +132,7 @@ impl Session {
             durable_groups: RefCell::default(),
             outbox: RefCell::new(Outbox::new(max_buffered_bytes)),
             congested_since: Cell::new(None),
-            alone_since: Cell::new(None),
+            behind_for: Cell::new(Duration::ZERO),
             writer: RefCell::new(None),
             flush: RefCell::new(None),
             flush_listed: Cell::new(false),
@@ -318,7 +318,7 @@ impl Session {
             stateful.detached.set(true);
             self.outbox.borrow_mut().reset();
             self.congested_since.set(None);
-            self.alone_since.set(None);
+            self.behind_for.set(Duration::ZERO);
         }
     }
 
@@ -407,32 +407,46 @@ impl Session {
     }
 
     /// Whether the session is a slow consumer as of `now` (contract section 6), by
-    /// either clock, each allowed `allowed`:
-    /// - it stayed congested (above half its queue bound, counting what its writer
+    /// either clock, each allowed `allowed`; called every `step`.
+    /// - It stayed congested (above half its queue bound, counting what its writer
     ///   holds, or with frames held) without taking anything: it stopped reading, alone
-    ///   or with everyone else in its groups;
-    /// - it held its publishers alone: every other recipient of its oldest held send
-    ///   took it, and it did not, however much it reads meanwhile (a reader that trickles
-    ///   would otherwise set the pace of everyone in its groups). A crowd of readers that
-    ///   keeps up as a whole (a busy client process, a pause of it) shares every held
-    ///   send, and is not closed: its publishers are slowed instead.
-    pub fn too_slow(&self, now: Instant, allowed: Duration) -> Option<SlowConsumer> {
+    ///   or with everyone else in its groups.
+    /// - It was behind the others: it held a send alone, after every other recipient
+    ///   took it, for longer than an eighth of `allowed`, however much it reads
+    ///   meanwhile (a reader that trickles would otherwise set the pace of everyone in
+    ///   its groups). That clock runs while it is, and runs back at a quarter of the
+    ///   pace while it is not, so a trickle that catches up now and then still adds up. A reader that is
+    ///   merely last among readers that keep up (a busy client process reads its
+    ///   sockets in turn) is behind by milliseconds, never by that much; a crowd that
+    ///   falls behind together shares every held send and is not closed: its
+    ///   publishers are slowed instead.
+    pub fn too_slow(
+        &self,
+        now: Instant,
+        step: Duration,
+        allowed: Duration,
+    ) -> Option<SlowConsumer> {
         let outbox = self.outbox.borrow();
-        let alone = outbox.holds_a_publisher_alone();
+        let behind = outbox
+            .behind_the_others(now)
+            .is_some_and(|lag| lag > allowed / 8);
         let congested = outbox.is_congested();
         drop(outbox);
-        let clock = |cell: &Cell<Option<Instant>>, running: bool| {
-            if !running {
-                cell.set(None);
-                return false;
-            }
-            let since = cell.get().unwrap_or(now);
-            cell.set(Some(since));
-            now - since > allowed
+        let behind_for = if behind {
+            self.behind_for.get() + step
+        } else {
+            self.behind_for.get().saturating_sub(step / 4)
         };
-        let held_alone = clock(&self.alone_since, alone);
-        let stopped = clock(&self.congested_since, congested);
-        if held_alone {
+        self.behind_for.set(behind_for);
+        let stopped = if congested {
+            let since = self.congested_since.get().unwrap_or(now);
+            self.congested_since.set(Some(since));
+            now - since > allowed
+        } else {
+            self.congested_since.set(None);
+            false
+        };
+        if behind_for > allowed {
             Some(SlowConsumer::HeldPublishersAlone)
         } else if stopped {
             Some(SlowConsumer::TookNothing)
@@ -454,11 +468,10 @@ impl Session {
     /// The shard itself was stalled: the time it did not run is not the reader's fault,
     /// both clocks start again.
     pub fn restart_slow_consumer_clocks(&self, now: Instant) {
-        for clock in [&self.congested_since, &self.alone_since] {
-            if clock.get().is_some() {
-                clock.set(Some(now));
-            }
+        if self.congested_since.get().is_some() {
+            self.congested_since.set(Some(now));
         }
+        self.behind_for.set(Duration::ZERO);
     }
 
     /// Resolves once the session is not congested (or is ending): a transport reads the

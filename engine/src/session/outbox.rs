@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -24,6 +24,10 @@ use crate::flow::{Ticket, HELD_ENTRY_CHARGE};
 /// increment and decrement per recipient and, in the kernel, an iovec import per send.
 /// A memcpy of a few hundred bytes costs less than either.
 pub const COPY_MAX: usize = 1024;
+
+/// A receiver that queues a send with at most this fraction of its bound before it
+/// keeps up with that send (see [`Ticket::kept_up`]).
+const KEEPING_UP_FRACTION: usize = 4;
 
 /// What one receiver may hold, in queue bounds: a quarter of the windows publishers
 /// share (a shard's connections, REST and `HubContext` sends: 16 queue bounds each, see
@@ -44,6 +48,16 @@ pub enum Pushed {
     Closing,
     /// The frame would take the queue past its bound: the session must be closed.
     Overflow,
+}
+
+/// A frame waiting while its receiver is congested.
+#[derive(Debug)]
+struct Held {
+    frame: Bytes,
+    /// The ticket of the send it belongs to (`None`: the session's own frame).
+    ticket: Option<Arc<Ticket>>,
+    /// When it came (only frames of sends are timed: see [`Outbox::behind_the_others`]).
+    since: Option<Instant>,
 }
 
 /// What one take from the outbox held.
@@ -68,9 +82,8 @@ pub struct Outbox {
     bytes: usize,
     /// Bytes taken by the transport and not yet written.
     in_flight: usize,
-    /// Frames that came while the backlog was above half the bound, oldest first, with
-    /// the tickets of the sends they belong to.
-    held: VecDeque<(Bytes, Option<Arc<Ticket>>)>,
+    /// Frames that came while the backlog was above half the bound, oldest first.
+    held: VecDeque<Held>,
     /// Bytes of held frames without a ticket (Completions, pongs, pings): they slow no
     /// publisher, so they count toward the bound.
     held_untracked: usize,
@@ -109,6 +122,7 @@ impl Outbox {
             return Pushed::Overflow;
         }
         if !self.held.is_empty() || self.is_above_half() {
+            let mut since = None;
             if let Some(ticket) = ticket {
                 if self.held_tracked + frame.len() > HELD_FACTOR * self.max_bytes {
                     return Pushed::Overflow;
@@ -116,15 +130,25 @@ impl Outbox {
                 ticket.charge_more(HELD_ENTRY_CHARGE);
                 ticket.held();
                 self.held_tracked += frame.len();
+                since = Some(Instant::now());
             }
             self.held_untracked += untracked;
-            self.held.push_back((frame.clone(), ticket.cloned()));
+            self.held.push_back(Held {
+                frame: frame.clone(),
+                ticket: ticket.cloned(),
+                since,
+            });
             return Pushed::Held;
         }
         if self.backlog() + frame.len() > self.max_bytes {
             return Pushed::Overflow;
         }
         self.admit(frame);
+        if let Some(ticket) = ticket {
+            if self.backlog() <= self.max_bytes / KEEPING_UP_FRACTION {
+                ticket.kept_up();
+            }
+        }
         Pushed::Queued
     }
 
@@ -160,15 +184,20 @@ impl Outbox {
         self.held.len()
     }
 
-    /// Whether the oldest held send is held by this receiver alone after another
-    /// recipient took it: only this one keeps its publisher charged. (A send to this
-    /// receiver only, or whose other recipients were closed rather than took it, slows
-    /// its publisher as any backpressure does.)
-    pub fn holds_a_publisher_alone(&self) -> bool {
-        self.held
-            .iter()
-            .find_map(|(_, ticket)| ticket.as_ref())
-            .is_some_and(|ticket| ticket.held_by_one_after_another_took_it())
+    /// How long this receiver has been the only one holding its oldest held send, after
+    /// the other recipients took it (`None`: it is not): how far it is behind the others,
+    /// keeping that send's publisher charged alone. (A send to this receiver only, or
+    /// whose other recipients were closed rather than took it, slows its publisher as
+    /// any backpressure does.) Counted from when the send came or the last other holder
+    /// took it, whichever is later.
+    pub fn behind_the_others(&self, now: Instant) -> Option<Duration> {
+        let held = self.held.iter().find(|held| held.ticket.is_some())?;
+        let ticket = held.ticket.as_ref()?;
+        if !ticket.held_by_one_after_another_took_it() {
+            return None;
+        }
+        let alone_since = held.since.max(ticket.last_taken())?;
+        Some(now.saturating_duration_since(alone_since))
     }
 
     /// The transport wrote what it took: held frames are admitted while the backlog is
@@ -179,7 +208,7 @@ impl Outbox {
         self.in_flight = 0;
         let came_down = !self.is_above_half();
         while !self.is_above_half() {
-            let Some((frame, ticket)) = self.held.pop_front() else {
+            let Some(Held { frame, ticket, .. }) = self.held.pop_front() else {
                 break;
             };
             match ticket {
@@ -221,7 +250,7 @@ impl Outbox {
     fn drop_queued(&mut self) {
         self.frames.clear();
         self.tail.clear();
-        for (_, ticket) in self.held.drain(..) {
+        for Held { ticket, .. } in self.held.drain(..) {
             if let Some(ticket) = ticket {
                 ticket.let_go(false);
             }
@@ -399,23 +428,29 @@ mod tests {
         for outbox in [&mut slow, &mut other] {
             outbox.push(&Bytes::from(vec![0; 60]), Some(&ticket));
         }
-        ticket.delivered_to(2);
         let second = Arc::new(window.charge(30));
-        second.delivered_to(2);
         slow.push(&Bytes::from(vec![1; 30]), Some(&second));
         other.push(&Bytes::from(vec![1; 30]), Some(&second));
         assert_eq!(slow.held_frames(), 1);
         drop(second);
-        assert!(
-            !slow.holds_a_publisher_alone(),
+        assert_eq!(
+            slow.behind_the_others(Instant::now()),
+            None,
             "the other receiver holds it too"
         );
+        std::thread::sleep(Duration::from_millis(50));
         take_all(&mut other);
+        let taken = Instant::now();
         other.written();
+        let later = taken + Duration::from_secs(1);
+        let lag = slow
+            .behind_the_others(later)
+            .expect("every other recipient took it: only this receiver holds its publisher");
         assert!(
-            slow.holds_a_publisher_alone(),
-            "every other recipient took it: only this receiver holds its publisher"
+            lag <= Duration::from_secs(1),
+            "behind since the other took it, not since it came: {lag:?}"
         );
+        assert!(lag > Duration::from_millis(990), "{lag:?}");
         drop(ticket);
         // The same, but the other receiver is closed instead of taking it: this one is
         // no slower than anyone who got the message.
@@ -426,19 +461,39 @@ mod tests {
             outbox.push(&Bytes::from(vec![0; 60]), Some(&first));
             outbox.push(&Bytes::from(vec![1; 30]), Some(&second));
         }
-        second.delivered_to(2);
         closed.close_with([], Instant::now());
-        assert!(!slow.holds_a_publisher_alone());
+        assert_eq!(slow.behind_the_others(Instant::now()), None);
         let mut lone = Outbox::new(100);
         let only_for_it = Arc::new(window.charge(60));
         lone.push(&Bytes::from(vec![0; 60]), Some(&only_for_it));
         lone.push(&Bytes::from(vec![0; 30]), Some(&only_for_it));
-        only_for_it.delivered_to(1);
         drop(only_for_it);
-        assert!(
-            !lone.holds_a_publisher_alone(),
+        assert_eq!(
+            lone.behind_the_others(Instant::now()),
+            None,
             "a send to this receiver only is backpressure, not unfairness"
         );
+        // A reader that keeps up queues the send at once (little before it): the one that
+        // holds it is behind from the moment it came. One whose own queue is long is not
+        // keeping up: it makes nobody look slow.
+        let (mut slow, mut fast, mut filling) =
+            (Outbox::new(100), Outbox::new(100), Outbox::new(100));
+        slow.push(&Bytes::from(vec![0; 60]), None);
+        filling.push(&Bytes::from(vec![0; 40]), None);
+        let send = Arc::new(window.charge(20));
+        let came = Instant::now();
+        slow.push(&Bytes::from(vec![1; 20]), Some(&send));
+        filling.push(&Bytes::from(vec![1; 20]), Some(&send));
+        assert_eq!(
+            slow.behind_the_others(came),
+            None,
+            "the filling one is no faster"
+        );
+        fast.push(&Bytes::from(vec![1; 20]), Some(&send));
+        let lag = slow
+            .behind_the_others(came + Duration::from_secs(1))
+            .expect("a recipient kept up with it");
+        assert!(lag >= Duration::from_millis(990), "{lag:?}");
     }
 
     #[test]

@@ -333,7 +333,7 @@ async fn slow_consumer_watch(state: Rc<ShardState>) {
             }
             if stalled {
                 session.restart_slow_consumer_clocks(now);
-            } else if let Some(why) = session.too_slow(now, allowed) {
+            } else if let Some(why) = session.too_slow(now, SLOW_CONSUMER_CHECK, allowed) {
                 session.close_as_slow(why);
             }
         }

@@ -136,10 +136,7 @@ impl ShardState {
         ticket: Option<&Arc<Ticket>>,
     ) {
         if let Some(tables) = self.hubs.borrow().get(hub) {
-            let count = tables.deliver(target, broadcast, ticket);
-            if let Some(ticket) = ticket {
-                ticket.delivered_to(count);
-            }
+            tables.deliver(target, broadcast, ticket);
         }
     }
 
