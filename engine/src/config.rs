@@ -115,6 +115,12 @@ pub struct ServeArgs {
     /// port not exposed to clients) [default: on --listen].
     #[arg(long, env = "RINGHUB_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<String>,
+    /// How shards do I/O: `auto` uses io_uring and falls back to epoll (with a warning)
+    /// where io_uring is denied (container seccomp profiles, gVisor,
+    /// kernel.io_uring_disabled); `io-uring` refuses to start without it; `epoll` never
+    /// uses it [default: auto].
+    #[arg(long, env = "RINGHUB_IO_DRIVER", value_name = "DRIVER")]
+    pub io_driver: Option<String>,
 }
 
 /// The same settings in a TOML file.
@@ -143,6 +149,7 @@ struct FileSettings {
     max_connections: Option<usize>,
     cors_origins: Option<String>,
     admin_listen: Option<String>,
+    io_driver: Option<String>,
 }
 
 /// A validated configuration.
@@ -176,6 +183,20 @@ pub struct Config {
     pub cors_origins: CorsOrigins,
     /// Where `/metrics` and `/api/openapi.json` are served, when not on `listen`.
     pub admin_listen: Option<SocketAddr>,
+    /// How shards do I/O.
+    pub io_driver: IoDriverChoice,
+}
+
+/// How shards do I/O (`--io-driver`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoDriverChoice {
+    /// io_uring where the kernel allows it, epoll otherwise.
+    #[default]
+    Auto,
+    /// io_uring or nothing: the server does not start without it.
+    IoUring,
+    /// epoll (monoio's legacy driver), even where io_uring works.
+    Epoll,
 }
 
 /// Which browser origins may call a node (`--cors-origins`).
@@ -221,6 +242,7 @@ impl Default for Config {
             max_connections: default_max_connections(),
             cors_origins: CorsOrigins::Any,
             admin_listen: None,
+            io_driver: IoDriverChoice::Auto,
         }
     }
 }
@@ -471,6 +493,17 @@ impl ServeArgs {
         if admin_listen.is_some_and(|admin| admin == listen && admin.port() != 0) {
             return Err(invalid("admin-listen", "must differ from --listen"));
         }
+        let io_driver = match self.io_driver.or(file.io_driver).as_deref() {
+            None | Some("auto") => IoDriverChoice::Auto,
+            Some("io-uring") => IoDriverChoice::IoUring,
+            Some("epoll") => IoDriverChoice::Epoll,
+            Some(other) => {
+                return Err(invalid(
+                    "io-driver",
+                    format!("'{other}': must be auto, io-uring or epoll"),
+                ))
+            }
+        };
         let node_name = match self.node_name.or(file.node_name) {
             Some(name) if name.trim().is_empty() => {
                 return Err(invalid("node-name", "must not be empty"))
@@ -500,6 +533,7 @@ impl ServeArgs {
             max_connections,
             cors_origins,
             admin_listen,
+            io_driver,
         })
     }
 }

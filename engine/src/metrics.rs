@@ -77,6 +77,8 @@ pub struct Metrics {
     /// Messages from the backplane dropped as malformed (not a backplane message, or a
     /// send whose records are not whole invocations within the message limit).
     pub backplane_rejected: AtomicU64,
+    /// 1 when the shards run on io_uring, 0 on the epoll fallback.
+    pub io_uring: AtomicU64,
     process: prometheus::process_collector::ProcessCollector,
 }
 
@@ -94,6 +96,7 @@ impl Metrics {
             backplane_errors: AtomicU64::new(0),
             backplane_reconnects: AtomicU64::new(0),
             backplane_rejected: AtomicU64::new(0),
+            io_uring: AtomicU64::new(1),
             process: prometheus::process_collector::ProcessCollector::for_self(),
         }
     }
@@ -140,6 +143,11 @@ impl Metrics {
             out,
             "# HELP ringhub_backplane_connected 1 while the Redis backplane is connected.\n# TYPE ringhub_backplane_connected gauge\nringhub_backplane_connected {}",
             self.backplane_connected.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringhub_io_uring 1 when the shards run on io_uring, 0 on the epoll fallback.\n# TYPE ringhub_io_uring gauge\nringhub_io_uring {}",
+            self.io_uring.load(Relaxed)
         );
         let counters: [(&str, &str, u64); 12] = [
             (

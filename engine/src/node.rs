@@ -53,6 +53,9 @@ pub struct Node {
     /// at connect time and changed through the backplane, without blocking a shard. An
     /// embedder's own store is read as any store is, also in a cluster.
     pub(crate) durable_in_redis: bool,
+    /// How the shards do I/O (decided at start: `--io-driver`, and whether the kernel
+    /// lets this process use io_uring).
+    pub io_driver: crate::runtime::IoDriver,
     /// The version of durable membership in a store other than Redis: one number for
     /// the node, raised by every change after it is stored (Redis keeps its own, per
     /// user, for the whole cluster). See `store::DurableGroups`.
@@ -91,6 +94,7 @@ impl Node {
             next_owner: AtomicUsize::new(0),
             context_budget,
             durable_in_redis: false,
+            io_driver: crate::runtime::IoDriver::IoUring,
             backplane,
             sessions,
             negotiations,

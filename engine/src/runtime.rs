@@ -1,8 +1,42 @@
 //! The io_uring runtime every ringhub thread runs on (shards, and the benchmark's
-//! load generator and ceiling peer, so that all of them are set up alike).
+//! load generator and ceiling peer, so that all of them are set up alike), and the
+//! epoll runtime shards fall back to where io_uring is denied.
+
+use monoio::time::TimeDriver;
+use monoio::{FusionRuntime, IoUringDriver, LegacyDriver};
 
 /// A monoio io_uring runtime with a timer.
-pub type Runtime = monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>;
+pub type Runtime = monoio::Runtime<TimeDriver<IoUringDriver>>;
+
+/// A shard's runtime: io_uring, or epoll (monoio's legacy driver).
+pub type ShardRuntime = FusionRuntime<TimeDriver<IoUringDriver>, TimeDriver<LegacyDriver>>;
+
+/// How a node's shards do I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoDriver {
+    IoUring,
+    Epoll,
+}
+
+/// Why this process cannot use io_uring (a container's seccomp profile, gVisor,
+/// `kernel.io_uring_disabled`, an old kernel), or `None` if it can: the error of
+/// setting up a small ring.
+pub fn io_uring_denied() -> Option<std::io::Error> {
+    io_uring::IoUring::new(2).err()
+}
+
+/// Builds a shard's runtime on `driver`, with `entries` submission slots (io_uring) or
+/// events per wait (epoll).
+pub fn shard_runtime(driver: IoDriver, entries: u32) -> std::io::Result<ShardRuntime> {
+    match driver {
+        IoDriver::IoUring => io_uring_runtime(entries).map(FusionRuntime::Uring),
+        IoDriver::Epoll => monoio::RuntimeBuilder::<LegacyDriver>::new()
+            .with_entries(entries)
+            .enable_timer()
+            .build()
+            .map(FusionRuntime::Legacy),
+    }
+}
 
 /// Builds a runtime whose ring has `entries` submission slots.
 ///

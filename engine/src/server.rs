@@ -1,5 +1,6 @@
-//! Building, starting and stopping a node: one pinned io_uring thread per shard, each
-//! with its own `SO_REUSEPORT` listener on the same address.
+//! Building, starting and stopping a node: one pinned io_uring thread per shard (epoll
+//! where io_uring is denied), each with its own `SO_REUSEPORT` listener on the same
+//! address.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -13,9 +14,10 @@ use crate::api::hub::HubFactory;
 use crate::api::{Hub, HubContext};
 use crate::auth::{ClaimPatterns, GroupAuthorizer, SubClaimUserId, UserIdProvider};
 use crate::backplane::{Link, Outgoing, RedisStore};
-use crate::config::Config;
+use crate::config::{Config, IoDriverChoice};
 use crate::metrics::Metrics;
 use crate::node::{Node, StoreJob};
+use crate::runtime::IoDriver;
 use crate::shard::inbox::Command;
 use crate::store::{MembershipStore, RedbStore, StoreError};
 
@@ -37,6 +39,8 @@ pub enum ServerError {
     MessageOverHalfTheQueue { message: usize, buffered: usize },
     #[error("--data: {0}")]
     Store(#[from] StoreError),
+    #[error("--io-driver io-uring: io_uring is not available ({source}); {IO_URING_FIX}")]
+    IoUringDenied { source: std::io::Error },
     #[error("--admin-listen {addr}: cannot listen: {source}")]
     AdminListen {
         addr: SocketAddr,
@@ -97,6 +101,7 @@ impl ServerBuilder {
         if message > buffered / 2 {
             return Err(ServerError::MessageOverHalfTheQueue { message, buffered });
         }
+        let io_driver = choose_io_driver(self.config.io_driver)?;
         let threads = self.config.threads;
         // With `--redis`, a backplane thread links this node to the cluster; its id is
         // the node's name and a random suffix (names are for people and may repeat).
@@ -142,6 +147,10 @@ impl ServerBuilder {
             link,
         );
         node.durable_in_redis = durable_in_redis;
+        node.io_driver = io_driver;
+        node.metrics
+            .io_uring
+            .store((io_driver == IoDriver::IoUring).into(), Ordering::Relaxed);
         let node = Arc::new(node);
         let admin = match node.config.admin_listen {
             Some(addr) => Some(
@@ -174,6 +183,34 @@ impl ServerBuilder {
         })
     }
 }
+
+/// How to let ringhub use io_uring where it is denied (said when it is).
+const IO_URING_FIX: &str = "allow the io_uring_setup, io_uring_enter and io_uring_register system calls (Docker, Kubernetes: a seccomp profile that allows them, or --security-opt seccomp=unconfined; sysctl kernel.io_uring_disabled=0)";
+
+/// The shards' I/O driver for `--io-driver`: io_uring unless it is refused or denied
+/// here, when `auto` falls back to epoll and says so (a server that runs slower beats
+/// one that does not run in a default container; the warning says what it costs and
+/// how to get io_uring back).
+fn choose_io_driver(choice: IoDriverChoice) -> Result<IoDriver, ServerError> {
+    if choice == IoDriverChoice::Epoll {
+        tracing::info!("the shards run on epoll (--io-driver epoll)");
+        return Ok(IoDriver::Epoll);
+    }
+    let Some(denied) = crate::runtime::io_uring_denied() else {
+        return Ok(IoDriver::IoUring);
+    };
+    if choice == IoDriverChoice::IoUring {
+        return Err(ServerError::IoUringDenied { source: denied });
+    }
+    tracing::warn!(
+        "io_uring is not available ({denied}): the shards run on epoll, at about {EPOLL_SHARE} of io_uring's fan-out throughput (ringhub-bench fanout-1k); to use io_uring, {IO_URING_FIX}"
+    );
+    Ok(IoDriver::Epoll)
+}
+
+/// What epoll delivers of io_uring's fan-out (`ringhub-bench run --workloads fanout-1k
+/// --servers ringhub,ringhub-epoll`, medians of the same run; see bench/results).
+const EPOLL_SHARE: &str = "TBD";
 
 /// The most a connection's socket holds unsent in the kernel (`TCP_NOTSENT_LOWAT`): a
 /// write waits beyond that. Without it the kernel takes up to its send-buffer maximum

@@ -32,10 +32,10 @@ pub fn run(
     if let Err(e) = monoio::utils::bind_to_cpu_set([core]) {
         tracing::warn!(shard = index, core, "could not pin the shard thread: {e:?}");
     }
-    let mut runtime = match crate::runtime::io_uring_runtime(1024) {
+    let mut runtime = match crate::runtime::shard_runtime(node.io_driver, 1024) {
         Ok(r) => r,
         Err(e) => {
-            tracing::error!(shard = index, "cannot start io_uring: {e}");
+            tracing::error!(shard = index, driver = ?node.io_driver, "cannot start the shard's runtime: {e}");
             return;
         }
     };

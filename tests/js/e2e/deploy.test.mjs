@@ -1,9 +1,63 @@
 // What a deployment sets around the hub (issue 23): --listen with a host name, an
-// allow-list of browser origins (--cors-origins), and metrics and the REST document on
-// an address of their own (--admin-listen).
+// allow-list of browser origins (--cors-origins), metrics and the REST document on an
+// address of their own (--admin-listen), and a container that denies io_uring.
+import { spawn } from "node:child_process";
 import { test } from "node:test";
 import { ok, strictEqual, match } from "node:assert/strict";
-import { ONCE, connect, raw, sleep, startServer, statusOf, upgradeRequest, until } from "./helpers.mjs";
+import { HttpTransportType } from "@microsoft/signalr";
+import { BINARY, ONCE, connect, metric, raw, sleep, startServer, statusOf, tempDataDir, upgradeRequest, until } from "./helpers.mjs";
+
+/** Runs the server as a default Docker container (seccomp profile of Docker 25+) would:
+ *  io_uring's system calls fail with EPERM. */
+const DENY_IO_URING = new URL("../deny_io_uring.py", import.meta.url).pathname;
+
+test("where io_uring is denied (a default container), the server says so and what to do, and serves all three transports on epoll", { skip: ONCE, timeout: 60000 }, async () => {
+  const server = await startServer([], { binary: "python3", command: [DENY_IO_URING, BINARY, "serve"] });
+  try {
+    const warning = server.log().split("\n").find((line) => line.includes("io_uring is not available"));
+    ok(warning, `a warning at startup:\n${server.log()}`);
+    match(warning, /WARN/);
+    match(warning, /Operation not permitted/);
+    match(warning, /seccomp/);
+    ok(server.log().indexOf("io_uring is not available") < server.log().indexOf("listening"), "said before listening");
+    strictEqual(await metric(server.base, "ringhub_io_uring"), 0);
+    const res = await fetch(`${server.base}/healthz`, { signal: AbortSignal.timeout(2000) });
+    strictEqual(res.status, 200);
+    const clients = [];
+    for (const transport of [HttpTransportType.WebSockets, HttpTransportType.ServerSentEvents, HttpTransportType.LongPolling]) {
+      const client = await connect(server.base, { transport });
+      await client.invoke("JoinGroup", "denied");
+      clients.push(client);
+    }
+    await clients[0].invoke("SendToGroup", "denied", "receive", ["on epoll"]);
+    await until(() => clients.every((c) => c.received.length === 1), 5000, "every transport got the send");
+    for (const client of clients) strictEqual(client.received[0][0], "on epoll");
+    await Promise.all(clients.map((c) => c.stop()));
+  } finally {
+    await server.stop();
+  }
+});
+
+test("--io-driver io-uring where io_uring is denied: exits before listening, with the cause and the fix", { skip: ONCE, timeout: 30000 }, async () => {
+  const child = spawn("python3", [DENY_IO_URING, BINARY, "serve", "--listen", "127.0.0.1:0", "--data", tempDataDir(), "--io-driver", "io-uring"], { stdio: ["ignore", "ignore", "pipe"] });
+  let log = "";
+  child.stderr.on("data", (chunk) => (log += chunk));
+  const code = await new Promise((resolve) => child.on("exit", resolve));
+  ok(code !== 0, `exit code ${code}`);
+  match(log, /--io-driver io-uring: io_uring is not available \(Operation not permitted/);
+  match(log, /seccomp/);
+  ok(!log.includes("listening"), log);
+});
+
+test("on a kernel that allows io_uring the shards use it", { skip: ONCE }, async () => {
+  const server = await startServer();
+  try {
+    strictEqual(await metric(server.base, "ringhub_io_uring"), 1);
+    ok(!server.log().includes("io_uring is not available"));
+  } finally {
+    await server.stop();
+  }
+});
 
 test("--listen takes a host name", { skip: ONCE }, async () => {
   const server = await startServer([], { listen: "localhost:0" });
