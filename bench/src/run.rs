@@ -33,8 +33,9 @@ pub struct RunArgs {
     /// once a second; fanout-1k only). Not in `all`: ringhub-sysalloc (the `ringhub`
     /// binary built with the system allocator, `--no-default-features --features cli`,
     /// and copied to `ringhub-sysalloc` beside it), ringhub-base (any other `ringhub`
-    /// binary copied to `ringhub-base` beside it: an earlier commit, for A/B runs).
-    /// ringhub-cluster and
+    /// binary copied to `ringhub-base` beside it: an earlier commit, for A/B runs),
+    /// ringhub-epoll (`ringhub` on epoll, `--io-driver epoll`: what a node pays where
+    /// io_uring is denied), ringhub-cluster and
     /// socketioxide-cluster (two nodes and a redis-server; the cluster workload only:
     /// both nodes pinned to the server core, Redis to the load generator's).
     #[arg(long, default_value = "all")]
@@ -83,7 +84,7 @@ const SERVERS: [&str; 10] = [
     "socketioxide-cluster",
 ];
 /// Servers run only when named (they need a binary built apart).
-const NAMED_ONLY_SERVERS: [&str; 2] = ["ringhub-sysalloc", "ringhub-base"];
+const NAMED_ONLY_SERVERS: [&str; 3] = ["ringhub-sysalloc", "ringhub-base", "ringhub-epoll"];
 
 /// A server under test.
 struct Server {
@@ -104,7 +105,7 @@ impl Server {
     fn of(name: &str) -> Option<Server> {
         let (protocol, two_shards, receivers) = match name {
             "ringhub" | "ceiling" | "naive" | "ringhub-stateful" | "ringhub-sysalloc"
-            | "ringhub-base" | "ringhub-cluster" => ("json", false, "websockets"),
+            | "ringhub-base" | "ringhub-epoll" | "ringhub-cluster" => ("json", false, "websockets"),
             "ringhub-2t" => ("json", true, "websockets"),
             "ringhub-sse" => ("json", false, "sse"),
             "ringhub-lp" => ("json", false, "longpolling"),
@@ -136,7 +137,7 @@ impl Server {
         let addr = addr.to_string();
         let mut argv = match self.name {
             "ringhub" | "ringhub-2t" | "ringhub-sse" | "ringhub-lp" | "ringhub-stateful"
-            | "ringhub-sysalloc" | "ringhub-base" | "ringhub-cluster" => vec![
+            | "ringhub-sysalloc" | "ringhub-base" | "ringhub-epoll" | "ringhub-cluster" => vec![
                 bin.join(match self.name {
                     "ringhub-sysalloc" | "ringhub-base" => self.name,
                     _ => "ringhub",
@@ -155,6 +156,9 @@ impl Server {
             "naive" => vec![bin.join("naive-peer").display().to_string(), addr],
             _ => vec![bin.join("socketio-peer").display().to_string(), addr],
         };
+        if self.name == "ringhub-epoll" {
+            argv.extend(["--io-driver".to_owned(), "epoll".to_owned()]);
+        }
         if let Some(redis) = redis {
             if self.protocol == "socketio" {
                 argv.push(redis.to_owned());

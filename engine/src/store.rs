@@ -36,6 +36,8 @@ pub enum StoreError {
     },
     #[error("membership store: {0}")]
     Database(String),
+    #[error("the membership store {path} is open in another process (another ringhub on the same --data?): give each node its own --data directory (the nodes of a cluster share durable membership through Redis)")]
+    InUse { path: String },
 }
 
 impl From<redb::Error> for StoreError {
@@ -88,12 +90,28 @@ impl RedbStore {
             path: dir.display().to_string(),
             source,
         })?;
-        let mut db = Database::create(dir.join("membership.redb"))?;
-        // redb 3 reads only the v3 file format, which redb 2 writes only when asked:
-        // upgrade now, so durable membership survives the next major version.
-        if db.upgrade()? {
-            tracing::info!(path = %dir.display(), "membership store upgraded to redb's v3 file format");
-        }
+        let path = dir.join("membership.redb");
+        let in_use = |error: redb::DatabaseError| match error {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse {
+                path: path.display().to_string(),
+            },
+            other => other.into(),
+        };
+        // redb 3 reads only the v3 file format, which redb 2 writes only when asked: a
+        // new store is written in it, an older one upgraded now, so that durable
+        // membership survives the next major version.
+        let db = if path.exists() {
+            let mut db = Database::create(&path).map_err(in_use)?;
+            if db.upgrade()? {
+                tracing::info!(path = %dir.display(), "membership store upgraded to redb's v3 file format");
+            }
+            db
+        } else {
+            Database::builder()
+                .create_with_file_format_v3(true)
+                .create(&path)
+                .map_err(in_use)?
+        };
         // Create the table once, so that reads never find it missing.
         let txn = db.begin_write()?;
         txn.open_multimap_table(MEMBERSHIP)?;
@@ -196,6 +214,24 @@ mod tests {
         assert_eq!(reopened.user_groups("h", "ann").unwrap(), ["ward:1"]);
         assert_eq!(reopened.user_groups("other", "ann").unwrap(), ["x"]);
         drop(reopened);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_new_store_is_written_in_the_v3_format_and_a_second_opener_is_told_why_it_cannot() {
+        let dir = std::env::temp_dir().join(format!("ringhub-store-new-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = RedbStore::open(&dir).unwrap();
+        let error = RedbStore::open(&dir).err().expect("the store is open");
+        assert!(
+            matches!(&error, StoreError::InUse { path } if path.ends_with("membership.redb")),
+            "{error}"
+        );
+        assert!(error.to_string().contains("its own --data directory"), "{error}");
+        drop(store);
+        let mut db = Database::create(dir.join("membership.redb")).unwrap();
+        assert!(!db.upgrade().unwrap(), "created in the v3 format: nothing to upgrade");
+        drop(db);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -114,3 +114,20 @@ test("--admin-listen moves /metrics and /api/openapi.json off the public address
     await server.stop();
   }
 });
+
+test("a brand-new data directory is not 'upgraded'; a second node on the same --data is told to give each node its own", { skip: ONCE, timeout: 30000 }, async () => {
+  const data = tempDataDir();
+  const first = await startServer(["--data", data]);
+  try {
+    ok(!first.log().includes("upgraded"), first.log());
+    const second = spawn(BINARY, ["serve", "--listen", "127.0.0.1:0", "--data", data], { stdio: ["ignore", "ignore", "pipe"] });
+    let log = "";
+    second.stderr.on("data", (chunk) => (log += chunk));
+    const code = await new Promise((resolve) => second.on("exit", resolve));
+    ok(code !== 0, `exit code ${code}`);
+    match(log, /--data: the membership store .*membership\.redb is open in another process/);
+    match(log, /give each node its own --data directory/);
+  } finally {
+    await first.stop();
+  }
+});
