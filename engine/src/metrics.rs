@@ -18,6 +18,9 @@ const DURATION_BUCKETS: [u64; 8] = [1, 10, 60, 300, 1800, 3600, 14400, 86400];
 #[repr(align(128))]
 pub struct ShardMetrics {
     pub connections: AtomicI64,
+    /// Connections that completed their handshake (their ends are the duration
+    /// histogram's count).
+    pub connects: AtomicU64,
     /// Connections in the HTTP phase (requests, before an upgrade or a stream).
     pub http_connections: AtomicI64,
     pub messages_received: AtomicU64,
@@ -79,6 +82,8 @@ pub struct Metrics {
     pub backplane_rejected: AtomicU64,
     /// 1 when the shards run on io_uring, 0 on the epoll fallback.
     pub io_uring: AtomicU64,
+    /// Requests refused for a missing, invalid or expired access token (401).
+    pub auth_failures: AtomicU64,
     process: prometheus::process_collector::ProcessCollector,
 }
 
@@ -97,6 +102,7 @@ impl Metrics {
             backplane_reconnects: AtomicU64::new(0),
             backplane_rejected: AtomicU64::new(0),
             io_uring: AtomicU64::new(1),
+            auth_failures: AtomicU64::new(0),
             process: prometheus::process_collector::ProcessCollector::for_self(),
         }
     }
@@ -149,7 +155,17 @@ impl Metrics {
             "# HELP ringhub_io_uring 1 when the shards run on io_uring, 0 on the epoll fallback.\n# TYPE ringhub_io_uring gauge\nringhub_io_uring {}",
             self.io_uring.load(Relaxed)
         );
-        let counters: [(&str, &str, u64); 12] = [
+        let counters: [(&str, &str, u64); 14] = [
+            (
+                "ringhub_connects_total",
+                "Connections that completed their handshake (their ends: ringhub_connection_duration_seconds_count).",
+                self.sum(|s| &s.connects),
+            ),
+            (
+                "ringhub_auth_failures_total",
+                "Requests refused for a missing, invalid or expired access token (401).",
+                self.auth_failures.load(Relaxed),
+            ),
             (
                 "ringhub_backplane_rejected_total",
                 "Messages from the backplane dropped as malformed.",
@@ -202,7 +218,7 @@ impl Metrics {
             ),
             (
                 "ringhub_resumes_refused_total",
-                "Resumes refused (another user, or too much unacknowledged).",
+                "Resumes refused (another user, too much unacknowledged) and resume windows that passed (--disconnect-timeout-secs).",
                 self.sum(|s| &s.resumes_refused),
             ),
             (

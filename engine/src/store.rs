@@ -227,10 +227,16 @@ mod tests {
             matches!(&error, StoreError::InUse { path } if path.ends_with("membership.redb")),
             "{error}"
         );
-        assert!(error.to_string().contains("its own --data directory"), "{error}");
+        assert!(
+            error.to_string().contains("its own --data directory"),
+            "{error}"
+        );
         drop(store);
         let mut db = Database::create(dir.join("membership.redb")).unwrap();
-        assert!(!db.upgrade().unwrap(), "created in the v3 format: nothing to upgrade");
+        assert!(
+            !db.upgrade().unwrap(),
+            "created in the v3 format: nothing to upgrade"
+        );
         drop(db);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -44,6 +44,26 @@ pub enum SlowConsumer {
     HeldPublishersAlone,
 }
 
+/// Why a session ended (its `disconnected` log line says it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// The client sent a Close message or a WebSocket close, or deleted its connection.
+    ClientClosed,
+    /// The client's socket or requests went away without a word.
+    ClientLeft,
+    /// Silent past `--client-timeout-secs`.
+    ClientTimeout,
+    /// A dropped stateful-reconnect session was not resumed in time.
+    NotResumed,
+    SlowConsumer,
+    /// Malformed or oversized input.
+    BadInput,
+    /// The node is shutting down.
+    ServerStopping,
+    /// Closed through the hub or the REST API.
+    ClosedByServer,
+}
+
 /// How long a closing session may take to flush its last frames.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
@@ -85,6 +105,8 @@ pub struct Session {
     pub last_sent: Cell<Instant>,
     /// When the session began (the connection-duration metric).
     pub started: Instant,
+    /// Why it ended, once known (the first reason given wins; logged at its end).
+    ended_because: Cell<Option<EndReason>>,
     /// Ends the session: fire it with [`Session::stop_now`], which also ends its
     /// transport.
     pub stop: Signal,
@@ -141,6 +163,7 @@ impl Session {
             last_received: Cell::new(now),
             last_sent: Cell::new(now),
             started: now,
+            ended_because: Cell::new(None),
             stop: Signal::default(),
             transport: RefCell::default(),
             stateful: None,
@@ -495,8 +518,28 @@ impl Session {
         wake(&self.reader);
     }
 
+    /// Notes why the session ends (the first reason given is kept).
+    pub fn ending(&self, reason: EndReason) {
+        if self.ended_because.get().is_none() {
+            self.ended_because.set(Some(reason));
+        }
+    }
+
+    /// Why the session ended: the reason given, else the server closed it (it was
+    /// closing) or the client went away.
+    pub fn end_reason(&self) -> EndReason {
+        self.ended_because
+            .get()
+            .unwrap_or(if self.closing_since().is_some() {
+                EndReason::ClosedByServer
+            } else {
+                EndReason::ClientLeft
+            })
+    }
+
     /// Closes it as a slow consumer (contract section 6), counted in the metrics.
     pub fn close_as_slow(&self, why: SlowConsumer) {
+        self.ending(EndReason::SlowConsumer);
         ShardMetrics::add(&self.metrics().slow_consumer_closes, 1);
         tracing::info!(connection = %self.caller.connection_id, ?why, "closing a slow consumer");
         self.close(Some(SLOW_CONSUMER), false);

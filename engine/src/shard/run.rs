@@ -16,7 +16,7 @@ use crate::fanout::FrameKind;
 use crate::metrics::ShardMetrics;
 use crate::node::Node;
 use crate::presence::PRESENCE_INTERVAL;
-use crate::session::CLOSE_GRACE;
+use crate::session::{EndReason, CLOSE_GRACE};
 use crate::shard::state::ShardState;
 use crate::transport::websocket::HANDSHAKE_TIMEOUT;
 use crate::transport::{channel, http};
@@ -97,6 +97,7 @@ pub fn run(
         drop(listener);
         // Tell every client, give them a moment to read it, then end.
         for session in state.all_sessions() {
+            session.ending(EndReason::ServerStopping);
             session.close(None, true);
         }
         let deadline = Instant::now() + CLOSE_GRACE;
@@ -269,6 +270,7 @@ async fn tick(state: Rc<ShardState>) {
             }
             if now - session.last_received.get() > config.client_timeout {
                 timed_out += 1;
+                session.ending(EndReason::ClientTimeout);
                 session.close(
                     Some("Server timeout elapsed without receiving a message from the client."),
                     true,

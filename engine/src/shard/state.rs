@@ -230,7 +230,9 @@ impl ShardState {
             .entry_ref(caller.hub.as_str())
             .or_default()
             .insert(session.clone());
-        self.metrics().connections.fetch_add(1, Relaxed);
+        let metrics = self.metrics();
+        metrics.connections.fetch_add(1, Relaxed);
+        ShardMetrics::add(&metrics.connects, 1);
         // Boxed: a timer future is 128-byte aligned, and the session's task is sized
         // for its largest state (see `transport::websocket::run_session`).
         let waited = Box::pin(monoio::time::timeout(REGISTER_BOUND, async {
@@ -247,7 +249,13 @@ impl ShardState {
 
     /// A registered session's handshake answer is on its way: its hub learns of it, and
     /// what the hub sent then is queued for this shard's recipients first.
-    pub async fn announce(&self, session: &Session, transport: &'static str) {
+    /// `remote`: the client's address, when the connection logs are on.
+    pub async fn announce(
+        &self,
+        session: &Session,
+        transport: &'static str,
+        remote: Option<std::net::SocketAddr>,
+    ) {
         let caller = &session.caller;
         self.hub
             .on_connected(caller, &self.context_of(session))
@@ -257,6 +265,7 @@ impl ShardState {
             connection = %caller.connection_id,
             hub = %caller.hub,
             user = caller.user_id.as_deref().unwrap_or(""),
+            remote = %remote.map_or_else(String::new, |addr| addr.to_string()),
             transport,
             protocol = ?session.protocol(),
             "connected"
@@ -275,9 +284,17 @@ impl ShardState {
             session.caller.clone(),
             self.context_of(session),
         );
+        let (reason, lasted) = (session.end_reason(), session.started.elapsed());
         async move {
             state.hub.on_disconnected(&caller, &context).await;
-            tracing::debug!(connection = %caller.connection_id, hub = %caller.hub, "disconnected");
+            tracing::debug!(
+                connection = %caller.connection_id,
+                hub = %caller.hub,
+                user = caller.user_id.as_deref().unwrap_or(""),
+                ?reason,
+                lasted_ms = lasted.as_millis() as u64,
+                "disconnected"
+            );
         }
     }
 

@@ -119,7 +119,7 @@ pub fn start(
             if has_early_input {
                 // What was POSTed before (a handshake, often) is handled now.
                 let (state, channel) = (state.clone(), channel.clone());
-                monoio::spawn(async move { send(&state, &channel, &[]).await });
+                monoio::spawn(async move { send(&state, &channel, &[], None).await });
             }
             created = Some(channel.clone());
             Token::Http(channel)
@@ -135,7 +135,12 @@ pub fn start(
 
 /// A `POST` on the send channel: the bytes are hub messages (the handshake first).
 /// Returns the status to answer with.
-pub async fn send(state: &Rc<ShardState>, channel: &Rc<HttpChannel>, body: &[u8]) -> u16 {
+pub async fn send(
+    state: &Rc<ShardState>,
+    channel: &Rc<HttpChannel>,
+    body: &[u8],
+    remote: Option<std::net::SocketAddr>,
+) -> u16 {
     let session = &channel.session;
     if channel.disposed.get() {
         return 404;
@@ -153,7 +158,7 @@ pub async fn send(state: &Rc<ShardState>, channel: &Rc<HttpChannel>, body: &[u8]
                 }
                 Ok(protocol) => {
                     input.advance(used);
-                    connect(state, channel, protocol).await;
+                    connect(state, channel, protocol, remote).await;
                     None
                 }
                 Err(error) => Some(error),
@@ -173,9 +178,13 @@ pub async fn send(state: &Rc<ShardState>, channel: &Rc<HttpChannel>, body: &[u8]
     }
     match dispatch::handle_records(state, session, &mut input).await {
         Dispatched::More => {}
-        Dispatched::ClientClosed => session.close(None, false),
+        Dispatched::ClientClosed => {
+            session.ending(crate::session::EndReason::ClientClosed);
+            session.close(None, false);
+        }
         Dispatched::BadInput(bad) => {
             ShardMetrics::add(&state.metrics().protocol_errors, 1);
+            session.ending(crate::session::EndReason::BadInput);
             session.close(Some(&bad.message), false);
         }
     }
@@ -183,7 +192,12 @@ pub async fn send(state: &Rc<ShardState>, channel: &Rc<HttpChannel>, body: &[u8]
 }
 
 /// The handshake succeeded: answer it, register the session, tell the hub.
-async fn connect(state: &Rc<ShardState>, channel: &Rc<HttpChannel>, protocol: HubProtocol) {
+async fn connect(
+    state: &Rc<ShardState>,
+    channel: &Rc<HttpChannel>,
+    protocol: HubProtocol,
+    remote: Option<std::net::SocketAddr>,
+) {
     let session = &channel.session;
     session.set_protocol(protocol);
     session.enqueue_untracked(&frame::frame_raw(
@@ -198,7 +212,7 @@ async fn connect(state: &Rc<ShardState>, channel: &Rc<HttpChannel>, protocol: Hu
     } else {
         "server-sent events"
     };
-    state.announce(session, transport).await;
+    state.announce(session, transport, remote).await;
 }
 
 /// Ends a channel once: its token is freed, its session stops and leaves its groups.

@@ -214,7 +214,8 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
                 (answer, false)
             }
             Routed::Send(channel) => {
-                let status = channel::send(&state, &channel, &body).await;
+                let remote = super::remote_for_logs(&reader);
+                let status = channel::send(&state, &channel, &body, remote).await;
                 (text_response(status, "", keep_alive), false)
             }
             Routed::Upgrade(upgrade) => {

@@ -150,6 +150,9 @@ pub fn delete(state: &Rc<ShardState>, head: &RequestHead, hub: &str) -> Vec<u8> 
     };
     match channel::existing(state, hub, &token, claims.as_ref(), Kind::LongPolling) {
         Some(Ok(channel)) => {
+            channel
+                .session
+                .ending(crate::session::EndReason::ClientClosed);
             channel::dispose(state, &channel);
             text_response(202, "", keep_alive)
         }

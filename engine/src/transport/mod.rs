@@ -32,6 +32,18 @@ pub fn text_response(status: u16, body: &str, keep_alive: bool) -> Vec<u8> {
     )
 }
 
+/// The client's address for the connection logs, looked up only while they are on (it
+/// costs a system call).
+pub fn remote_for_logs(
+    reader: &monoio::io::OwnedReadHalf<monoio::net::TcpStream>,
+) -> Option<std::net::SocketAddr> {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        reader.peer_addr().ok()
+    } else {
+        None
+    }
+}
+
 /// A random URL-safe id (connection ids and tokens: 16 random bytes, as ASP.NET Core).
 pub fn random_id() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>())
@@ -46,6 +58,10 @@ pub fn authenticate(node: &Node, head: &RequestHead) -> Result<Option<Claims>, V
     let query_token = head.query_param("access_token");
     let token = query_token.as_deref().or_else(|| head.bearer_token());
     jwt.verify(token).map(Some).map_err(|e| {
+        node.metrics
+            .auth_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(path = %head.path, "access token refused: {e}");
         wire::response(
             401,
             "text/plain; charset=utf-8",

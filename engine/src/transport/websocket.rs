@@ -19,7 +19,7 @@ use crate::auth::Claims;
 use crate::fanout::FrameKind;
 use crate::metrics::ShardMetrics;
 use crate::quota::Share;
-use crate::session::{Session, CLOSE_GRACE};
+use crate::session::{EndReason, Session, CLOSE_GRACE};
 use crate::shard::dispatch::{self, BadInput, Dispatched};
 use crate::shard::inbox::ConnectionOp;
 use crate::shard::state::ShardState;
@@ -474,7 +474,8 @@ fn run_session(
             resumable
         });
         state.flusher.attach(&session, writer);
-        state.announce(&session, "websockets").await;
+        let remote = super::remote_for_logs(&carrier.reader);
+        state.announce(&session, "websockets", remote).await;
 
         let end = loop {
             let end = read_loop(state, &session, &mut carrier).await;
@@ -494,10 +495,18 @@ fn run_session(
             let timeout = state.node.config.disconnect_timeout;
             // Boxed, like the close grace's timeout below: a timer future is 128-byte
             // aligned, which would pad this task (held by every idle connection).
-            let Ok(Some(attach)) =
-                Box::pin(monoio::time::timeout(timeout, resumable.next_transport())).await
-            else {
-                break SessionEnd::ClientLeft;
+            let attach = match Box::pin(monoio::time::timeout(timeout, resumable.next_transport()))
+                .await
+            {
+                Ok(Some(attach)) => attach,
+                Ok(None) => break SessionEnd::ClientLeft,
+                Err(_) => {
+                    // Its resume window passed: a resume from now on is refused (404).
+                    ShardMetrics::add(&state.metrics().resumes_refused, 1);
+                    session.ending(EndReason::NotResumed);
+                    tracing::debug!(connection = %caller.connection_id, "no resume within --disconnect-timeout-secs");
+                    break SessionEnd::ClientLeft;
+                }
             };
             let resent = session.resume();
             let metrics = state.metrics();
@@ -511,8 +520,13 @@ fn run_session(
         };
         match end {
             SessionEnd::ClientLeft | SessionEnd::Detached => session.stop_now(),
-            SessionEnd::ClientClosed | SessionEnd::Stopped => session.close(None, false),
+            SessionEnd::ClientClosed => {
+                session.ending(EndReason::ClientClosed);
+                session.close(None, false);
+            }
+            SessionEnd::Stopped => session.close(None, false),
             SessionEnd::BadInput(bad) => {
+                session.ending(EndReason::BadInput);
                 ShardMetrics::add(&state.metrics().protocol_errors, 1);
                 tracing::debug!(connection = %caller.connection_id, "closing on bad input: {}", bad.message);
                 session.close_with_code(Some(&bad.message), false, bad.close_code);

@@ -5,7 +5,7 @@ import { spawn } from "node:child_process";
 import { test } from "node:test";
 import { ok, strictEqual, match } from "node:assert/strict";
 import { HttpTransportType } from "@microsoft/signalr";
-import { BINARY, ONCE, connect, metric, raw, sleep, startServer, statusOf, tempDataDir, upgradeRequest, until } from "./helpers.mjs";
+import { BINARY, ONCE, connect, metric, raw, sleep, startServer, statusOf, tempDataDir, token, upgradeRequest, until } from "./helpers.mjs";
 
 /** Runs the server as a default Docker container (seccomp profile of Docker 25+) would:
  *  io_uring's system calls fail with EPERM. */
@@ -129,5 +129,29 @@ test("a brand-new data directory is not 'upgraded'; a second node on the same --
     match(log, /give each node its own --data directory/);
   } finally {
     await first.stop();
+  }
+});
+
+test("connection logs say who, from where and why it ended; connects and refused tokens are counted", { skip: ONCE, timeout: 30000 }, async () => {
+  const server = await startServer(["--jwt-secret", "test-secret"], { env: { RUST_LOG: "info,ringhub_engine=debug" } });
+  try {
+    const refused = await fetch(`${server.base}/hubs/chat/negotiate?negotiateVersion=1`, { method: "POST", headers: { authorization: "Bearer nonsense" } });
+    strictEqual(refused.status, 401);
+    strictEqual(await metric(server.base, "ringhub_auth_failures_total"), 1);
+    const client = await connect(server.base, { accessToken: token({ sub: "ann" }) });
+    strictEqual(await metric(server.base, "ringhub_connects_total"), 1);
+    const id = client.connectionId;
+    await client.stop();
+    await until(() => server.log().includes(`connection=${id}`) && /disconnected/.test(server.log().split("\n").filter((l) => l.includes(id)).join("\n")), 5000, "the disconnected line");
+    const lines = server.log().replace(/\x1b\[[0-9;]*m/g, "").split("\n").filter((line) => line.includes(id));
+    const connected = lines.find((line) => line.includes("connected") && !line.includes("disconnected"));
+    match(connected, /user="?ann"?/);
+    match(connected, /remote=127\.0\.0\.1:\d+/);
+    const disconnected = lines.find((line) => line.includes("disconnected"));
+    match(disconnected, /user="?ann"?/);
+    match(disconnected, /reason=ClientClosed/);
+    match(server.log(), /access token refused/);
+  } finally {
+    await server.stop();
   }
 });

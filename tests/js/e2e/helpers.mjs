@@ -19,10 +19,10 @@ export function tempDataDir() {
 
 /** Starts a server on a free port; resolves once /healthz answers 200. Unless `args`
  *  name a `--data` directory, the server gets a fresh one. */
-export async function startServer(args = [], { binary = BINARY, command = ["serve"], listen = "127.0.0.1:0" } = {}) {
+export async function startServer(args = [], { binary = BINARY, command = ["serve"], listen = "127.0.0.1:0", env = {} } = {}) {
   const data = args.includes("--data") ? [] : ["--data", tempDataDir()];
   const child = spawn(binary, [...command, "--listen", listen, ...data, ...args], {
-    env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "info" },
+    env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "info", ...env },
     stdio: ["ignore", "ignore", "pipe"],
   });
   let log = "";

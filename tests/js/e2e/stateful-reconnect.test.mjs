@@ -221,6 +221,7 @@ test("a connection that does not come back within the disconnect timeout leaves 
     ok(left !== undefined && left >= 1900, `left the group ${left} ms after the cut (timeout 2 s)`);
     await until(() => a.state === HubConnectionState.Disconnected, 10000, "the late resume to be refused");
     strictEqual(await metric(server.base, "ringhub_resumes_total"), 0);
+    strictEqual(await metric(server.base, "ringhub_resumes_refused_total"), 1, "the resume that came too late is counted as refused");
   } finally {
     await Promise.all(clients.map((c) => c.stop().catch(() => {})));
     await cutter.close();
