@@ -73,14 +73,17 @@ pub fn negotiate(state: &ShardState, head: &RequestHead, hub: &str) -> Vec<u8> {
     json(body)
 }
 
-/// In a cluster: a WebSocket request whose token this node does not know may carry a
-/// token another node negotiated. It is taken from Redis (once: the first node to ask
-/// gets it) and kept here as if negotiated here.
+/// In a cluster: a connection's first request (a WebSocket, an SSE stream, a first
+/// poll or send) whose token this node does not know may carry a token another node
+/// negotiated. It is taken from Redis (once: the first node to ask gets it) and kept
+/// here as if negotiated here. So a proxy need not send negotiate to the node that then
+/// serves the connection: SSE and long polling only need every request of a
+/// connection on one node (hashing `id` does it).
 pub async fn find_in_cluster(state: &ShardState, head: &RequestHead) {
     let Some(link) = &state.node.backplane else {
         return;
     };
-    if head.method != "GET" || !head.wants_websocket() || !head.path.starts_with("/hubs/") {
+    if !matches!(head.method.as_str(), "GET" | "POST") || !head.path.starts_with("/hubs/") {
         return;
     }
     let Some(token) = head.query_param("id") else {
