@@ -7,7 +7,9 @@
 #   N            nodes (default 2), listening on 127.0.0.1:$BASE_PORT, $BASE_PORT+1, ...
 #   BASE_PORT    first node's port (default 5001)
 #   REDIS_PORT   redis-server's port (default 6390)
-#   RINGHUB_BIN  the ringhub binary (default: built here with cargo build --release)
+#   RINGHUB_BIN  the ringhub binary (default: target/release/ringhub, built as the
+#                README's `cargo run --release -- serve` builds it: the same
+#                features, so either reuses the other's build)
 #
 # Example: scripts/cluster.sh 3 -- --api-key secret
 set -euo pipefail
@@ -28,7 +30,9 @@ if ! command -v redis-server > /dev/null 2>&1; then
   exit 1
 fi
 if [[ -z ${RINGHUB_BIN:-} ]]; then
-  cargo build --release --locked -p ringhub-engine --bin ringhub
+  # From the workspace root without -p, as `cargo run --release` does: a build of the
+  # engine alone would unify other features and rebuild (and overwrite) the binary.
+  cargo build --release --locked --bin ringhub
   RINGHUB_BIN=target/release/ringhub
 fi
 
