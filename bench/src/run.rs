@@ -47,7 +47,8 @@ pub struct RunArgs {
     /// Multiplies every connection count (a smoke run uses a small fraction).
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
-    /// Where to write the results [default: bench/results/<UTC date>].
+    /// Where to write the results [default: bench-results/<UTC date>, under the current
+    /// directory; the repository's own bench/results holds the runs the README quotes].
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// The core the server runs on; the load generator gets the next one.
@@ -282,7 +283,7 @@ struct Context {
 
 impl Context {
     fn scaled(&self, connections: usize) -> usize {
-        ((connections as f64 * self.args.scale).round() as usize).max(10)
+        scale_connections(connections, self.args.scale)
     }
 
     /// Starts the server on the next free port (a port the load generator's own
@@ -414,15 +415,14 @@ impl Context {
         // broadcast-big and slow-reader: open-loop publishers, as fast as the server
         // takes their sends with 64 in flight each (faster than any fan-out of 4 KiB to
         // 1,000: the server has to slow them down).
-        let (connections, groups, publishers, payload, window, rate) = match workload {
-            "fanout-1k" => (1000, 10, 4, 64, 16, None),
-            "fanout-10k" => (10_000, 100, 4, 64, 16, None),
-            "broadcast-big" | "slow-reader" => (1000, 1, 4, 4096, 64, None),
-            "cluster" => (1000, 10, 4, 64, 16, None),
+        let (groups, publishers, payload, window, rate) = match workload {
+            "fanout-1k" | "cluster" => (10, 4, 64, 16, None),
+            "fanout-10k" => (100, 4, 64, 16, None),
+            "broadcast-big" | "slow-reader" => (1, 4, 4096, 64, None),
             // latency and cluster-latency
-            _ => (1000, 10, 4, 64, 16, Some(2000)),
+            _ => (10, 4, 64, 16, Some(2000)),
         };
-        let connections = self.scaled(connections);
+        let connections = self.scaled(connections_of(workload));
         let groups = groups.min(connections);
         let (processes, addr, receiver_addrs) = if server.cluster {
             let (processes, [first, second]) = self.start_cluster(server)?;
@@ -642,7 +642,7 @@ pub fn main(args: RunArgs) -> i32 {
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| PathBuf::from("bench/results").join(utc_date()));
+        .unwrap_or_else(|| PathBuf::from("bench-results").join(utc_date()));
     if let Err(e) = std::fs::create_dir_all(&out) {
         eprintln!("ringhub-bench run: cannot create {}: {e}", out.display());
         return 1;
@@ -757,6 +757,41 @@ fn with_range(results: &[Value], workload: &str, server: &str, key: &str, value:
 }
 
 /// A workload's p50, p99 and p99.9 per server, as bar groups.
+/// The connections a workload opens at scale 1.
+fn connections_of(workload: &str) -> usize {
+    match workload {
+        "fanout-10k" => 10_000,
+        "idle-100k" => 100_000,
+        _ => 1000,
+    }
+}
+
+/// A workload's name as headings and plots show it: with the scale and the connections
+/// actually opened when the run was scaled (`fanout-1k` at `--scale 0.2` opened 200).
+fn heading(workload: &str, scale: f64) -> String {
+    if scale == 1.0 {
+        return workload.to_owned();
+    }
+    format!(
+        "{workload} at scale {scale} ({} connections)",
+        opened(workload, scale)
+    )
+}
+
+/// The connections a workload opens at `scale`.
+fn opened(workload: &str, scale: f64) -> usize {
+    scale_connections(connections_of(workload), scale)
+}
+
+/// A connection count at `scale` (at least 10: a group of one says nothing).
+fn scale_connections(connections: usize, scale: f64) -> usize {
+    ((connections as f64 * scale).round() as usize).max(10)
+}
+
+/// Below this share of a core busy, neither side of a throughput run was its
+/// bottleneck: the figure is what was offered, not what the server can do.
+const SATURATED_PERCENT: f64 = 90.0;
+
 fn latency_groups(results: &[Value], workload: &str, servers: &[&str]) -> Vec<plot::BarGroup> {
     [
         ("p50", "latency_us_p50"),
@@ -811,7 +846,7 @@ fn write_results(
     for workload in workloads {
         match *workload {
             "idle-100k" => {
-                writeln!(md, "## idle-100k\n")?;
+                writeln!(md, "## {}\n", heading(workload, args.scale))?;
                 writeln!(md, "| server | connections | connect time | RSS per connection |\n|---|---|---|---|")?;
                 for server in servers {
                     let Some(report) = find(results, workload, server) else {
@@ -831,7 +866,7 @@ fn write_results(
                 writeln!(md)?;
             }
             "slow-reader" => {
-                writeln!(md, "## slow-reader\n")?;
+                writeln!(md, "## {}\n", heading(workload, args.scale))?;
                 writeln!(
                     md,
                     "1,000 members of one group, 4 publishers sending 4 KiB messages with 64 in flight each; \
@@ -863,7 +898,11 @@ fn write_results(
                 writeln!(md)?;
             }
             "churn" => {
-                writeln!(md, "## churn\n\n| server | join/leave ops/s | load generator busy |\n|---|---|---|")?;
+                writeln!(
+                    md,
+                    "## {}\n\n| server | join/leave ops/s | load generator busy |\n|---|---|---|",
+                    heading(workload, args.scale)
+                )?;
                 for server in servers {
                     let Some(report) = find(results, workload, server) else {
                         continue;
@@ -881,11 +920,14 @@ fn write_results(
             _ => {
                 let ceiling = find(results, workload, "ceiling")
                     .and_then(|r| r["deliveries_per_sec"].as_f64());
-                writeln!(md, "## {workload}\n")?;
+                writeln!(md, "## {}\n", heading(workload, args.scale))?;
                 writeln!(
                     md,
                     "| server | deliveries/s | vs ceiling | lost | duplicated | reordered | receivers closed | p50 µs | p99 µs | p99.9 µs | server busy | server CPU per delivery | load generator busy |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
                 )?;
+                // Paced workloads offer a fixed load: nobody is meant to be saturated.
+                let paced = workload.ends_with("latency");
+                let mut unsaturated = Vec::new();
                 for server in servers {
                     let Some(report) = find(results, workload, server) else {
                         if let Some(error) = results
@@ -898,6 +940,15 @@ fn write_results(
                         continue;
                     };
                     let deliveries = report["deliveries_per_sec"].as_f64().unwrap_or(0.0);
+                    let busy = |key: &str| report[key].as_f64().unwrap_or(0.0);
+                    let (server_busy, loadgen_busy) =
+                        (busy("server_cpu_busy"), busy("loadgen_cpu_busy"));
+                    if !paced && server_busy < SATURATED_PERCENT && loadgen_busy < SATURATED_PERCENT
+                    {
+                        unsaturated.push(format!(
+                            "{server} (server {server_busy:.0} %, load generator {loadgen_busy:.0} %)"
+                        ));
+                    }
                     let ratio = ceiling
                         .filter(|c| *c > 0.0)
                         .map_or("-".to_owned(), |c| format!("{:.2}x", deliveries / c));
@@ -923,6 +974,13 @@ fn write_results(
                         report["loadgen_cpu_busy"].as_f64().unwrap_or(0.0)
                     )?;
                 }
+                if !unsaturated.is_empty() {
+                    writeln!(
+                        md,
+                        "\nNot saturated (neither side {SATURATED_PERCENT:.0} % busy): {}. Their deliveries/s is what was offered, not what the server can do.",
+                        unsaturated.join(", ")
+                    )?;
+                }
                 writeln!(md)?;
             }
         }
@@ -944,7 +1002,7 @@ fn write_results(
         .iter()
         .filter(|w| matches!(**w, "fanout-1k" | "fanout-10k" | "broadcast-big"))
         .map(|w| plot::BarGroup {
-            label: w.to_string(),
+            label: heading(w, args.scale),
             values: servers
                 .iter()
                 .map(|s| find(results, w, s).and_then(|r| r["deliveries_per_sec"].as_f64()))
@@ -959,20 +1017,41 @@ fn write_results(
             "deliveries/s",
             &fanouts,
         )?;
+        let p99s: Vec<plot::BarGroup> = workloads
+            .iter()
+            .filter(|w| matches!(**w, "fanout-1k" | "fanout-10k" | "broadcast-big"))
+            .map(|w| plot::BarGroup {
+                label: heading(w, args.scale),
+                values: servers
+                    .iter()
+                    .map(|s| find(results, w, s).and_then(|r| r["latency_us_p99"].as_f64()))
+                    .collect(),
+            })
+            .collect();
+        bars(
+            &mut plots,
+            "fanout-p99.svg",
+            "Fan-out at full load: p99 latency",
+            "µs",
+            &p99s,
+        )?;
     }
     if workloads.contains(&"latency") {
         let groups = latency_groups(results, "latency", servers);
         bars(
             &mut plots,
             "latency.svg",
-            "Latency at 2,000 sends/s (1,000 connections)",
+            &format!(
+                "Latency at 2,000 sends/s ({} connections)",
+                opened("latency", args.scale)
+            ),
             "µs",
             &groups,
         )?;
     }
     if workloads.contains(&"cluster") {
         let groups = vec![plot::BarGroup {
-            label: "cluster (1,000 members over 2 nodes)".into(),
+            label: format!("{} over 2 nodes", heading("cluster", args.scale)),
             values: servers
                 .iter()
                 .map(|s| find(results, "cluster", s).and_then(|r| r["deliveries_per_sec"].as_f64()))
@@ -991,7 +1070,10 @@ fn write_results(
         bars(
             &mut plots,
             "cluster-latency.svg",
-            "Latency at 2,000 sends/s, members over 2 nodes",
+            &format!(
+                "Latency at 2,000 sends/s, {} members over 2 nodes",
+                opened("cluster-latency", args.scale)
+            ),
             "µs",
             &groups,
         )?;
