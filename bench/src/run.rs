@@ -998,17 +998,21 @@ fn write_results(
         plots.push(name);
         plot::bars(&out.join(name), title, unit, &series, groups)
     };
-    let fanouts: Vec<plot::BarGroup> = workloads
-        .iter()
-        .filter(|w| matches!(**w, "fanout-1k" | "fanout-10k" | "broadcast-big"))
-        .map(|w| plot::BarGroup {
-            label: heading(w, args.scale),
-            values: servers
-                .iter()
-                .map(|s| find(results, w, s).and_then(|r| r["deliveries_per_sec"].as_f64()))
-                .collect(),
-        })
-        .collect();
+    // One group per fan-out workload run, of one measured key.
+    let fanout_groups = |key: &str| -> Vec<plot::BarGroup> {
+        workloads
+            .iter()
+            .filter(|w| matches!(**w, "fanout-1k" | "fanout-10k" | "broadcast-big"))
+            .map(|w| plot::BarGroup {
+                label: heading(w, args.scale),
+                values: servers
+                    .iter()
+                    .map(|s| find(results, w, s).and_then(|r| r[key].as_f64()))
+                    .collect(),
+            })
+            .collect()
+    };
+    let fanouts = fanout_groups("deliveries_per_sec");
     if !fanouts.is_empty() {
         bars(
             &mut plots,
@@ -1017,23 +1021,12 @@ fn write_results(
             "deliveries/s",
             &fanouts,
         )?;
-        let p99s: Vec<plot::BarGroup> = workloads
-            .iter()
-            .filter(|w| matches!(**w, "fanout-1k" | "fanout-10k" | "broadcast-big"))
-            .map(|w| plot::BarGroup {
-                label: heading(w, args.scale),
-                values: servers
-                    .iter()
-                    .map(|s| find(results, w, s).and_then(|r| r["latency_us_p99"].as_f64()))
-                    .collect(),
-            })
-            .collect();
         bars(
             &mut plots,
             "fanout-p99.svg",
             "Fan-out at full load: p99 latency",
             "µs",
-            &p99s,
+            &fanout_groups("latency_us_p99"),
         )?;
     }
     if workloads.contains(&"latency") {

@@ -3,46 +3,33 @@
 // order the store took them in, the user's live connections (on both nodes) must end
 // in the group exactly when the store says the user is a member: a revocation is never
 // lost, and an addition never undone by a stale one.
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 import { ok, strictEqual } from "node:assert/strict";
-import { sleep, startRedis } from "../e2e/helpers.mjs";
-import { appClient, clusterNode, eventually, rest } from "./faults.mjs";
+import { sleep } from "../e2e/helpers.mjs";
+import { appClient, clusterOfTwo, eventually, rest } from "./faults.mjs";
 
 const ROUNDS = 40;
 
-let redis;
-let a;
-let b;
-const clients = [];
-before(async () => {
-  redis = await startRedis();
-  a = await clusterNode(redis.url);
-  b = await clusterNode(redis.url);
-});
-after(async () => {
-  await Promise.all(clients.map((c) => c.stop().catch(() => {})));
-  await a?.stop();
-  await b?.stop();
-  await redis?.stop();
-});
+const cluster = clusterOfTwo();
+const { clients } = cluster;
 
 test("store and live membership agree after concurrent PUT and DELETE through both nodes", async () => {
-  const onA = await appClient(a.base, "rita");
-  const onB = await appClient(b.base, "rita", { msgpack: true });
+  const onA = await appClient(cluster.a.base, "rita");
+  const onB = await appClient(cluster.b.base, "rita", { msgpack: true });
   clients.push(onA, onB);
   const path = "/api/hubs/chat/groups/contested/users/rita";
   const disagreements = [];
   for (let round = 0; round < ROUNDS; round++) {
     // Both at once, in either order of starting.
-    const put = () => rest(a.base, "PUT", path);
-    const del = () => rest(b.base, "DELETE", path);
+    const put = () => rest(cluster.a.base, "PUT", path);
+    const del = () => rest(cluster.b.base, "DELETE", path);
     const [first, second] = round % 2 ? [put, del] : [del, put];
     const statuses = await Promise.all([first(), second()]);
     for (const { status } of statuses) strictEqual(status, 204, `round ${round}`);
-    const stored = (await rest(a.base, "GET", "/api/hubs/chat/users/rita")).body.groups.includes("contested");
+    const stored = (await rest(cluster.a.base, "GET", "/api/hubs/chat/users/rita")).body.groups.includes("contested");
     // The live membership: does a send to the group reach each connection?
     const probe = `probe-${round}`;
-    strictEqual((await rest(b.base, "POST", "/api/hubs/chat/groups/contested/messages", { target: "receive", arguments: [probe] })).status, 202);
+    strictEqual((await rest(cluster.b.base, "POST", "/api/hubs/chat/groups/contested/messages", { target: "receive", arguments: [probe] })).status, 202);
     // A member gets it within moments; a non-member must not get it at all.
     if (stored) {
       await eventually(async () => onA.received.includes(probe) && onB.received.includes(probe), 2000, `round ${round}: members receive`).catch(() => {});

@@ -3,9 +3,10 @@
 // client timeout) unless a test says why; stock @microsoft/signalr clients reconnect as
 // an application would configure them.
 import { createConnection, createServer } from "node:net";
+import { after, before } from "node:test";
 import { HubConnectionBuilder, HttpTransportType, LogLevel } from "@microsoft/signalr";
 import { MessagePackHubProtocol } from "@microsoft/signalr-protocol-msgpack";
-import { freePort, sleep, startServer, token } from "../e2e/helpers.mjs";
+import { freePort, sleep, startRedis, startServer, token } from "../e2e/helpers.mjs";
 
 export const SECRET = "fault-secret";
 export const API_KEY = "fault-key";
@@ -13,6 +14,25 @@ export const admin = (sub) => token({ sub, role: "admin" }, { secret: SECRET });
 
 /** A node of a cluster on a fixed loopback port, so that it can be killed and started
  *  again with exactly the same flags, as a process manager does. */
+/** Two nodes sharing a fresh redis-server, started before a file's tests and stopped
+ *  after them with the clients the tests push to `clients`: `{ redis, a, b, clients }`,
+ *  filled in once `before` ran. */
+export function clusterOfTwo() {
+  const cluster = { redis: null, a: null, b: null, clients: [] };
+  before(async () => {
+    cluster.redis = await startRedis();
+    cluster.a = await clusterNode(cluster.redis.url);
+    cluster.b = await clusterNode(cluster.redis.url);
+  });
+  after(async () => {
+    await Promise.all(cluster.clients.map((c) => c.stop().catch(() => {})));
+    await cluster.a?.stop();
+    await cluster.b?.stop();
+    await cluster.redis?.stop();
+  });
+  return cluster;
+}
+
 export async function clusterNode(redisUrl, { port, extra = [] } = {}) {
   const listenPort = port ?? (await freePort());
   const args = ["--redis", redisUrl, "--jwt-secret", SECRET, "--api-key", API_KEY, ...extra];

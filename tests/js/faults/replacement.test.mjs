@@ -4,28 +4,15 @@
 // listening (contract section 7): every send kind reaches its connections from the
 // other node and back, presence counts both nodes (the crashed process's connections no
 // longer), and nothing arrives twice.
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 import { deepStrictEqual, ok, strictEqual } from "node:assert/strict";
-import { startRedis, sleep, until } from "../e2e/helpers.mjs";
-import { appClient, clusterNode, eventually, rest, steadySender } from "./faults.mjs";
+import { sleep, until } from "../e2e/helpers.mjs";
+import { appClient, clusterOfTwo, eventually, rest, steadySender } from "./faults.mjs";
 
 const CLIENT_TIMEOUT_MS = 30_000; // the default --client-timeout-secs
 
-let redis;
-let a;
-let b;
-const clients = [];
-before(async () => {
-  redis = await startRedis();
-  a = await clusterNode(redis.url);
-  b = await clusterNode(redis.url);
-});
-after(async () => {
-  await Promise.all(clients.map((c) => c.stop().catch(() => {})));
-  await a?.stop();
-  await b?.stop();
-  await redis?.stop();
-});
+const cluster = clusterOfTwo();
+const { clients } = cluster;
 
 const joinRoom = (group) => async (c) => {
   await c.invoke("JoinGroup", group);
@@ -33,14 +20,14 @@ const joinRoom = (group) => async (c) => {
 
 test("a crashed node started again under a new name is a full member of the cluster", async () => {
   // Members of one room on both nodes; a publisher on each node keeps traffic flowing.
-  const onA = await appClient(a.base, "ann", { setup: joinRoom("room") });
-  const onB = await appClient(b.base, "bob", { setup: joinRoom("room") });
-  const bobsOther = await appClient(b.base, "bob", { msgpack: true, setup: joinRoom("room") });
+  const onA = await appClient(cluster.a.base, "ann", { setup: joinRoom("room") });
+  const onB = await appClient(cluster.b.base, "bob", { setup: joinRoom("room") });
+  const bobsOther = await appClient(cluster.b.base, "bob", { msgpack: true, setup: joinRoom("room") });
   clients.push(onA, onB, bobsOther);
   const publisherA = steadySender(onA, "room", 20);
   await until(() => onB.received.length > 5 && bobsOther.received.length > 5, 5000, "cross-node traffic before the crash");
 
-  const listening = await b.crashAndRestart();
+  const listening = await cluster.b.crashAndRestart();
   // The stock clients of the dead node reconnect (automatic reconnect) to its
   // replacement on the same address and join their room again.
   await until(() => onB.reconnects === 1 && bobsOther.reconnects === 1, 15_000, "B's clients back on the replacement");
@@ -93,7 +80,7 @@ test("a crashed node started again under a new name is a full member of the clus
     const count = await onA.invoke("GroupCount", "room");
     return count.connections === 3 && count.users === 2;
   }, CLIENT_TIMEOUT_MS + 2000, "A's count of the room: its member and B's two");
-  const user = (await rest(a.base, "GET", "/api/hubs/chat/users/bob")).body;
+  const user = (await rest(cluster.a.base, "GET", "/api/hubs/chat/users/bob")).body;
   deepStrictEqual(user.connectionIds.sort(), [onB.connectionId, bobsOther.connectionId].sort());
   ok(Date.now() - listening <= CLIENT_TIMEOUT_MS + 2000);
 
