@@ -21,6 +21,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "the engine as a library without the binary's dependencies (no default features)"
 cargo clippy -p ringhub-engine --no-default-features --lib --locked -- -D warnings
 
+step "cargo doc (warnings are errors: broken links, stale references)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked -p ringhub-engine -p ringhub-protocol
+
 step "JS dependencies (pinned by tests/js/package-lock.json)"
 if [ ! -d tests/js/node_modules ] || [ tests/js/package-lock.json -nt tests/js/node_modules ]; then
   (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)

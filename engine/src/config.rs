@@ -106,7 +106,7 @@ pub struct ServeArgs {
     /// new one is refused with 503 [default: what the open-file limit allows].
     #[arg(long, env = "RINGHUB_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
-    /// Origins a browser page may call from, comma-separated (https://app.example.com);
+    /// Origins a browser page may call from, comma-separated (<https://app.example.com>);
     /// `*` allows any origin. With a list, WebSocket upgrades from other origins are
     /// refused (403) [default: *].
     #[arg(long, env = "RINGHUB_CORS_ORIGINS", value_name = "LIST")]
