@@ -5,7 +5,7 @@ import { test } from "node:test";
 import { ok, strictEqual } from "node:assert/strict";
 import { createConnection } from "node:net";
 import { readFileSync, readdirSync, readlinkSync } from "node:fs";
-import { ONCE, clientFrame, connect, metric, sleep, startServer, until, upgradeRequest } from "./helpers.mjs";
+import { ONCE, clientFrame, connect, metric, sleep, startServer, trickleReader, until, upgradeRequest } from "./helpers.mjs";
 
 const RS = "\u001e";
 
@@ -256,19 +256,13 @@ test("a REST send to a group with a stalled member answers once its message is q
 });
 
 test("a member that reads slowly but steadily is not closed, however long one write of its queue takes; a stalled one is", { skip: ONCE, timeout: 60000 }, async () => {
-  const server = await startServer(["--threads", "1", "--slow-consumer-secs", "1"]);
+  const server = await startServer(["--threads", "1"]);
   const clients = [];
+  // In a process of its own, at its own pace: 64 KiB every 400 ms (~160 KB/s), so one
+  // write of half its 1 MiB queue takes over 3 s, longer than --slow-consumer-secs (2).
+  const steady = trickleReader(server.base, "steady", 65536, 400);
   try {
-    // Reads about one socket chunk (at most 64 KiB) every 250 ms: ~256 KB/s at most,
-    // so one write of half its 1 MiB queue takes 2 s, twice --slow-consumer-secs.
-    const slow = await stalledMember(server.base, "steady");
-    let taken = 0;
-    slow.on("data", (chunk) => {
-      taken += chunk.length;
-      slow.pause();
-    });
-    const throttle = setInterval(() => slow.resume(), 250);
-    slow.on("close", () => clearInterval(throttle));
+    await until(() => steady.joined(), 5000, "the steady reader in the group");
     const stalled = await stalledMember(server.base, "steady");
     const publisher = await connect(server.base);
     clients.push(publisher);
@@ -284,14 +278,12 @@ test("a member that reads slowly but steadily is not closed, however long one wr
     await Promise.all(inFlight);
     const closes = server.log().split("\n").filter((line) => line.includes("closing a slow consumer"));
     strictEqual(await metric(server.base, "ringhub_slow_consumer_closes_total"), 1, `only the stalled member was closed:\n${closes.join("\n")}`);
-    ok(serverHoldsSocket(server, slow), "the steady reader is still connected");
-    ok(taken > 1 << 20, `the steady reader took ${taken} bytes`);
-    clearInterval(throttle);
-    for (const socket of [slow, stalled]) {
-      socket.stopPinging();
-      socket.destroy();
-    }
+    strictEqual(steady.closedAfter(), null, "the steady reader is still connected");
+    ok(steady.taken() > 1 << 20, `the steady reader took ${steady.taken()} bytes`);
+    stalled.stopPinging();
+    stalled.destroy();
   } finally {
+    steady.stop();
     await Promise.all(clients.map((c) => c.stop().catch(() => {})));
     await server.stop();
   }

@@ -5,33 +5,12 @@
 // as it was found and the victim's experience asserted.
 import { test } from "node:test";
 import { ok, strictEqual, match } from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { createConnection } from "node:net";
 import { readFileSync } from "node:fs";
 import { HttpTransportType } from "@microsoft/signalr";
-import { BINARY, ONCE, connect, metric, sleep, startRedis, startServer, statusOf, until } from "./helpers.mjs";
+import { BINARY, ONCE, connect, metric, sleep, startRedis, startServer, statusOf, trickleReader, until } from "./helpers.mjs";
 
 const API_KEY = "fair-key";
-
-/** Runs `tests/js/e2e/trickle_reader.py` (a raw client with a 4 KiB receive buffer that
- *  takes `chunk` bytes every 1.5 s; 0: it stops reading once joined) in a process of
- *  its own. */
-function trickleReader(base, group, chunk = 81920) {
-  const { hostname, port } = new URL(base);
-  const script = new URL("./trickle_reader.py", import.meta.url).pathname;
-  const child = spawn("python3", [script, hostname, port, group, String(chunk)], { stdio: ["ignore", "pipe", "inherit"] });
-  let out = "";
-  child.stdout.on("data", (chunk) => (out += chunk));
-  return {
-    child,
-    joined: () => out.includes("joined"),
-    closedAfter: () => {
-      const m = /closed (-?\d+)/.exec(out);
-      return m ? Number(m[1]) : null;
-    },
-    stop: () => child.kill("SIGKILL"),
-  };
-}
 
 async function rest(base, method, path, body) {
   const started = Date.now();

@@ -350,3 +350,24 @@ export async function splitProxy(negotiateBase, otherBase) {
     },
   };
 }
+
+/** Runs `tests/js/e2e/trickle_reader.py` (a raw client with a 4 KiB receive buffer that
+ *  takes `chunk` bytes every `everyMs`; 0: it stops reading once joined) in a process
+ *  of its own, at its own pace. */
+export function trickleReader(base, group, chunk = 81920, everyMs = 1500) {
+  const { hostname, port } = new URL(base);
+  const script = new URL("./trickle_reader.py", import.meta.url).pathname;
+  const child = spawn("python3", [script, hostname, port, group, String(chunk), String(everyMs)], { stdio: ["ignore", "pipe", "inherit"] });
+  let out = "";
+  child.stdout.on("data", (chunk) => (out += chunk));
+  return {
+    child,
+    joined: () => out.includes("joined"),
+    taken: () => Number([...out.matchAll(/taken (\d+)/g)].pop()?.[1] ?? 0),
+    closedAfter: () => {
+      const m = /closed (-?\d+)/.exec(out);
+      return m ? Number(m[1]) : null;
+    },
+    stop: () => child.kill("SIGKILL"),
+  };
+}

@@ -1,8 +1,8 @@
 """A group member that reads at its own pace, in a process of its own: a raw WebSocket
 client with a 4 KiB receive buffer that joins GROUP, then takes CHUNK bytes every
 EVERY_MS and lets the rest wait (a client that reads just enough, often enough, never
-to look stopped). Prints "joined" once in the group, and "closed <ms>" when the server
-ends its connection, <ms> after it started trickling.
+to look stopped). Prints "joined" once in the group, "taken <bytes>" after each chunk,
+and "closed <ms>" when the server ends its connection, <ms> after it started trickling.
 
     python3 trickle_reader.py <host> <port> <group> [CHUNK=81920] [EVERY_MS=1500]
 """
@@ -73,6 +73,7 @@ def ping():
 
 
 threading.Thread(target=ping, daemon=True).start()
+total = 0
 while True:
     time.sleep(every)
     taken = 0
@@ -85,3 +86,5 @@ while True:
             print("closed %d" % int((time.monotonic() - started) * 1000), flush=True)
             sys.exit(0)
         taken += len(data)
+    total += taken
+    print("taken %d" % total, flush=True)
