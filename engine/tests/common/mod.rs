@@ -131,13 +131,24 @@ impl RawClient {
         self.stream.write_all(&text_frame(json)).unwrap();
     }
 
+    /// One read, again when a signal interrupted it (a read with a timeout set returns
+    /// EINTR after its process was stopped and continued, even without a handler).
+    fn read_some(&mut self, chunk: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.stream.read(chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
+
     fn read_until(&mut self, mut found: impl FnMut(&[u8]) -> Option<usize>) -> usize {
         loop {
             if let Some(at) = found(&self.pending) {
                 return at;
             }
             let mut chunk = [0u8; 65536];
-            let n = self.stream.read(&mut chunk).expect("read");
+            let n = self.read_some(&mut chunk).expect("read");
             assert!(n > 0, "connection closed");
             self.pending.extend_from_slice(&chunk[..n]);
         }
@@ -180,7 +191,7 @@ impl RawClient {
                 }
             }
             let mut chunk = [0u8; 65536];
-            match self.stream.read(&mut chunk) {
+            match self.read_some(&mut chunk) {
                 Ok(0) | Err(_) => return None,
                 Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
             }
