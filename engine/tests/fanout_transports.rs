@@ -8,7 +8,7 @@ mod common;
 use std::io::Write;
 use std::time::Duration;
 
-use common::{http, negotiate, start_with_shards, RawClient};
+use common::{http, negotiate, read_some, start_with_shards, RawClient};
 use ringhub_engine::broadcast_encodes;
 
 /// POSTs hub messages (JSON, separators added) on a token's send channel.
@@ -25,7 +25,6 @@ const JOIN: &str = r#"{"type":1,"invocationId":"j","target":"JoinGroup","argumen
 
 #[test]
 fn a_group_of_mixed_transports_is_serialized_once_per_protocol() {
-    use std::io::Read;
     let server = start_with_shards(2);
     let addr = server.local_addr();
     let mut websockets = Vec::new();
@@ -52,7 +51,7 @@ fn a_group_of_mixed_transports_is_serialized_once_per_protocol() {
         let mut seen = String::new();
         while !seen.contains("\r\n\r\n:\r\n") {
             let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).unwrap();
+            let n = read_some(&mut stream, &mut chunk).unwrap();
             assert!(n > 0, "stream ended");
             seen.push_str(&String::from_utf8_lossy(&chunk[..n]));
         }
@@ -73,7 +72,7 @@ fn a_group_of_mixed_transports_is_serialized_once_per_protocol() {
     for (stream, seen) in &mut streams {
         while !seen.contains(r#""invocationId":"j""#) {
             let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).unwrap();
+            let n = read_some(stream, &mut chunk).unwrap();
             assert!(n > 0, "stream ended");
             seen.push_str(&String::from_utf8_lossy(&chunk[..n]));
         }
@@ -93,7 +92,7 @@ fn a_group_of_mixed_transports_is_serialized_once_per_protocol() {
         let event = format!("data: {expected}\u{1e}\r\n\r\n");
         while !seen.contains(&event) {
             let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).unwrap();
+            let n = read_some(stream, &mut chunk).unwrap();
             assert!(n > 0, "stream ended");
             seen.push_str(&String::from_utf8_lossy(&chunk[..n]));
         }

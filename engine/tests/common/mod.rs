@@ -131,15 +131,8 @@ impl RawClient {
         self.stream.write_all(&text_frame(json)).unwrap();
     }
 
-    /// One read, again when a signal interrupted it (a read with a timeout set returns
-    /// EINTR after its process was stopped and continued, even without a handler).
     fn read_some(&mut self, chunk: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            match self.stream.read(chunk) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                other => return other,
-            }
-        }
+        read_some(&mut self.stream, chunk)
     }
 
     fn read_until(&mut self, mut found: impl FnMut(&[u8]) -> Option<usize>) -> usize {
@@ -252,4 +245,15 @@ pub fn server_end_open_between(client: std::net::SocketAddr, server: std::net::S
         .expect("/proc/self/fd")
         .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
         .any(|target| inodes.iter().any(|i| target.to_str() == Some(i)))
+}
+
+/// One read, again when a signal interrupted it (a read with a timeout set returns EINTR
+/// after its process was stopped and continued, even without a handler).
+pub fn read_some(stream: &mut impl Read, chunk: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match stream.read(chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
 }
