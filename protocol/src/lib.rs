@@ -17,6 +17,7 @@ pub mod handshake;
 pub mod http;
 pub mod hub;
 pub mod value;
+pub mod value_serde;
 pub mod ws;
 
 pub use hub::{
@@ -24,3 +25,4 @@ pub use hub::{
     HubProtocol, Invocation, StreamItem,
 };
 pub use value::Value;
+pub use value_serde::ValueError;

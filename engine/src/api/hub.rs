@@ -46,6 +46,25 @@ impl Call<'_> {
         })
     }
 
+    /// Decodes argument `index` as any serde type (a struct, an enum, a vector...), from
+    /// JSON and MessagePack clients alike; a missing or mistyped argument is the
+    /// method's Completion error, naming the argument and what was wrong.
+    pub fn decode_arg<T: serde::de::DeserializeOwned>(
+        &mut self,
+        index: usize,
+    ) -> Result<T, HubError> {
+        let value = self.take_arg(index)?;
+        value
+            .decode()
+            .map_err(|e| self.invalid_arguments(format!("argument {}: {e}", index + 1)))
+    }
+
+    /// Encodes a method's result (or any argument to send) from any serde type.
+    pub fn encode_result<T: serde::Serialize + ?Sized>(result: &T) -> Result<Value, HubError> {
+        Value::encode(result)
+            .map_err(|e| HubError::exception(format!("the result could not be encoded: {e}")))
+    }
+
     /// Takes argument `index` as it is (no copy), leaving null in its place.
     pub fn take_arg(&mut self, index: usize) -> Result<Value, HubError> {
         match self.arguments.get_mut(index) {
