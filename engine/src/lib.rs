@@ -49,6 +49,8 @@ pub use config::Config;
 #[cfg(feature = "cli")]
 pub use config::ServeArgs;
 pub use presence::GroupPresence;
+/// Typed hub methods from an `impl` block: see [`ringhub_macros`].
+pub use ringhub_macros::hub;
 pub use ringhub_protocol::Value;
 pub use server::{Server, ServerBuilder, ServerError};
 pub use store::{MembershipStore, MemoryStore, RedbStore, StoreError};
