@@ -4,12 +4,8 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::RawClient;
-use ringhub_engine::{
-    Call, Config, Hub, HubError, LocalBoxFuture, MemoryStore, ServerBuilder, Value,
-};
+use common::{start_with_hub, RawClient};
+use ringhub_engine::{Call, Hub, HubError, LocalBoxFuture, Value};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -56,20 +52,7 @@ impl Hub for Wards {
 
 #[test]
 fn a_custom_hub_takes_and_returns_its_own_types() {
-    let server = ServerBuilder::new(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        threads: 1,
-        ..Config::default()
-    })
-    .membership_store(MemoryStore::default())
-    .hub(|| Wards)
-    .start()
-    .expect("server starts");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !server.is_ready() {
-        assert!(Instant::now() < deadline, "server not ready");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let server = start_with_hub(|| Wards);
     let mut client = RawClient::connect(server.local_addr(), None);
     let answer = client.invoke(
         "1",

@@ -5,12 +5,8 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::RawClient;
-use ringhub_engine::{
-    hub, Caller, Config, HubContext, HubError, MemoryStore, ServerBuilder, Target,
-};
+use common::{start_with_hub, RawClient};
+use ringhub_engine::{hub, Caller, HubContext, HubError, Target};
 use serde::Serialize;
 
 struct Typed;
@@ -67,20 +63,7 @@ impl Typed {
 
 #[test]
 fn typed_methods_are_dispatched_decoded_and_encoded() {
-    let server = ServerBuilder::new(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        threads: 1,
-        ..Config::default()
-    })
-    .membership_store(MemoryStore::default())
-    .hub(|| Typed)
-    .start()
-    .expect("server starts");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !server.is_ready() {
-        assert!(Instant::now() < deadline, "server not ready");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let server = start_with_hub(|| Typed);
     let mut client = RawClient::connect(server.local_addr(), None);
     assert!(client.invoke("1", "Add", "[2,3]").contains(r#""result":5"#));
     // Names match case-insensitively, as in ASP.NET Core.

@@ -332,49 +332,28 @@ impl ser::Serializer for ValueSerializer {
     }
 }
 
-impl ser::SerializeSeq for Collecting {
-    type Ok = Value;
-    type Error = ValueError;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ValueError> {
-        self.push(value)
-    }
-    fn end(self) -> Result<Value, ValueError> {
-        Ok(self.array())
-    }
+/// The four sequence-like serde traits: each element pushed, an array at the end.
+macro_rules! collect_elements {
+    ($($trait:ident :: $method:ident),*) => {$(
+        impl ser::$trait for Collecting {
+            type Ok = Value;
+            type Error = ValueError;
+            fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ValueError> {
+                self.push(value)
+            }
+            fn end(self) -> Result<Value, ValueError> {
+                Ok(self.array())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTuple for Collecting {
-    type Ok = Value;
-    type Error = ValueError;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ValueError> {
-        self.push(value)
-    }
-    fn end(self) -> Result<Value, ValueError> {
-        Ok(self.array())
-    }
-}
-
-impl ser::SerializeTupleStruct for Collecting {
-    type Ok = Value;
-    type Error = ValueError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ValueError> {
-        self.push(value)
-    }
-    fn end(self) -> Result<Value, ValueError> {
-        Ok(self.array())
-    }
-}
-
-impl ser::SerializeTupleVariant for Collecting {
-    type Ok = Value;
-    type Error = ValueError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ValueError> {
-        self.push(value)
-    }
-    fn end(self) -> Result<Value, ValueError> {
-        Ok(self.array())
-    }
-}
+collect_elements!(
+    SerializeSeq::serialize_element,
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field
+);
 
 impl ser::SerializeMap for Collecting {
     type Ok = Value;
@@ -396,35 +375,27 @@ impl ser::SerializeMap for Collecting {
     }
 }
 
-impl ser::SerializeStruct for Collecting {
-    type Ok = Value;
-    type Error = ValueError;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), ValueError> {
-        self.field(key, value)
-    }
-    fn end(self) -> Result<Value, ValueError> {
-        Ok(self.map())
-    }
+/// The two struct-like serde traits: each field kept by name, a map at the end.
+macro_rules! collect_fields {
+    ($($trait:ident),*) => {$(
+        impl ser::$trait for Collecting {
+            type Ok = Value;
+            type Error = ValueError;
+            fn serialize_field<T: Serialize + ?Sized>(
+                &mut self,
+                key: &'static str,
+                value: &T,
+            ) -> Result<(), ValueError> {
+                self.field(key, value)
+            }
+            fn end(self) -> Result<Value, ValueError> {
+                Ok(self.map())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeStructVariant for Collecting {
-    type Ok = Value;
-    type Error = ValueError;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), ValueError> {
-        self.field(key, value)
-    }
-    fn end(self) -> Result<Value, ValueError> {
-        Ok(self.map())
-    }
-}
+collect_fields!(SerializeStruct, SerializeStructVariant);
 
 #[cfg(test)]
 mod tests {

@@ -8,18 +8,37 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use ringhub_engine::{Config, MemoryStore, Server, ServerBuilder};
+use ringhub_engine::{Config, Hub, MemoryStore, Server, ServerBuilder};
 use ringhub_protocol::ws::{encode_client_frame, Opcode};
 
 /// A server with `config` on a free loopback port and a memory store, ready to accept.
 pub fn start(config: Config) -> Server {
-    let server = ServerBuilder::new(Config {
+    ready(builder(config))
+}
+
+/// A one-shard server running the embedder's `hub`, ready to accept.
+#[allow(dead_code)] // not every test file has a hub of its own
+pub fn start_with_hub<H: Hub>(hub: impl Fn() -> H + Send + Sync + 'static) -> Server {
+    ready(
+        builder(Config {
+            threads: 1,
+            ..Config::default()
+        })
+        .hub(hub),
+    )
+}
+
+/// `config` on a free loopback port, durable membership in memory.
+fn builder(config: Config) -> ServerBuilder {
+    ServerBuilder::new(Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         ..config
     })
     .membership_store(MemoryStore::default())
-    .start()
-    .expect("server starts");
+}
+
+fn ready(builder: ServerBuilder) -> Server {
+    let server = builder.start().expect("server starts");
     wait_ready(&server);
     server
 }
