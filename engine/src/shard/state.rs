@@ -140,17 +140,6 @@ impl ShardState {
         }
     }
 
-    /// A place for a new session among the node's (`--max-connections`), or the answer
-    /// that refuses it.
-    pub fn session_slot(&self) -> Result<Share, crate::transport::negotiate::Refused> {
-        self.node
-            .sessions
-            .try_take(1)
-            .ok_or(crate::transport::negotiate::Refused::Busy(
-                "The server is at its limit of connections (--max-connections); try again later.",
-            ))
-    }
-
     /// Acts on a session if it lives on this shard; `Ok(false)` if it does not.
     pub fn connection_op(
         &self,

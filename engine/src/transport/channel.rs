@@ -81,7 +81,7 @@ pub fn start(
     long_polling: bool,
 ) -> Result<Rc<HttpChannel>, Refused> {
     let user_id = state.node.user_ids.user_id(claims.as_ref());
-    let slot = state.session_slot()?;
+    let slot = negotiate::session_slot(state)?;
     let mut created = None;
     negotiate::redeem(
         state,

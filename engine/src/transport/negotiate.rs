@@ -5,6 +5,7 @@ use bytes::BytesMut;
 use ringhub_protocol::http::{self as wire, Negotiation, RequestHead};
 
 use crate::backplane::{Outgoing, SharedToken};
+use crate::quota::Share;
 use crate::shard::inbox::Command;
 use crate::shard::state::ShardState;
 use crate::shard::tokens::{new_token, Negotiated, Token};
@@ -166,6 +167,14 @@ pub struct Redeemed {
     pub connection_id: String,
     /// Negotiate offered stateful reconnect.
     pub stateful_reconnect: bool,
+}
+
+/// A place for a new session among the node's (`--max-connections`), or the answer
+/// that refuses it.
+pub fn session_slot(state: &ShardState) -> Result<Share, Refused> {
+    state.node.sessions.try_take(1).ok_or(Refused::Busy(
+        "The server is at its limit of connections (--max-connections); try again later.",
+    ))
 }
 
 /// Takes a negotiated token for a new transport: its connection id, once the token is

@@ -90,9 +90,7 @@ pub fn upgrade(state: &ShardState, head: &RequestHead, hub: &str) -> Result<Upgr
             });
         }
     }
-    let slot = state
-        .session_slot()
-        .map_err(|refused| refused.response(false))?;
+    let slot = negotiate::session_slot(state).map_err(|refused| refused.response(false))?;
     let (connection_id, stateful_reconnect) = match &token {
         None => (random_id(), false),
         Some(token) => {
