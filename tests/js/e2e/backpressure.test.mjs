@@ -5,7 +5,7 @@ import { test } from "node:test";
 import { ok, strictEqual } from "node:assert/strict";
 import { createConnection } from "node:net";
 import { readFileSync, readdirSync, readlinkSync } from "node:fs";
-import { ONCE, clientFrame, connect, metric, sleep, startServer, trickleReader, until, upgradeRequest } from "./helpers.mjs";
+import { ONCE, clientFrame, connect, metric, sleep, stallWatch, startServer, trickleReader, until, upgradeRequest } from "./helpers.mjs";
 
 const RS = "\u001e";
 
@@ -71,6 +71,11 @@ async function stalledMember(base, group) {
 test("four publishers flooding 4 KiB messages to 200 members: nobody healthy is closed, everyone gets every send in order, a stalled member is closed and its socket freed", { timeout: 180000 }, async () => {
   const server = await startServer(["--threads", "2"]);
   const clients = [];
+  // The contract closes a reader that takes nothing for --slow-consumer-secs (2 s): when
+  // this process itself did not run that long (CI once took 40 s for this test instead
+  // of 11), its readers did stop reading, and a close right after such a stall is the
+  // rule working, not a healthy reader closed. Any other close fails the test.
+  const watch = stallWatch(1500);
   try {
     const members = [];
     for (let i = 0; i < 200; i++) {
@@ -79,7 +84,7 @@ test("four publishers flooding 4 KiB messages to 200 members: nobody healthy is 
       member.next = [0, 0, 0, 0];
       member.disorder = 0;
       member.closed = false;
-      member.onclose(() => (member.closed = true));
+      member.onclose(() => (member.closed = Date.now()));
       member.on("flood", (publisher, seq) => {
         if (seq !== member.next[publisher]) member.disorder++;
         member.next[publisher] = seq + 1;
@@ -125,7 +130,10 @@ test("four publishers flooding 4 KiB messages to 200 members: nobody healthy is 
     ok(total > 100, `the publishers got ${total} sends through`);
     await until(() => members.every((m) => m.next.every((n, p) => n === sent[p]) || m.closed), 90000, "every member to get every send");
     const closes = server.log().split("\n").filter((line) => line.includes("closing a slow consumer"));
-    strictEqual(members.filter((m) => m.closed).length, 0, `no healthy member was closed:\n${closes.join("\n")}`);
+    const closed = members.filter((m) => m.closed);
+    const excused = closed.filter((m) => watch.longestBefore(m.closed, 3000) >= 1500);
+    if (excused.length) console.log(`# ${excused.length} readers closed right after this process stalled: ${JSON.stringify(watch.stalls)}`);
+    strictEqual(closed.length - excused.length, 0, `no healthy member was closed (stalls of this process: ${JSON.stringify(watch.stalls)}):\n${closes.join("\n")}`);
     strictEqual(members.reduce((sum, m) => sum + m.disorder, 0), 0, "every member got the sends in order");
 
     ok(slowClosed, `the stalled member was closed as a slow consumer (after ${total} sends)`);
@@ -134,6 +142,7 @@ test("four publishers flooding 4 KiB messages to 200 members: nobody healthy is 
     stalled.destroy();
     console.log(`# ${total} sends of 4 KiB to 200 members in ${floodFor} ms`);
   } finally {
+    watch.stop();
     await Promise.all(clients.map((c) => c.stop().catch(() => {})));
     await server.stop();
   }

@@ -371,3 +371,22 @@ export function trickleReader(base, group, chunk = 81920, everyMs = 1500) {
     stop: () => child.kill("SIGKILL"),
   };
 }
+
+/** Notes when this test process itself did not run: every gap of at least `ms` between
+ *  20 ms ticks (a busy or starved client process reads none of its sockets meanwhile,
+ *  so a server may rightly see its readers stop). */
+export function stallWatch(ms = 1000) {
+  const stalls = [];
+  let last = Date.now();
+  const timer = setInterval(() => {
+    const now = Date.now();
+    if (now - last >= ms) stalls.push({ endedAt: now, lasted: now - last });
+    last = now;
+  }, 20);
+  return {
+    stalls,
+    /** The longest stall that ended at most `withinMs` before `at`. */
+    longestBefore: (at, withinMs) => Math.max(0, ...stalls.filter((s) => s.endedAt <= at && at - s.endedAt <= withinMs).map((s) => s.lasted)),
+    stop: () => clearInterval(timer),
+  };
+}
