@@ -36,16 +36,14 @@ impl Hub for Chat {
                             "said",
                             vec![from.into(), text.into()],
                         )
-                        .await
-                        .map_err(|e| HubError::exception(e.to_string()))?;
+                        .await?;
                     Ok(Value::Null)
                 }
                 "Join" => {
                     let room: String = call.arg(0)?;
                     call.context
                         .add_to_group(&call.caller.hub, &call.caller.connection_id, &room)
-                        .await
-                        .map_err(|e| HubError::exception(e.to_string()))?;
+                        .await?;
                     Ok(Value::Null)
                 }
                 other => Err(HubError::UnknownMethod(other.to_owned())),

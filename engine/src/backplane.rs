@@ -18,6 +18,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_channel::{mpsc, oneshot};
 use thiserror::Error;
 
+pub use crate::api::types::BackplaneError;
 use crate::api::types::Target;
 use crate::fanout::Broadcast;
 use crate::flow::Ticket;
@@ -285,19 +286,6 @@ pub enum StoreOp {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum BackplaneError {
-    #[error("the backplane is not connected to Redis")]
-    Disconnected,
-    #[error("Redis: {0}")]
-    Redis(String),
-    #[error("no answer from the node holding it within {0} s")]
-    NoAnswer(u64),
-    #[error("Redis did not answer within {0} s")]
-    Timeout(u64),
-    #[error("the backplane stopped")]
-    Stopped,
-}
 
 /// The backplane thread's end of a [`Link`]: what it is asked, the flag it keeps
 /// true while Redis is reachable, and the node's id.

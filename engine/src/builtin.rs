@@ -66,8 +66,7 @@ async fn send(
 ) -> Result<Value, HubError> {
     call.context
         .send(&call.caller.hub, target, &method, arguments)
-        .await
-        .map_err(|e| HubError::exception(e.to_string()))?;
+        .await?;
     Ok(Value::Null)
 }
 
@@ -92,7 +91,7 @@ async fn dispatch(mut call: Call<'_>) -> Result<Value, HubError> {
             } else {
                 call.context.remove_from_group(hub, id, &group).await
             };
-            done.map_err(|e| HubError::exception(e.to_string()))?;
+            done?;
             Ok(Value::Null)
         }
         "groupcount" => {
@@ -122,8 +121,7 @@ async fn dispatch(mut call: Call<'_>) -> Result<Value, HubError> {
                 require_group(&call, &group)?;
                 call.context
                     .watch_presence(hub, id, &group)
-                    .await
-                    .map_err(|e| HubError::exception(e.to_string()))?;
+                    .await?;
                 // The current counts now; changes follow from the shard's notifier.
                 let now = call.context.group_presence(hub, &group);
                 send(
@@ -136,8 +134,7 @@ async fn dispatch(mut call: Call<'_>) -> Result<Value, HubError> {
             } else {
                 call.context
                     .unwatch_presence(hub, id, &group)
-                    .await
-                    .map_err(|e| HubError::exception(e.to_string()))?;
+                    .await?;
                 Ok(Value::Null)
             }
         }

@@ -21,7 +21,7 @@ pub mod value_serde;
 pub mod ws;
 
 pub use hub::{
-    CancelInvocation, Close, Completion, CompletionOutcome, Headers, HubError, HubMessage,
+    CancelInvocation, Close, Completion, CompletionOutcome, Headers, MessageError, HubMessage,
     HubProtocol, Invocation, StreamItem,
 };
 pub use value::Value;

@@ -9,7 +9,7 @@ use futures_channel::oneshot;
 use ringhub_protocol::Value;
 
 use crate::api::types::{check_group, check_user, Caller, ContextError, Target};
-use crate::backplane::{self, Answer, Link, Outgoing, RemoteOp, RemoteOpKind, StoreOp};
+use crate::backplane::{self, Answer, BackplaneError, Link, Outgoing, RemoteOp, RemoteOpKind, StoreOp};
 use crate::fanout::Broadcast;
 use crate::flow::Window;
 use crate::node::Node;
@@ -19,7 +19,7 @@ use crate::store::{DurableGroups, MembershipStore, StoreError};
 
 /// A store failure, for the caller.
 fn stored(error: StoreError) -> ContextError {
-    ContextError::Store(error.to_string())
+    ContextError::Store(Arc::new(error))
 }
 
 /// Checks every group name and user id a target names.
@@ -368,7 +368,7 @@ impl HubContext {
             .as_ref()
             .filter(|_| self.node.durable_in_redis);
         if let Some(link) = redis {
-            let backplane = |e: backplane::BackplaneError| ContextError::Store(e.to_string());
+            let backplane = ContextError::Backplane;
             let op = if join {
                 let read = StoreOp::Read {
                     hub: hub_key.clone(),
@@ -431,10 +431,10 @@ impl HubContext {
             let answers = link
                 .request(backplane::user_channel(hub, user), hub, op)
                 .await
-                .map_err(|e| ContextError::Backplane(e.to_string()))?;
+                .map_err(ContextError::Backplane)?;
             for answer in answers {
                 if let Answer::Failed(e) = answer {
-                    return Err(ContextError::Backplane(e));
+                    return Err(BackplaneError::Remote(e).into());
                 }
             }
         }
@@ -569,7 +569,7 @@ impl HubContext {
             let answers = link
                 .request(channel, &hub, op)
                 .await
-                .map_err(|e| ContextError::Backplane(e.to_string()))?;
+                .map_err(ContextError::Backplane)?;
             let mut done = false;
             for answer in answers {
                 match answer {
@@ -580,7 +580,7 @@ impl HubContext {
                             limit: limit as usize,
                         })
                     }
-                    Answer::Failed(e) => return Err(ContextError::Backplane(e)),
+                    Answer::Failed(e) => return Err(BackplaneError::Remote(e).into()),
                 }
             }
             Ok(done)

@@ -4,9 +4,12 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use std::sync::Arc;
+
 use thiserror::Error;
 
 use crate::auth::Claims;
+use crate::store::StoreError;
 
 /// A boxed future that stays on its shard's thread.
 pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
@@ -27,9 +30,10 @@ pub enum Target {
     Users(Vec<String>),
 }
 
-/// A failed invocation; the client receives [`HubError::client_message`] as the
-/// Completion error and the connection stays open.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+/// Why a hub method failed: what its invocation's Completion error says (the
+/// connection stays open). The one error type of hub methods: a [`ContextError`] of a
+/// send, a group change or a client result converts into it, so a method can `?` them.
+#[derive(Debug, Clone, Error)]
 pub enum HubError {
     /// A refusal meant for the client, sent as is (SignalR's `HubException`).
     #[error("{0}")]
@@ -38,6 +42,16 @@ pub enum HubError {
     UnknownMethod(String),
     #[error("Failed to invoke '{method}' due to an error on the server: {detail}")]
     InvalidArguments { method: String, detail: String },
+    /// A streaming method called with a plain Invocation (ASP.NET Core's sentence).
+    #[error("The client attempted to invoke the streaming '{0}' method with a non-streaming invocation.")]
+    StreamingMethod(String),
+    /// A plain method called with a StreamInvocation.
+    #[error("The client attempted to invoke the non-streaming '{0}' method with a streaming invocation.")]
+    NotStreamingMethod(String),
+    /// What the method asked of the server (a send, a join, a client result) failed;
+    /// the client reads why.
+    #[error(transparent)]
+    Context(#[from] ContextError),
 }
 
 impl HubError {
@@ -45,6 +59,7 @@ impl HubError {
         HubError::Exception(message.into())
     }
 
+    /// The Completion error the client receives.
     pub fn client_message(&self) -> String {
         self.to_string()
     }
@@ -70,15 +85,16 @@ pub fn valid_hub_name(name: &str) -> bool {
 }
 
 /// Why the context could not act.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum ContextError {
     #[error("the server is shutting down")]
     ShuttingDown,
-    #[error("{0}")]
-    Store(String),
+    /// The membership store failed (shared: the same failure may answer several waiters).
+    #[error(transparent)]
+    Store(#[from] Arc<StoreError>),
     /// The cluster's backplane could not do it (Redis unreachable, no answer).
-    #[error("{0}")]
-    Backplane(String),
+    #[error(transparent)]
+    Backplane(#[from] BackplaneError),
     #[error("Group name is too long (limit {MAX_NAME_BYTES} bytes).")]
     GroupNameTooLong,
     #[error("Group name must not be empty.")]
@@ -97,6 +113,38 @@ pub enum ContextError {
     /// A message whose frame would be larger than half of `--max-buffered-bytes`.
     #[error("The message is too large (limit {limit} bytes once encoded).")]
     MessageTooLarge { limit: usize },
+    /// A client result was asked of a connection no node holds (ASP.NET Core's sentence).
+    #[error("Connection '{0}' does not exist.")]
+    NoSuchConnection(String),
+    /// The client answered a client result with an error (no handler for the method
+    /// included: the JS client then answers `Client didn't provide a result.`).
+    #[error("{0}")]
+    ClientError(String),
+    /// The connection ended before it answered a client result.
+    #[error("Connection '{0}' disconnected.")]
+    ClientDisconnected(String),
+    /// No answer to a client result within `--client-result-timeout-secs`.
+    #[error("The client did not answer within {secs} s.")]
+    ClientResultTimeout { secs: u64 },
+    /// The client's answer is not the type asked for.
+    #[error("The client's result could not be read: {0}")]
+    BadClientResult(String),
+}
+
+/// Equal when of the same kind and saying the same (a store failure has no equality of
+/// its own: its text stands for it).
+impl PartialEq for ContextError {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
+}
+
+impl PartialEq for HubError {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
 }
 
 impl ContextError {
@@ -109,6 +157,8 @@ impl ContextError {
                 | ContextError::Store(_)
                 | ContextError::Backplane(_)
                 | ContextError::NoRoom
+                | ContextError::ClientDisconnected(_)
+                | ContextError::ClientResultTimeout { .. }
         )
     }
 }
@@ -132,4 +182,22 @@ pub fn check_user(user: &str) -> Result<(), ContextError> {
         n if n > MAX_NAME_BYTES => Err(ContextError::UserIdTooLong),
         _ => Ok(()),
     }
+}
+
+/// Why the cluster could not do something (`--redis`).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BackplaneError {
+    #[error("the backplane is not connected to Redis")]
+    Disconnected,
+    #[error("Redis: {0}")]
+    Redis(String),
+    #[error("no answer from the node holding it within {0} s")]
+    NoAnswer(u64),
+    #[error("Redis did not answer within {0} s")]
+    Timeout(u64),
+    #[error("the backplane stopped")]
+    Stopped,
+    /// The node that was asked failed (its reason).
+    #[error("{0}")]
+    Remote(String),
 }

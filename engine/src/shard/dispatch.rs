@@ -40,7 +40,7 @@ impl BadInput {
         }
     }
 
-    fn hub(error: ringhub_protocol::hub::HubError) -> BadInput {
+    fn hub(error: ringhub_protocol::hub::MessageError) -> BadInput {
         let close_code = error.close_code();
         BadInput::new(error, close_code)
     }

@@ -13,7 +13,7 @@ use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{
-    CancelInvocation, Close, Completion, CompletionOutcome, Headers, HubError, HubMessage,
+    CancelInvocation, Close, Completion, CompletionOutcome, Headers, MessageError, HubMessage,
     Invocation, Record, StreamItem,
 };
 use crate::value::Value;
@@ -24,14 +24,14 @@ pub const RECORD_SEPARATOR: u8 = 0x1E;
 pub(super) fn split_record(
     buf: &[u8],
     max_message_bytes: usize,
-) -> Result<Option<Record<'_>>, HubError> {
+) -> Result<Option<Record<'_>>, MessageError> {
     let window = &buf[..buf.len().min(max_message_bytes.saturating_add(1))];
     match memchr::memchr(RECORD_SEPARATOR, window) {
         Some(end) => Ok(Some(Record {
             body: &buf[..end],
             consumed: end + 1,
         })),
-        None if buf.len() > max_message_bytes => Err(HubError::TooLarge {
+        None if buf.len() > max_message_bytes => Err(MessageError::TooLarge {
             limit: max_message_bytes,
         }),
         None => Ok(None),
@@ -39,22 +39,22 @@ pub(super) fn split_record(
 }
 
 /// Parses one record body with `serde_json`.
-pub fn parse(body: &[u8]) -> Result<Option<HubMessage>, HubError> {
+pub fn parse(body: &[u8]) -> Result<Option<HubMessage>, MessageError> {
     if body.is_empty() {
-        return Err(HubError::Empty);
+        return Err(MessageError::Empty);
     }
-    let wire: Wire = serde_json::from_slice(body).map_err(|e| HubError::Json(e.to_string()))?;
+    let wire: Wire = serde_json::from_slice(body).map_err(|e| MessageError::Json(e.to_string()))?;
     wire.into_message()
 }
 
 /// Parses one record body with `simd-json`, which rewrites `body` in place.
 #[cfg(feature = "simd-json")]
-pub fn parse_simd(body: &mut [u8]) -> Result<Option<HubMessage>, HubError> {
+pub fn parse_simd(body: &mut [u8]) -> Result<Option<HubMessage>, MessageError> {
     if body.is_empty() {
-        return Err(HubError::Empty);
+        return Err(MessageError::Empty);
     }
     let wire: Wire =
-        simd_json::serde::from_slice(body).map_err(|e| HubError::Json(e.to_string()))?;
+        simd_json::serde::from_slice(body).map_err(|e| MessageError::Json(e.to_string()))?;
     wire.into_message()
 }
 
@@ -91,12 +91,12 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
 }
 
 impl Wire<'_> {
-    fn into_message(self) -> Result<Option<HubMessage>, HubError> {
-        let message_type = self.message_type.ok_or(HubError::MissingField {
+    fn into_message(self) -> Result<Option<HubMessage>, MessageError> {
+        let message_type = self.message_type.ok_or(MessageError::MissingField {
             message_type: 0,
             field: "type",
         })?;
-        let missing = |field| HubError::MissingField {
+        let missing = |field| MessageError::MissingField {
             message_type,
             field,
         };
@@ -129,7 +129,7 @@ impl Wire<'_> {
             3 => {
                 let outcome = match (self.error, self.result) {
                     (Some(_), Some(_)) => {
-                        return Err(HubError::WrongType {
+                        return Err(MessageError::WrongType {
                             field: "error",
                             expected: "absent when 'result' is present",
                         })
@@ -303,20 +303,20 @@ mod tests {
     #[test]
     fn unknown_types_are_ignored_and_bad_ones_rejected() {
         assert_eq!(parse(br#"{"type":42,"whatever":true}"#).unwrap(), None);
-        assert!(matches!(parse(br#"{"type":"1"}"#), Err(HubError::Json(_))));
+        assert!(matches!(parse(br#"{"type":"1"}"#), Err(MessageError::Json(_))));
         assert!(matches!(
             parse(br#"{"target":"x","arguments":[]}"#),
-            Err(HubError::MissingField { field: "type", .. })
+            Err(MessageError::MissingField { field: "type", .. })
         ));
         assert!(matches!(
             parse(br#"{"type":1,"target":"x"}"#),
-            Err(HubError::MissingField {
+            Err(MessageError::MissingField {
                 field: "arguments",
                 ..
             })
         ));
-        assert!(matches!(parse(b"{\"type\":1,"), Err(HubError::Json(_))));
-        assert_eq!(parse(b""), Err(HubError::Empty));
+        assert!(matches!(parse(b"{\"type\":1,"), Err(MessageError::Json(_))));
+        assert_eq!(parse(b""), Err(MessageError::Empty));
     }
 
     #[test]
@@ -329,7 +329,7 @@ mod tests {
         assert!(split_record(b"0123456789\x1e", 10).unwrap().is_some());
         assert_eq!(
             split_record(b"0123456789A", 10),
-            Err(HubError::TooLarge { limit: 10 })
+            Err(MessageError::TooLarge { limit: 10 })
         );
         assert_eq!(split_record(b"0123456789", 10), Ok(None));
     }

@@ -132,7 +132,7 @@ impl HubMessage {
 
 /// Why bytes could not be read as a hub message.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum HubError {
+pub enum MessageError {
     #[error("hub message exceeds the maximum message size of {limit} bytes")]
     TooLarge { limit: usize },
     #[error("empty hub message")]
@@ -155,12 +155,12 @@ pub enum HubError {
     },
 }
 
-impl HubError {
+impl MessageError {
     /// The WebSocket close code (RFC 6455) a server ends the connection with after this
     /// error: 1009 for a message over the limit, 1007 (invalid payload data) otherwise.
     pub fn close_code(&self) -> u16 {
         match self {
-            HubError::TooLarge { .. } => crate::ws::close_code::TOO_BIG,
+            MessageError::TooLarge { .. } => crate::ws::close_code::TOO_BIG,
             _ => crate::ws::close_code::INVALID_DATA,
         }
     }
@@ -215,7 +215,7 @@ impl HubProtocol {
         self,
         buf: &[u8],
         max_message_bytes: usize,
-    ) -> Result<Option<Record<'_>>, HubError> {
+    ) -> Result<Option<Record<'_>>, MessageError> {
         match self {
             HubProtocol::Json => json::split_record(buf, max_message_bytes),
             HubProtocol::MessagePack => msgpack::split_record(buf, max_message_bytes),
@@ -223,7 +223,7 @@ impl HubProtocol {
     }
 
     /// Parses one record body; `Ok(None)` for a message of unknown type (ignored).
-    pub fn parse(self, body: &[u8]) -> Result<Option<HubMessage>, HubError> {
+    pub fn parse(self, body: &[u8]) -> Result<Option<HubMessage>, MessageError> {
         match self {
             HubProtocol::Json => json::parse(body),
             HubProtocol::MessagePack => msgpack::parse(body),
@@ -244,7 +244,7 @@ impl HubProtocol {
         self,
         mut buf: &[u8],
         max_message_bytes: usize,
-    ) -> Result<(Vec<HubMessage>, usize), HubError> {
+    ) -> Result<(Vec<HubMessage>, usize), MessageError> {
         let mut messages = Vec::new();
         let mut consumed = 0;
         while let Some(record) = self.split_record(buf, max_message_bytes)? {

@@ -9,7 +9,7 @@ use bytes::{BufMut, BytesMut};
 use rmp::Marker;
 
 use super::{
-    CancelInvocation, Close, Completion, CompletionOutcome, Headers, HubError, HubMessage,
+    CancelInvocation, Close, Completion, CompletionOutcome, Headers, MessageError, HubMessage,
     Invocation, Record, StreamItem,
 };
 use crate::value::{Value, MAX_DEPTH};
@@ -25,15 +25,15 @@ const RESULT_VALUE: u64 = 3;
 pub(super) fn split_record(
     buf: &[u8],
     max_message_bytes: usize,
-) -> Result<Option<Record<'_>>, HubError> {
+) -> Result<Option<Record<'_>>, MessageError> {
     let Some((length, prefix)) = read_length_prefix(buf)? else {
         return Ok(None);
     };
     if length == 0 {
-        return Err(HubError::Empty);
+        return Err(MessageError::Empty);
     }
     if length > max_message_bytes {
-        return Err(HubError::TooLarge {
+        return Err(MessageError::TooLarge {
             limit: max_message_bytes,
         });
     }
@@ -48,11 +48,11 @@ pub(super) fn split_record(
 }
 
 /// Reads a varint length prefix: `(length, prefix bytes)`, or `None` if incomplete.
-pub fn read_length_prefix(buf: &[u8]) -> Result<Option<(usize, usize)>, HubError> {
+pub fn read_length_prefix(buf: &[u8]) -> Result<Option<(usize, usize)>, MessageError> {
     let mut length = 0usize;
     for (index, &byte) in buf.iter().take(5).enumerate() {
         if index == 4 && byte > 0x07 {
-            return Err(HubError::LengthPrefix);
+            return Err(MessageError::LengthPrefix);
         }
         length |= usize::from(byte & 0x7f) << (7 * index);
         if byte & 0x80 == 0 {
@@ -88,16 +88,16 @@ pub fn length_prefix_len(length: usize) -> usize {
 }
 
 /// Parses one record body (without its length prefix).
-pub fn parse(body: &[u8]) -> Result<Option<HubMessage>, HubError> {
+pub fn parse(body: &[u8]) -> Result<Option<HubMessage>, MessageError> {
     let mut r = Reader { buf: body, pos: 0 };
     let len = r.array_len("message")?;
     if len == 0 {
-        return Err(HubError::Empty);
+        return Err(MessageError::Empty);
     }
     let message_type = r.uint("type")?;
     let needs = |count: usize, field: &'static str| {
         if len < count {
-            Err(HubError::MissingField {
+            Err(MessageError::MissingField {
                 message_type,
                 field,
             })
@@ -131,7 +131,7 @@ pub fn parse(body: &[u8]) -> Result<Option<HubMessage>, HubError> {
                 HubMessage::Invocation(invocation)
             } else {
                 if invocation.invocation_id.is_none() {
-                    return Err(HubError::MissingField {
+                    return Err(MessageError::MissingField {
                         message_type,
                         field: "invocationId",
                     });
@@ -162,7 +162,7 @@ pub fn parse(body: &[u8]) -> Result<Option<HubMessage>, HubError> {
                     CompletionOutcome::Result(r.value(0)?)
                 }
                 _ => {
-                    return Err(HubError::WrongType {
+                    return Err(MessageError::WrongType {
                         field: "resultKind",
                         expected: "1, 2 or 3",
                     })
@@ -215,41 +215,41 @@ struct Reader<'a> {
     pos: usize,
 }
 
-fn truncated() -> HubError {
-    HubError::MessagePack("unexpected end of data".into())
+fn truncated() -> MessageError {
+    MessageError::MessagePack("unexpected end of data".into())
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], HubError> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], MessageError> {
         let end = self.pos.checked_add(n).ok_or_else(truncated)?;
         let bytes = self.buf.get(self.pos..end).ok_or_else(truncated)?;
         self.pos = end;
         Ok(bytes)
     }
 
-    fn u8(&mut self) -> Result<u8, HubError> {
+    fn u8(&mut self) -> Result<u8, MessageError> {
         Ok(self.take(1)?[0])
     }
 
-    fn be<const N: usize>(&mut self) -> Result<[u8; N], HubError> {
+    fn be<const N: usize>(&mut self) -> Result<[u8; N], MessageError> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.take(N)?);
         Ok(out)
     }
 
-    fn len_u8(&mut self) -> Result<usize, HubError> {
+    fn len_u8(&mut self) -> Result<usize, MessageError> {
         Ok(usize::from(self.u8()?))
     }
 
-    fn len_u16(&mut self) -> Result<usize, HubError> {
+    fn len_u16(&mut self) -> Result<usize, MessageError> {
         Ok(usize::from(u16::from_be_bytes(self.be()?)))
     }
 
-    fn len_u32(&mut self) -> Result<usize, HubError> {
+    fn len_u32(&mut self) -> Result<usize, MessageError> {
         Ok(u32::from_be_bytes(self.be()?) as usize)
     }
 
-    fn marker(&mut self) -> Result<Marker, HubError> {
+    fn marker(&mut self) -> Result<Marker, MessageError> {
         Ok(Marker::from_u8(self.u8()?))
     }
 
@@ -259,9 +259,9 @@ impl<'a> Reader<'a> {
         count.min(self.buf.len() - self.pos)
     }
 
-    fn value(&mut self, depth: usize) -> Result<Value, HubError> {
+    fn value(&mut self, depth: usize) -> Result<Value, MessageError> {
         if depth > MAX_DEPTH {
-            return Err(HubError::MessagePack(format!(
+            return Err(MessageError::MessagePack(format!(
                 "value nested deeper than {MAX_DEPTH} levels"
             )));
         }
@@ -342,19 +342,19 @@ impl<'a> Reader<'a> {
                 self.ext(n)?
             }
             Marker::Reserved => {
-                return Err(HubError::MessagePack("reserved marker 0xc1".into()));
+                return Err(MessageError::MessagePack("reserved marker 0xc1".into()));
             }
         })
     }
 
-    fn utf8(&mut self, n: usize) -> Result<Value, HubError> {
+    fn utf8(&mut self, n: usize) -> Result<Value, MessageError> {
         let bytes = self.take(n)?;
         let text = std::str::from_utf8(bytes)
-            .map_err(|_| HubError::MessagePack("string is not valid UTF-8".into()))?;
+            .map_err(|_| MessageError::MessagePack("string is not valid UTF-8".into()))?;
         Ok(Value::Str(text.to_owned()))
     }
 
-    fn array(&mut self, n: usize, depth: usize) -> Result<Value, HubError> {
+    fn array(&mut self, n: usize, depth: usize) -> Result<Value, MessageError> {
         let mut items = Vec::with_capacity(self.capacity_for(n));
         for _ in 0..n {
             items.push(self.value(depth + 1)?);
@@ -362,7 +362,7 @@ impl<'a> Reader<'a> {
         Ok(Value::Array(items))
     }
 
-    fn map(&mut self, n: usize, depth: usize) -> Result<Value, HubError> {
+    fn map(&mut self, n: usize, depth: usize) -> Result<Value, MessageError> {
         let mut entries = Vec::with_capacity(self.capacity_for(n));
         for _ in 0..n {
             let key = self.value(depth + 1)?;
@@ -372,12 +372,12 @@ impl<'a> Reader<'a> {
         Ok(Value::Map(entries))
     }
 
-    fn ext(&mut self, n: usize) -> Result<Value, HubError> {
+    fn ext(&mut self, n: usize) -> Result<Value, MessageError> {
         let tag = i8::from_be_bytes(self.be()?);
         Ok(Value::Ext(tag, self.take(n)?.to_vec()))
     }
 
-    fn str_len(&mut self, marker: Marker) -> Result<Option<usize>, HubError> {
+    fn str_len(&mut self, marker: Marker) -> Result<Option<usize>, MessageError> {
         Ok(Some(match marker {
             Marker::FixStr(n) => usize::from(n),
             Marker::Str8 => self.len_u8()?,
@@ -387,21 +387,21 @@ impl<'a> Reader<'a> {
         }))
     }
 
-    fn str(&mut self, field: &'static str) -> Result<&'a str, HubError> {
-        self.optional_str(field)?.ok_or(HubError::WrongType {
+    fn str(&mut self, field: &'static str) -> Result<&'a str, MessageError> {
+        self.optional_str(field)?.ok_or(MessageError::WrongType {
             field,
             expected: "a string",
         })
     }
 
     /// A string, or `None` for nil.
-    fn optional_str(&mut self, field: &'static str) -> Result<Option<&'a str>, HubError> {
+    fn optional_str(&mut self, field: &'static str) -> Result<Option<&'a str>, MessageError> {
         let marker = self.marker()?;
         if marker == Marker::Null {
             return Ok(None);
         }
         let Some(n) = self.str_len(marker)? else {
-            return Err(HubError::WrongType {
+            return Err(MessageError::WrongType {
                 field,
                 expected: "a string",
             });
@@ -409,45 +409,45 @@ impl<'a> Reader<'a> {
         let bytes = self.take(n)?;
         std::str::from_utf8(bytes)
             .map(Some)
-            .map_err(|_| HubError::MessagePack(format!("'{field}' is not valid UTF-8")))
+            .map_err(|_| MessageError::MessagePack(format!("'{field}' is not valid UTF-8")))
     }
 
-    fn uint(&mut self, field: &'static str) -> Result<u64, HubError> {
+    fn uint(&mut self, field: &'static str) -> Result<u64, MessageError> {
         match self.value(MAX_DEPTH)? {
             Value::Int(n) if n >= 0 => Ok(n as u64),
             Value::UInt(n) => Ok(n),
-            _ => Err(HubError::WrongType {
+            _ => Err(MessageError::WrongType {
                 field,
                 expected: "a non-negative integer",
             }),
         }
     }
 
-    fn bool(&mut self, field: &'static str) -> Result<bool, HubError> {
+    fn bool(&mut self, field: &'static str) -> Result<bool, MessageError> {
         match self.marker()? {
             Marker::True => Ok(true),
             Marker::False => Ok(false),
             Marker::Null => Ok(false),
-            _ => Err(HubError::WrongType {
+            _ => Err(MessageError::WrongType {
                 field,
                 expected: "a boolean",
             }),
         }
     }
 
-    fn array_len(&mut self, field: &'static str) -> Result<usize, HubError> {
+    fn array_len(&mut self, field: &'static str) -> Result<usize, MessageError> {
         match self.marker()? {
             Marker::FixArray(n) => Ok(usize::from(n)),
             Marker::Array16 => self.len_u16(),
             Marker::Array32 => self.len_u32(),
-            _ => Err(HubError::WrongType {
+            _ => Err(MessageError::WrongType {
                 field,
                 expected: "an array",
             }),
         }
     }
 
-    fn arguments(&mut self) -> Result<Vec<Value>, HubError> {
+    fn arguments(&mut self) -> Result<Vec<Value>, MessageError> {
         let n = self.array_len("arguments")?;
         let mut items = Vec::with_capacity(self.capacity_for(n));
         for _ in 0..n {
@@ -456,7 +456,7 @@ impl<'a> Reader<'a> {
         Ok(items)
     }
 
-    fn string_array(&mut self, field: &'static str) -> Result<Vec<String>, HubError> {
+    fn string_array(&mut self, field: &'static str) -> Result<Vec<String>, MessageError> {
         let n = self.array_len(field)?;
         let mut items = Vec::with_capacity(self.capacity_for(n));
         for _ in 0..n {
@@ -466,14 +466,14 @@ impl<'a> Reader<'a> {
     }
 
     /// Headers: a map of strings to strings (nil accepted as empty, as .NET does).
-    fn headers(&mut self) -> Result<Headers, HubError> {
+    fn headers(&mut self) -> Result<Headers, MessageError> {
         let n = match self.marker()? {
             Marker::FixMap(n) => usize::from(n),
             Marker::Map16 => self.len_u16()?,
             Marker::Map32 => self.len_u32()?,
             Marker::Null => 0,
             _ => {
-                return Err(HubError::WrongType {
+                return Err(MessageError::WrongType {
                     field: "headers",
                     expected: "a map",
                 })
@@ -741,7 +741,7 @@ mod tests {
         }
         assert_eq!(
             read_length_prefix(&[0xff, 0xff, 0xff, 0xff, 0x08]),
-            Err(HubError::LengthPrefix)
+            Err(MessageError::LengthPrefix)
         );
         assert_eq!(read_length_prefix(&[0x80, 0x80]), Ok(None));
     }
@@ -793,16 +793,16 @@ mod tests {
     fn hostile_lengths_are_errors_not_allocations() {
         // An array claiming 2^32-1 elements in a 6-byte body.
         assert!(parse(&[0x93, 0x01, 0x80, 0xdd, 0xff, 0xff, 0xff, 0xff]).is_err());
-        assert_eq!(split_record(&[0x00], 10), Err(HubError::Empty));
+        assert_eq!(split_record(&[0x00], 10), Err(MessageError::Empty));
         assert_eq!(
             split_record(&[0x0b], 10),
-            Err(HubError::TooLarge { limit: 10 })
+            Err(MessageError::TooLarge { limit: 10 })
         );
         let mut deep = vec![0x91u8; 200];
         deep.push(0xc0);
         let mut body = vec![0x95, 0x01, 0x80, 0xc0, 0xa1, b'x', 0x91];
         body.extend_from_slice(&deep);
-        assert!(matches!(parse(&body), Err(HubError::MessagePack(_))));
+        assert!(matches!(parse(&body), Err(MessageError::MessagePack(_))));
     }
 
     #[test]
