@@ -88,7 +88,31 @@ pub enum RemoteOp {
     },
     /// The user's connections take on its durable groups as of this version.
     Durable { user: String, groups: DurableGroups },
+    /// A client result: the connection is sent `invocation` (a MessagePack Invocation
+    /// without an id; the node holding it numbers it) and its answer is awaited for at
+    /// most `timeout_ms`.
+    InvokeClient {
+        connection_id: String,
+        invocation: Bytes,
+        timeout_ms: u64,
+    },
 }
+
+impl RemoteOp {
+    /// How long the asking node waits for the answers: a client result for its own
+    /// timeout and then as long as any request.
+    pub fn answer_within(&self) -> std::time::Duration {
+        match self {
+            RemoteOp::InvokeClient { timeout_ms, .. } => {
+                std::time::Duration::from_millis(*timeout_ms) + REQUEST_TIMEOUT
+            }
+            _ => REQUEST_TIMEOUT,
+        }
+    }
+}
+
+/// How long a node waits for the answers to what it asked of others.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RemoteOpKind {
@@ -117,6 +141,8 @@ pub enum Answer {
     Done,
     TooManyGroups(u64),
     Failed(String),
+    /// What a client result came to: its Completion (MessagePack, without framing).
+    ClientResult(Bytes),
 }
 
 /// One change of a node's presence, in the order the node made them.
@@ -536,6 +562,7 @@ impl Reader {
 /// A request's operation tag for a durable change (the others are a [`RemoteOpKind`]'s
 /// index).
 const DURABLE_TAG: u8 = 255;
+const INVOKE_CLIENT_TAG: u8 = 254;
 
 fn write_target(w: &mut Writer, target: &Target) {
     match target {
@@ -641,6 +668,16 @@ impl Wire {
                         w.u64(groups.version);
                         w.strs(&groups.groups);
                     }
+                    RemoteOp::InvokeClient {
+                        connection_id,
+                        invocation,
+                        timeout_ms,
+                    } => {
+                        w.u8(INVOKE_CLIENT_TAG);
+                        w.str(connection_id);
+                        w.bytes(invocation);
+                        w.u64(*timeout_ms);
+                    }
                 }
             }
             Wire::Reply { id, answer } => {
@@ -656,6 +693,10 @@ impl Wire {
                     Answer::Failed(error) => {
                         w.u8(3);
                         w.str(error);
+                    }
+                    Answer::ClientResult(completion) => {
+                        w.u8(4);
+                        w.bytes(completion);
                     }
                 }
             }
@@ -762,6 +803,11 @@ impl Wire {
                             groups: r.strs()?,
                         },
                     },
+                    INVOKE_CLIENT_TAG => RemoteOp::InvokeClient {
+                        connection_id: r.str()?,
+                        invocation: r.bytes()?,
+                        timeout_ms: r.u64()?,
+                    },
                     tag => RemoteOp::Connection {
                         op: *RemoteOpKind::ALL.get(usize::from(tag)).ok_or(Malformed)?,
                         connection_id: r.str()?,
@@ -776,6 +822,7 @@ impl Wire {
                     1 => Answer::Done,
                     2 => Answer::TooManyGroups(r.u64()?),
                     3 => Answer::Failed(r.str()?),
+                    4 => Answer::ClientResult(r.bytes()?),
                     _ => return Err(Malformed),
                 },
             },
@@ -934,6 +981,20 @@ mod tests {
             Wire::Reply {
                 id: 9,
                 answer: Answer::Failed("no".into()),
+            },
+            Wire::Request {
+                origin: "n1".into(),
+                id: 10,
+                hub: "chat".into(),
+                op: RemoteOp::InvokeClient {
+                    connection_id: "c".into(),
+                    invocation: Bytes::from_static(&[0x95, 1, 0x80, 0xc0]),
+                    timeout_ms: 30_000,
+                },
+            },
+            Wire::Reply {
+                id: 10,
+                answer: Answer::ClientResult(Bytes::from_static(&[0x94, 3, 0x80])),
             },
             Wire::Presence {
                 origin: "n".into(),

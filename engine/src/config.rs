@@ -102,6 +102,10 @@ pub struct ServeArgs {
     /// before it answers 503 [default: 10].
     #[arg(long, env = "RINGHUB_REST_TIMEOUT_SECS", value_name = "N")]
     pub rest_timeout_secs: Option<u64>,
+    /// Seconds a client result (a hub asking a connected client for a value) waits for
+    /// the client's answer before it fails [default: 30].
+    #[arg(long, env = "RINGHUB_CLIENT_RESULT_TIMEOUT_SECS", value_name = "N")]
+    pub client_result_timeout_secs: Option<u64>,
     /// Sessions of every transport together (WebSockets, SSE, long polling); past it a
     /// new one is refused with 503 [default: what the open-file limit allows].
     #[arg(long, env = "RINGHUB_MAX_CONNECTIONS", value_name = "N")]
@@ -146,6 +150,7 @@ struct FileSettings {
     slow_consumer_secs: Option<u64>,
     node_name: Option<String>,
     rest_timeout_secs: Option<u64>,
+    client_result_timeout_secs: Option<u64>,
     max_connections: Option<usize>,
     cors_origins: Option<String>,
     admin_listen: Option<String>,
@@ -177,6 +182,8 @@ pub struct Config {
     pub node_name: String,
     /// How long a REST send waits for room before it answers `503`.
     pub rest_timeout: Duration,
+    /// How long `HubContext::invoke_client` waits for the client's answer.
+    pub client_result_timeout: Duration,
     /// Sessions of every transport together, on this node.
     pub max_connections: usize,
     /// Origins browser pages may call from.
@@ -239,6 +246,7 @@ impl Default for Config {
             slow_consumer: Duration::from_secs(2),
             node_name: default_node_name(),
             rest_timeout: Duration::from_secs(10),
+            client_result_timeout: Duration::from_secs(30),
             max_connections: default_max_connections(),
             cors_origins: CorsOrigins::Any,
             admin_listen: None,
@@ -469,6 +477,12 @@ impl ServeArgs {
             self.rest_timeout_secs.or(file.rest_timeout_secs),
             defaults.rest_timeout,
         )?;
+        let client_result_timeout = secs(
+            "client-result-timeout-secs",
+            self.client_result_timeout_secs
+                .or(file.client_result_timeout_secs),
+            defaults.client_result_timeout,
+        )?;
         let max_connections = count(
             "max-connections",
             self.max_connections.or(file.max_connections),
@@ -530,6 +544,7 @@ impl ServeArgs {
             slow_consumer,
             node_name,
             rest_timeout,
+            client_result_timeout,
             max_connections,
             cors_origins,
             admin_listen,
@@ -618,6 +633,7 @@ mod tests {
         assert_eq!(c.max_groups_per_connection, 1000);
         assert_eq!(c.jwt_leeway, Duration::from_secs(30));
         assert_eq!(c.rest_timeout, Duration::from_secs(10));
+        assert_eq!(c.client_result_timeout, Duration::from_secs(30));
         assert!(c.max_connections >= 64);
         assert!(c.node_name.ends_with(&format!("-{}", std::process::id())));
     }

@@ -24,6 +24,7 @@ pub mod api;
 pub mod auth;
 mod backplane;
 pub mod builtin;
+mod client_results;
 mod cluster;
 pub mod config;
 mod fanout;
@@ -42,8 +43,11 @@ pub mod store;
 mod transport;
 
 pub use api::{
-    Call, Caller, ContextError, FromValue, Hub, HubContext, HubError, LocalBoxFuture, Target,
+    fallible_items, items, Call, Caller, ClientStream, ContextError, FromValue, Hub, HubContext,
+    HubError, ItemStream, LocalBoxFuture, Target,
 };
+/// The trait of the streams a hub method returns (`impl Stream<Item = T>`).
+pub use futures_util::Stream;
 pub use auth::{Claims, GroupAuthorizer, UserIdProvider};
 pub use config::Config;
 #[cfg(feature = "cli")]

@@ -28,6 +28,8 @@ pub struct Node {
     pub(crate) user_ids: Arc<dyn UserIdProvider>,
     pub(crate) authorizer: Arc<dyn GroupAuthorizer>,
     pub(crate) presence: Presence,
+    /// Client results waiting for their clients' answers.
+    pub(crate) client_results: crate::client_results::ClientResults,
     pub(crate) store: Arc<dyn MembershipStore>,
     /// Store writes run on their own thread (a commit waits for the disk).
     pub(crate) store_jobs: std::sync::mpsc::Sender<StoreJob>,
@@ -87,6 +89,7 @@ impl Node {
             user_ids,
             authorizer,
             presence: Presence::with_backplane(shards, backplane.clone()),
+            client_results: Default::default(),
             store,
             store_jobs,
             ready_shards: AtomicUsize::new(0),

@@ -5,8 +5,10 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use futures_channel::oneshot;
-use ringhub_protocol::Value;
+use ringhub_protocol::hub::msgpack;
+use ringhub_protocol::{HubMessage, Invocation, Value};
 
 use crate::api::types::{check_group, check_user, Caller, ContextError, Target};
 use crate::backplane::{self, Answer, BackplaneError, Link, Outgoing, RemoteOp, RemoteOpKind, StoreOp};
@@ -14,7 +16,8 @@ use crate::fanout::Broadcast;
 use crate::flow::Window;
 use crate::node::Node;
 use crate::presence::GroupPresence;
-use crate::shard::inbox::{Command, ConnectionOp};
+use crate::client_results;
+use crate::shard::inbox::{ClientInvocation, Command, ConnectionOp};
 use crate::store::{DurableGroups, MembershipStore, StoreError};
 
 /// A store failure, for the caller.
@@ -205,6 +208,80 @@ impl HubContext {
             broadcast: Arc::new(broadcast),
             size,
         })
+    }
+
+    /// Asks a connected client for a result (SignalR's client results): its handler of
+    /// `method` (in the JS client, `connection.on(method, ...)` returning a value) is
+    /// called with `arguments`, and its answer is decoded as `T`. The connection may be
+    /// on any shard and, with `--redis`, on any node. Fails with the client's error
+    /// ([`ContextError::ClientError`], which is also what a client without such a
+    /// handler answers), when the connection ends first, when it does not answer within
+    /// `--client-result-timeout-secs` (default 30), or when no node holds it.
+    ///
+    /// A hub method that awaits a result of its own caller does not block that
+    /// caller's other messages: a connection's invocations run beside its reading.
+    pub fn invoke_client<T: serde::de::DeserializeOwned>(
+        &self,
+        hub: &str,
+        connection_id: &str,
+        method: &str,
+        arguments: Vec<Value>,
+    ) -> impl Future<Output = Result<T, ContextError>> + Send + 'static {
+        let timeout = self.node.config.client_result_timeout;
+        let answer = self.invoke_client_value(hub, connection_id, method, arguments, timeout);
+        async move {
+            answer
+                .await?
+                .decode()
+                .map_err(|e| ContextError::BadClientResult(e.to_string()))
+        }
+    }
+
+    /// [`HubContext::invoke_client`], its answer as sent.
+    fn invoke_client_value(
+        &self,
+        hub: &str,
+        connection_id: &str,
+        method: &str,
+        arguments: Vec<Value>,
+        timeout: std::time::Duration,
+    ) -> impl Future<Output = Result<Value, ContextError>> + Send + 'static {
+        let invocation = Invocation {
+            target: method.to_owned(),
+            arguments,
+            ..Invocation::default()
+        };
+        let (node, hub, connection_id) = (self.node.clone(), hub.to_owned(), connection_id.to_owned());
+        async move {
+            if node.is_shutting_down() {
+                return Err(ContextError::ShuttingDown);
+            }
+            let Some(link) = node.backplane.clone() else {
+                return invoke_client_here(&node, &hub, &connection_id, invocation, timeout).await;
+            };
+            if node.presence.shard_of(&hub, &connection_id).is_some() {
+                return invoke_client_here(&node, &hub, &connection_id, invocation, timeout).await;
+            }
+            let mut body = BytesMut::new();
+            msgpack::encode_body(&HubMessage::Invocation(invocation), &mut body);
+            let op = RemoteOp::InvokeClient {
+                connection_id: connection_id.clone(),
+                invocation: body.freeze(),
+                timeout_ms: timeout.as_millis() as u64,
+            };
+            let channel = backplane::connection_channel(&hub, &connection_id);
+            let answers = link.request(channel, &hub, op).await?;
+            for answer in answers {
+                match answer {
+                    Answer::ClientResult(body) => {
+                        return client_results::decode_answer(&body, &connection_id, timeout)
+                    }
+                    Answer::Failed(e) => return Err(BackplaneError::Remote(e).into()),
+                    _ => {}
+                }
+            }
+            Err(ContextError::NoSuchConnection(connection_id))
+        }
     }
 
     /// Adds a connection to a group. Resolves to `false` if no such connection is
@@ -581,11 +658,58 @@ impl HubContext {
                         })
                     }
                     Answer::Failed(e) => return Err(BackplaneError::Remote(e).into()),
+                    Answer::ClientResult(_) => {}
                 }
             }
             Ok(done)
         }
     }
+}
+
+/// A client result of a connection on this node: its shard sends it the invocation,
+/// numbered in the node's registry, and whichever shard reads its answer (or sees it
+/// end) answers here; the registry's expiry bounds the wait.
+pub(crate) async fn invoke_client_here(
+    node: &Node,
+    hub: &str,
+    connection_id: &str,
+    mut invocation: Invocation,
+    timeout: std::time::Duration,
+) -> Result<Value, ContextError> {
+    let Some(shard) = node.presence.shard_of(hub, connection_id) else {
+        return Err(ContextError::NoSuchConnection(connection_id.to_owned()));
+    };
+    let (result_id, answer) = node.client_results.register(timeout);
+    invocation.invocation_id = Some(client_results::invocation_id(result_id));
+    let invocation = Broadcast::new(HubMessage::Invocation(invocation));
+    let limit = node.config.message_limit();
+    if invocation.check_size(limit).is_err() {
+        node.client_results.forget(result_id);
+        return Err(ContextError::MessageTooLarge { limit });
+    }
+    let (reply, delivered) = oneshot::channel();
+    node.inboxes[shard].push(Command::Connection {
+        hub: Arc::from(hub),
+        connection_id: connection_id.to_owned(),
+        op: ConnectionOp::InvokeClient(ClientInvocation {
+            result_id,
+            invocation: Arc::new(invocation),
+        }),
+        reply,
+    });
+    match delivered.await {
+        Ok(Ok(true)) => {}
+        Ok(Err(e)) => {
+            node.client_results.forget(result_id);
+            return Err(e);
+        }
+        // Gone meanwhile, or its shard stopped.
+        _ => {
+            node.client_results.forget(result_id);
+            return Err(ContextError::NoSuchConnection(connection_id.to_owned()));
+        }
+    }
+    answer.await.unwrap_or(Err(ContextError::ShuttingDown))
 }
 
 /// A connection operation as another node is asked to do it.
@@ -596,6 +720,7 @@ fn remote_op(connection_id: &str, op: &ConnectionOp) -> RemoteOp {
         ConnectionOp::WatchPresence(group) => (RemoteOpKind::Watch, group.clone()),
         ConnectionOp::UnwatchPresence(group) => (RemoteOpKind::Unwatch, group.clone()),
         ConnectionOp::Close => (RemoteOpKind::Close, String::new()),
+        ConnectionOp::InvokeClient(_) => unreachable!("client results ask with their own op"),
     };
     RemoteOp::Connection {
         connection_id: connection_id.to_owned(),

@@ -1,11 +1,19 @@
-//! What an embedder writes: a [`Hub`] with typed method dispatch over [`Call`]s.
+//! What an embedder writes: a [`Hub`] with typed method dispatch over [`Call`]s, the
+//! streams it sends ([`ItemStream`]) and the streams it is sent ([`ClientStream`]).
 
+use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use futures_util::{Stream, StreamExt};
 use ringhub_protocol::Value;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use crate::api::context::HubContext;
 use crate::api::types::{Caller, HubError, LocalBoxFuture};
+use crate::session::calls::{Upload, UploadReceiver};
 
 /// One invocation of a hub method.
 pub struct Call<'a> {
@@ -14,9 +22,114 @@ pub struct Call<'a> {
     pub method: &'a str,
     pub arguments: Vec<Value>,
     pub context: &'a HubContext,
+    /// The streams the client uploads with this invocation (its `streamIds`), in order;
+    /// taken with [`Call::take_stream`].
+    pub(crate) uploads: Vec<Option<UploadReceiver>>,
+}
+
+/// The items of a server-to-client stream, encoded (see [`items`]): each becomes a
+/// StreamItem message, and an error ends the stream with it.
+pub type ItemStream<'a> = Pin<Box<dyn Stream<Item = Result<Value, HubError>> + 'a>>;
+
+/// A stream of any serde items, as a hub method's [`ItemStream`].
+pub fn items<'a, T: Serialize + 'a>(stream: impl Stream<Item = T> + 'a) -> ItemStream<'a> {
+    Box::pin(stream.map(|item| Call::encode_result(&item)))
+}
+
+/// A stream of results of serde items, as a hub method's [`ItemStream`]: the first error
+/// ends the stream, and the client's `stream()` fails with it.
+pub fn fallible_items<'a, T: Serialize + 'a, E: Into<HubError> + 'a>(
+    stream: impl Stream<Item = Result<T, E>> + 'a,
+) -> ItemStream<'a> {
+    Box::pin(stream.map(|item| Call::encode_result(&item.map_err(Into::into)?)))
+}
+
+/// A stream the client uploads (a `Subject` passed to `send`/`invoke` in the JS
+/// client): its items decoded as `T`. The client sends at most 10 items ahead of what
+/// the method took (ASP.NET Core's `StreamBufferCapacity`): past that its connection is
+/// not read until the method takes more. The stream ends when the client completes it;
+/// a client that completes it with an error, or whose connection ends first, yields
+/// that as its last item, an `Err`.
+pub struct ClientStream<T> {
+    receiver: UploadReceiver,
+    method: String,
+    ended: bool,
+    item: PhantomData<fn() -> T>,
+}
+
+impl<T: DeserializeOwned> ClientStream<T> {
+    /// The next item (`None` once the client completed the stream).
+    pub async fn next(&mut self) -> Option<Result<T, HubError>> {
+        StreamExt::next(self).await
+    }
+}
+
+impl<T: DeserializeOwned> Stream for ClientStream<T> {
+    type Item = Result<T, HubError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let upload = match self.receiver.poll_next_unpin(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(upload) => upload,
+        };
+        let item = match upload {
+            Some(Upload::Item(value)) => value.decode().map_err(|e| HubError::InvalidArguments {
+                method: self.method.clone(),
+                detail: format!("stream item: {e}"),
+            }),
+            Some(Upload::Completed) => {
+                self.ended = true;
+                return Poll::Ready(None);
+            }
+            Some(Upload::Failed(error)) => {
+                self.ended = true;
+                Err(HubError::Exception(error))
+            }
+            None => {
+                self.ended = true;
+                Err(HubError::exception(
+                    "The connection ended before the client completed its stream.",
+                ))
+            }
+        };
+        Poll::Ready(Some(item))
+    }
 }
 
 impl Call<'_> {
+    /// Fails unless the client uploads exactly `count` streams with this invocation.
+    pub fn expect_streams(&self, count: usize) -> Result<(), HubError> {
+        if self.uploads.len() == count {
+            Ok(())
+        } else {
+            Err(self.invalid_arguments(format!(
+                "the client sent {} stream{}, the method takes {count}",
+                self.uploads.len(),
+                if self.uploads.len() == 1 { "" } else { "s" },
+            )))
+        }
+    }
+
+    /// Upload stream `index` (0-based, in the order of the invocation's `streamIds`),
+    /// its items decoded as `T`.
+    pub fn take_stream<T: DeserializeOwned>(
+        &mut self,
+        index: usize,
+    ) -> Result<ClientStream<T>, HubError> {
+        match self.uploads.get_mut(index).and_then(Option::take) {
+            Some(receiver) => Ok(ClientStream {
+                receiver,
+                method: self.method.to_owned(),
+                ended: false,
+                item: PhantomData,
+            }),
+            None => Err(self.invalid_arguments(format!("stream {} is missing", index + 1))),
+        }
+    }
+
     /// Fails unless exactly `count` arguments were given.
     pub fn expect_arguments(&self, count: usize) -> Result<(), HubError> {
         if self.arguments.len() == count {
@@ -149,6 +262,18 @@ pub trait Hub: 'static {
     /// Dispatches one invocation; `Ok(value)` becomes the Completion result (`null`
     /// for methods without a result).
     fn invoke<'a>(&'a self, call: Call<'a>) -> LocalBoxFuture<'a, Result<Value, HubError>>;
+
+    /// Dispatches one streaming invocation (the client's `stream()`): the stream's items
+    /// are sent as StreamItem messages, then a Completion; the client's cancel drops the
+    /// stream, and a slow receiver slows it (it is polled only while the caller's queue
+    /// has room). The default has no streaming methods.
+    fn stream<'a>(
+        &'a self,
+        call: Call<'a>,
+    ) -> LocalBoxFuture<'a, Result<ItemStream<'a>, HubError>> {
+        let method = call.method.to_owned();
+        Box::pin(async move { Err(HubError::NotStreamingMethod(method)) })
+    }
 
     /// After the handshake, before the connection's first message is read.
     fn on_connected<'a>(

@@ -8,5 +8,5 @@ pub mod hub;
 pub mod types;
 
 pub use context::HubContext;
-pub use hub::{Call, FromValue, Hub};
+pub use hub::{fallible_items, items, Call, ClientStream, FromValue, Hub, ItemStream};
 pub use types::{valid_hub_name, Caller, ContextError, HubError, LocalBoxFuture, Target};

@@ -37,14 +37,17 @@ use fred::types::{Expiration, Value as RedisValue};
 use futures_util::StreamExt;
 use hashbrown::{HashMap, HashSet};
 use ringhub_protocol::frame::Framing;
-use ringhub_protocol::HubProtocol;
+use ringhub_protocol::hub::msgpack;
+use ringhub_protocol::{HubMessage, HubProtocol};
 
 use crate::api::types::ContextError;
+use crate::api::context::invoke_client_here;
 use crate::api::HubContext;
 use crate::backplane::{
     self, Answer, BackplaneError, LinkEnd, Outgoing, RemoteOp, RemoteOpKind, StoreOp, Wire,
     BARRIER_BOUND, STORE_BOUND,
 };
+use crate::client_results;
 use crate::fanout::{Broadcast, FrameKind};
 use crate::flow::{Ticket, Window};
 use crate::node::Node;
@@ -64,7 +67,6 @@ const DIRECT_PUBLISH_BOUND: Duration = Duration::from_secs(2);
 /// longer).
 const HOLD_LIMIT: Duration = Duration::from_millis(500);
 /// How long a request waits for the node that holds a connection.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a negotiated token is kept in Redis for another node.
 const TOKEN_TTL_SECS: i64 = 60;
 /// How long a node looks for a token another node negotiated (its `SET` may still be on
@@ -152,6 +154,8 @@ struct Backplane {
 }
 
 struct Pending {
+    /// How long it waits for its answers.
+    within: Duration,
     expected: Option<usize>,
     answers: Vec<Answer>,
     reply: futures_channel::oneshot::Sender<Result<Vec<Answer>, BackplaneError>>,
@@ -569,6 +573,7 @@ impl Backplane {
                 }
                 let id = self.next_request.get();
                 self.next_request.set(id + 1);
+                let within = op.answer_within();
                 let wire = Wire::Request {
                     origin: self.node_id.to_string(),
                     id,
@@ -578,6 +583,7 @@ impl Backplane {
                 self.pending.borrow_mut().insert(
                     id,
                     Pending {
+                        within,
                         expected: None,
                         answers: Vec::new(),
                         reply,
@@ -591,7 +597,7 @@ impl Backplane {
                 });
                 let backplane = self.clone();
                 tokio::task::spawn_local(async move {
-                    tokio::time::sleep(REQUEST_TIMEOUT).await;
+                    tokio::time::sleep(within).await;
                     backplane.finish_request(id, true);
                 });
             }
@@ -667,7 +673,7 @@ impl Backplane {
             return;
         };
         let answer = if timeout && request.answers.is_empty() {
-            Err(BackplaneError::NoAnswer(REQUEST_TIMEOUT.as_secs()))
+            Err(BackplaneError::NoAnswer(request.within.as_secs()))
         } else {
             Ok(request.answers)
         };
@@ -975,6 +981,23 @@ impl Backplane {
                 op,
                 group,
             } => (connection_id, op, group),
+            RemoteOp::InvokeClient {
+                connection_id,
+                invocation,
+                timeout_ms,
+            } => {
+                if self.node.presence.shard_of(hub, &connection_id).is_none() {
+                    return Answer::NotHere;
+                }
+                let Ok(Some(HubMessage::Invocation(invocation))) = msgpack::parse(&invocation)
+                else {
+                    return Answer::Failed("a malformed client invocation".into());
+                };
+                let timeout = Duration::from_millis(timeout_ms);
+                let answer =
+                    invoke_client_here(&self.node, hub, &connection_id, invocation, timeout).await;
+                return Answer::ClientResult(client_results::encode_answer(&answer));
+            }
         };
         let op_here = match op {
             RemoteOpKind::Join => ConnectionOp::Join(group),

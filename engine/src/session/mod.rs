@@ -4,6 +4,7 @@
 //! asks for through its [`FlushQueue`]; long polling takes what is queued with
 //! [`Session::next_batch`]. Both end when [`Session::stop`] fires.
 
+pub mod calls;
 pub mod outbox;
 pub mod replay;
 
@@ -26,6 +27,7 @@ use crate::flow::{Ticket, Window};
 use crate::metrics::{MetricsRef, ShardMetrics};
 use crate::quota::Share;
 use crate::signal::Signal;
+use calls::Calls;
 use outbox::{Outbox, Pushed, Taken};
 use replay::{ClientSequence, Incoming, Replay};
 
@@ -116,6 +118,9 @@ pub struct Session {
     /// Stateful reconnect's state, when the client negotiated it (boxed: most sessions
     /// have none, and idle sessions' memory is mostly this struct and their tasks).
     stateful: Option<Box<Stateful>>,
+    /// Invocations, streams and client results under way (boxed, made on first use:
+    /// most connections only ever make calls that finish at once).
+    calls: RefCell<Option<Box<Calls>>>,
     metrics: Rc<MetricsRef>,
     /// Its place among the node's sessions (`--max-connections`), given back with it.
     _slot: Option<Share>,
@@ -167,6 +172,7 @@ impl Session {
             stop: Signal::default(),
             transport: RefCell::default(),
             stateful: None,
+            calls: RefCell::default(),
             metrics,
             _slot: slot,
         }
@@ -182,6 +188,22 @@ impl Session {
             waiter: RefCell::new(None),
         }));
         self
+    }
+
+    /// What the connection has under way beside reading and writing.
+    pub fn calls(&self) -> std::cell::RefMut<'_, Calls> {
+        std::cell::RefMut::map(self.calls.borrow_mut(), |calls| {
+            &mut **calls.get_or_insert_with(Box::default)
+        })
+    }
+
+    /// The connection ended: what [`Calls::end`] does, if it had any calls; returns
+    /// the client results it still owed.
+    pub fn end_calls(&self) -> Vec<u64> {
+        match self.calls.borrow_mut().as_mut() {
+            Some(calls) => calls.end(),
+            None => Vec::new(),
+        }
     }
 
     pub fn protocol(&self) -> HubProtocol {
@@ -502,6 +524,24 @@ impl Session {
             self.congested_since.set(Some(now));
         }
         self.behind_for.set(Duration::ZERO);
+    }
+
+    /// `work`'s output, or `None` once the session is ending or its transport is gone:
+    /// what a read loop waits for (room in an upload stream's buffer, in the invocation
+    /// queue) must not keep it past its connection.
+    pub async fn unless_ending<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
+        let mut work = std::pin::pin!(work);
+        std::future::poll_fn(|cx| {
+            if self.closing_since().is_some() || self.transport.borrow().is_fired() {
+                return Poll::Ready(None);
+            }
+            if let Poll::Ready(output) = work.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
+            }
+            *self.reader.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
     }
 
     /// Resolves once the session is not congested (or is ending): a transport reads the

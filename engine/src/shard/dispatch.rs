@@ -3,15 +3,23 @@
 
 use std::rc::Rc;
 
-use bytes::{Buf, BytesMut};
-use ringhub_protocol::hub::{CompletionOutcome, HubMessage, Invocation};
-use ringhub_protocol::ws::close_code;
+use std::task::Poll;
 
-use crate::api::Call;
+use bytes::{Buf, BytesMut};
+use futures_channel::mpsc;
+use futures_util::StreamExt;
+use ringhub_protocol::hub::{Completion, CompletionOutcome, HubMessage, Invocation, StreamItem};
+use ringhub_protocol::ws::close_code;
+use ringhub_protocol::Value;
+
+use crate::api::{Call, ContextError};
+use crate::client_results;
 use crate::metrics::ShardMetrics;
+use crate::session::calls::{Job, Upload, UploadReceiver, MAX_STREAMS};
 use crate::session::replay::Incoming;
 use crate::session::Session;
 use crate::shard::state::ShardState;
+use crate::signal::Signal;
 
 /// What the client's messages so far ask of its session.
 #[derive(Debug, PartialEq, Eq)]
@@ -98,44 +106,103 @@ async fn handle_message(
 ) -> bool {
     ShardMetrics::add(&state.metrics().messages_received, 1);
     match message {
-        HubMessage::Invocation(invocation) => {
-            invoke(state, session, invocation).await;
-            false
-        }
-        HubMessage::StreamInvocation(invocation) => {
-            if let Some(id) = invocation.invocation_id {
-                let error = format!(
-                    "The client attempted to invoke the non-streaming '{}' method with a streaming invocation.",
-                    invocation.target
-                );
-                complete(state, session, id, CompletionOutcome::Error(error));
+        HubMessage::Invocation(invocation) => start_invocation(state, session, invocation).await,
+        HubMessage::StreamInvocation(invocation) => start_stream(state, session, invocation),
+        HubMessage::StreamItem(item) => {
+            let sender = session.calls().upload(&item.invocation_id, false);
+            // An item of a stream that is not open (ended, or never opened) is dropped, as
+            // ASP.NET Core does.
+            if let Some(sender) = sender {
+                upload(session, sender, Upload::Item(item.item)).await;
             }
-            false
         }
-        HubMessage::Close(_) => true,
-        HubMessage::Ack { sequence_id } => {
-            session.acknowledged(sequence_id);
-            false
+        HubMessage::Completion(completion) => completed(state, session, completion).await,
+        HubMessage::CancelInvocation(cancel) => session.calls().cancel_stream(&cancel.invocation_id),
+        HubMessage::Close(_) => return true,
+        HubMessage::Ack { sequence_id } => session.acknowledged(sequence_id),
+        // Pings only reset the timeout; a Sequence was handled as the session's input.
+        HubMessage::Ping | HubMessage::Sequence { .. } => {}
+    }
+    false
+}
+
+/// Opens the upload streams an invocation names; `None` (after answering the
+/// invocation with an error) if one of their ids is already open.
+fn open_uploads(
+    state: &ShardState,
+    session: &Session,
+    invocation: &Invocation,
+) -> Option<Vec<Option<UploadReceiver>>> {
+    if invocation.stream_ids.is_empty() {
+        return Some(Vec::new());
+    }
+    let opened = session.calls().open_uploads(&invocation.stream_ids);
+    if opened.is_none() {
+        if let Some(id) = invocation.invocation_id.clone() {
+            let error = "An upload stream id is already in use on this connection.".to_owned();
+            complete(state, session, id, CompletionOutcome::Error(error));
         }
-        // Pings only reset the timeout; client results, upload streams, cancellation and
-        // stateful-reconnect acks have nothing to act on here.
-        _ => false,
+    }
+    Some(opened?.into_iter().map(Some).collect())
+}
+
+/// Runs an invocation after the connection's earlier ones (see `session::calls`): at
+/// once when none is running and it finishes at its first poll (a send with room, a
+/// join: most do), else in the connection's invoker task. Waits while the queue is full.
+async fn start_invocation(state: &Rc<ShardState>, session: &Rc<Session>, invocation: Invocation) {
+    let Some(uploads) = open_uploads(state, session, &invocation) else {
+        return;
+    };
+    let job: Job = Box::pin(invoke(state.clone(), session.clone(), invocation, uploads));
+    let first = session.calls().run_or_queue(job);
+    match first {
+        Some(mut job) => {
+            let at_once = std::future::poll_fn(|cx| Poll::Ready(job.as_mut().poll(cx))).await;
+            if at_once.is_ready() {
+                session.calls().finished_at_once();
+            } else {
+                monoio::spawn(invoker(session.clone(), job));
+            }
+        }
+        None => {
+            session
+                .unless_ending(std::future::poll_fn(|cx| session.calls().poll_room(cx)))
+                .await;
+        }
     }
 }
 
-async fn invoke(state: &Rc<ShardState>, session: &Rc<Session>, invocation: Invocation) {
+/// Runs a connection's invocations one after another, until none waits.
+async fn invoker(session: Rc<Session>, mut job: Job) {
+    loop {
+        job.await;
+        let next = session.calls().next_job();
+        match next {
+            Some(next) => job = next,
+            None => return,
+        }
+    }
+}
+
+async fn invoke(
+    state: Rc<ShardState>,
+    session: Rc<Session>,
+    invocation: Invocation,
+    uploads: Vec<Option<UploadReceiver>>,
+) {
     let Invocation {
         invocation_id,
         target,
         arguments,
         ..
     } = invocation;
-    let context = state.context_of(session);
+    let context = state.context_of(&session);
     let call = Call {
         caller: &session.caller,
         method: &target,
         arguments,
         context: &context,
+        uploads,
     };
     let result = state.hub.invoke(call).await;
     // What the method sent went to every shard's inbox, this one's too: queue it for
@@ -146,8 +213,138 @@ async fn invoke(state: &Rc<ShardState>, session: &Rc<Session>, invocation: Invoc
             Ok(value) => CompletionOutcome::Result(value),
             Err(e) => CompletionOutcome::Error(e.client_message()),
         };
-        complete(state, session, id, outcome);
+        complete(&state, &session, id, outcome);
     }
+}
+
+/// Starts a streaming invocation in a task of its own (a stream runs beside the
+/// connection's other invocations, as in ASP.NET Core).
+fn start_stream(state: &Rc<ShardState>, session: &Rc<Session>, invocation: Invocation) {
+    let Some(id) = invocation.invocation_id.clone() else {
+        return;
+    };
+    let Some(stop) = session.calls().start_stream(&id) else {
+        let error = format!(
+            "Too many streams on this connection (limit {MAX_STREAMS}), or one with the id '{id}' already."
+        );
+        complete(state, session, id, CompletionOutcome::Error(error));
+        return;
+    };
+    let Some(uploads) = open_uploads(state, session, &invocation) else {
+        session.calls().stream_ended(&id);
+        return;
+    };
+    monoio::spawn(stream(state.clone(), session.clone(), invocation, uploads, stop));
+}
+
+/// Sends a streaming method's items as StreamItem messages, each once the caller's
+/// queue has room (a slow reader slows its stream, as any publisher), then a
+/// Completion: without a result when the stream ends or the client cancels it, with
+/// the error when it fails.
+async fn stream(
+    state: Rc<ShardState>,
+    session: Rc<Session>,
+    invocation: Invocation,
+    uploads: Vec<Option<UploadReceiver>>,
+    stop: Signal,
+) {
+    let Invocation {
+        invocation_id,
+        target,
+        arguments,
+        ..
+    } = invocation;
+    let id = invocation_id.unwrap_or_default();
+    let context = state.context_of(&session);
+    let call = Call {
+        caller: &session.caller,
+        method: &target,
+        arguments,
+        context: &context,
+        uploads,
+    };
+    let outcome = match state.hub.stream(call).await {
+        Err(e) => CompletionOutcome::Error(e.client_message()),
+        Ok(mut items) => {
+            state.drain_inbox();
+            let limit = state.node.config.message_limit();
+            let watch = stop.watch();
+            loop {
+                session.uncongested().await;
+                if session.closing_since().is_some() {
+                    break CompletionOutcome::Void;
+                }
+                let Some(next) = watch.run(items.next()).await else {
+                    // Cancelled by the client.
+                    break CompletionOutcome::Void;
+                };
+                let item = match next {
+                    None => break CompletionOutcome::Void,
+                    Some(Err(e)) => break CompletionOutcome::Error(e.client_message()),
+                    Some(Ok(item)) => item,
+                };
+                state.drain_inbox();
+                let frame = session.encode(&HubMessage::StreamItem(StreamItem {
+                    headers: Default::default(),
+                    invocation_id: id.clone(),
+                    item,
+                }));
+                if frame.len() > limit {
+                    break CompletionOutcome::Error(format!(
+                        "A stream item is too large (limit {limit} bytes once encoded)."
+                    ));
+                }
+                if !session.enqueue(&frame, None) {
+                    // Closing, or too far behind: the stream ends with the connection.
+                    break CompletionOutcome::Void;
+                }
+            }
+        }
+    };
+    session.calls().stream_ended(&id);
+    complete(&state, &session, id, outcome);
+}
+
+/// Hands an upload stream's item (or its end) to the method reading it, once its
+/// buffer has room: until then the connection is not read.
+async fn upload(session: &Session, mut sender: mpsc::Sender<Upload>, upload: Upload) {
+    let ready = std::future::poll_fn(|cx| sender.poll_ready(cx));
+    if let Some(Ok(())) = session.unless_ending(ready).await {
+        // The method may have stopped reading (it returned): the item is not wanted.
+        let _ = sender.start_send(upload);
+    }
+}
+
+/// A Completion from the client: the end of an upload stream, or the answer to a
+/// client result (anything else is ignored).
+async fn completed(state: &ShardState, session: &Session, completion: Completion) {
+    let Completion {
+        invocation_id,
+        outcome,
+        ..
+    } = completion;
+    let sender = session.calls().upload(&invocation_id, true);
+    if let Some(sender) = sender {
+        let end = match outcome {
+            CompletionOutcome::Error(error) => Upload::Failed(error),
+            _ => Upload::Completed,
+        };
+        upload(session, sender, end).await;
+        return;
+    }
+    let Some(result_id) = client_results::parse_invocation_id(&invocation_id) else {
+        return;
+    };
+    // Only the connection asked may answer.
+    if !session.calls().answered(result_id) {
+        return;
+    }
+    let answer = match outcome {
+        CompletionOutcome::Result(value) => Ok(value),
+        CompletionOutcome::Void => Ok(Value::Null),
+        CompletionOutcome::Error(error) => Err(ContextError::ClientError(error)),
+    };
+    state.node.client_results.answer(result_id, answer);
 }
 
 /// Queues a Completion; a result too large for the session's queue becomes an error.

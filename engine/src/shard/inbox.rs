@@ -64,7 +64,32 @@ pub enum ConnectionOp {
     UnwatchPresence(String),
     /// Close it with a Close message (reconnect not suggested).
     Close,
+    /// Send it a client result's Invocation; it owes the answer.
+    InvokeClient(ClientInvocation),
 }
+
+/// A client result's Invocation for one connection (see `HubContext::invoke_client`).
+#[derive(Clone)]
+pub struct ClientInvocation {
+    /// The waiter's id in the node's `ClientResults` (the invocation id says it too).
+    pub result_id: u64,
+    pub invocation: Arc<Broadcast>,
+}
+
+impl std::fmt::Debug for ClientInvocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClientInvocation({})", self.result_id)
+    }
+}
+
+/// The same waiter (the invocation is made once per waiter).
+impl PartialEq for ClientInvocation {
+    fn eq(&self, other: &Self) -> bool {
+        self.result_id == other.result_id
+    }
+}
+
+impl Eq for ClientInvocation {}
 
 /// A shard's inbox: a lock-free MPSC queue (producers never block, a thread-per-core
 /// shard must never wait on another; what it holds is bounded by the publishers'

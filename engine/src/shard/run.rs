@@ -227,7 +227,8 @@ impl StallGuard {
 
 /// Once a second: keep-alive pings, client timeouts, the end of closes that could not
 /// flush in time, SSE and long-polling connections without a handshake or a receive
-/// request for too long, and negotiated tokens never used.
+/// request for too long, negotiated tokens never used, and (shard 0) overdue client
+/// results.
 async fn tick(state: Rc<ShardState>) {
     let config = &state.node.config;
     let pings: Vec<(FrameKind, Bytes)> = [HubProtocol::Json, HubProtocol::MessagePack]
@@ -247,6 +248,10 @@ async fn tick(state: Rc<ShardState>) {
         }
         let now = Instant::now();
         let stalled = stall.stalled(state.index, now);
+        if state.index == 0 {
+            // Node-wide, so once per node: client results whose answer is overdue.
+            state.node.client_results.expire(now);
+        }
         let mut timed_out = 0usize;
         for session in state.all_sessions() {
             // Between transports (stateful reconnect) the resume's own timeout applies.

@@ -184,6 +184,14 @@ impl ShardState {
                 }
             }
             ConnectionOp::Close => session.close(None, false),
+            ConnectionOp::InvokeClient(invocation) => {
+                session.calls().owe(invocation.result_id);
+                if !session.enqueue(&invocation.invocation.frame(session.kind()), None) {
+                    // Closing: it will never answer.
+                    session.calls().answered(invocation.result_id);
+                    return Ok(false);
+                }
+            }
         }
         Ok(true)
     }
@@ -268,6 +276,10 @@ impl ShardState {
         session: &Session,
     ) -> impl std::future::Future<Output = ()> + 'static {
         self.unregister(session);
+        for result_id in session.end_calls() {
+            let gone = ContextError::ClientDisconnected(session.caller.connection_id.clone());
+            self.node.client_results.answer(result_id, Err(gone));
+        }
         let (state, caller, context) = (
             self.clone(),
             session.caller.clone(),
