@@ -45,11 +45,12 @@ cargo test --workspace --all-targets --locked
 step "JS client decodes what ringhub encodes"
 node tests/js/check-rust-vectors.mjs
 
-cargo build -p ringhub-engine --bin ringhub --example ward_monitor --locked
+cargo build -p ringhub-engine --bin ringhub --example ward_monitor --example typed_hub --locked
 for transport in WebSockets ServerSentEvents LongPolling; do
   step "end to end with the stock @microsoft/signalr client over $transport"
   RINGHUB_TRANSPORT=$transport RINGHUB_BIN="$root/target/debug/ringhub" \
     RINGHUB_WARD_MONITOR_BIN="$root/target/debug/examples/ward_monitor" \
+    RINGHUB_TYPED_HUB_BIN="$root/target/debug/examples/typed_hub" \
     node --test --test-concurrency=1 tests/js/e2e/
 done
 

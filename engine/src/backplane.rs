@@ -312,7 +312,6 @@ pub enum StoreOp {
     },
 }
 
-
 /// The backplane thread's end of a [`Link`]: what it is asked, the flag it keeps
 /// true while Redis is reachable, and the node's id.
 pub struct LinkEnd {

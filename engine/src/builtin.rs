@@ -119,9 +119,7 @@ async fn dispatch(mut call: Call<'_>) -> Result<Value, HubError> {
             let (hub, id) = (&call.caller.hub, &call.caller.connection_id);
             if method == "watchpresence" {
                 require_group(&call, &group)?;
-                call.context
-                    .watch_presence(hub, id, &group)
-                    .await?;
+                call.context.watch_presence(hub, id, &group).await?;
                 // The current counts now; changes follow from the shard's notifier.
                 let now = call.context.group_presence(hub, &group);
                 send(
@@ -132,9 +130,7 @@ async fn dispatch(mut call: Call<'_>) -> Result<Value, HubError> {
                 )
                 .await
             } else {
-                call.context
-                    .unwatch_presence(hub, id, &group)
-                    .await?;
+                call.context.unwatch_presence(hub, id, &group).await?;
                 Ok(Value::Null)
             }
         }

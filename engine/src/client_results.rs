@@ -61,9 +61,9 @@ pub fn encode_answer(answer: &Answer) -> Bytes {
 /// [`encode_answer`] read back, for the connection asked and the timeout it was given.
 pub fn decode_answer(body: &[u8], connection_id: &str, timeout: Duration) -> Answer {
     let malformed = || {
-        Err(ContextError::Backplane(crate::api::types::BackplaneError::Remote(
-            "a malformed client result".into(),
-        )))
+        Err(ContextError::Backplane(
+            crate::api::types::BackplaneError::Remote("a malformed client result".into()),
+        ))
     };
     let Ok(Some(HubMessage::Completion(completion))) = msgpack::parse(body) else {
         return malformed();
@@ -176,7 +176,9 @@ mod tests {
         let timeout = Duration::from_secs(30);
         for answer in [
             Ok(Value::Array(vec![Value::Int(1), Value::Str("two".into())])),
-            Err(ContextError::ClientError("Client didn't provide a result.".into())),
+            Err(ContextError::ClientError(
+                "Client didn't provide a result.".into(),
+            )),
             Err(ContextError::ClientDisconnected("c1".into())),
             Err(ContextError::ClientResultTimeout { secs: 30 }),
         ] {

@@ -46,12 +46,12 @@ pub use api::{
     fallible_items, items, Call, Caller, ClientStream, ContextError, FromValue, Hub, HubContext,
     HubError, ItemStream, LocalBoxFuture, Target,
 };
-/// The trait of the streams a hub method returns (`impl Stream<Item = T>`).
-pub use futures_util::Stream;
 pub use auth::{Claims, GroupAuthorizer, UserIdProvider};
 pub use config::Config;
 #[cfg(feature = "cli")]
 pub use config::ServeArgs;
+/// The trait of the streams a hub method returns (`impl Stream<Item = T>`).
+pub use futures_util::Stream;
 pub use presence::GroupPresence;
 /// Typed hub methods from an `impl` block: see [`ringhub_macros`].
 pub use ringhub_macros::hub;

@@ -2,6 +2,9 @@
 //! load generator and ceiling peer, so that all of them are set up alike), and the
 //! epoll runtime shards fall back to where io_uring is denied.
 
+/// Waits on the shard's own timer: what a hub method (or a stream it returns) uses to
+/// pause, since it runs on a shard's runtime, not on tokio's.
+pub use monoio::time::sleep;
 use monoio::time::TimeDriver;
 use monoio::{FusionRuntime, IoUringDriver, LegacyDriver};
 

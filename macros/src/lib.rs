@@ -6,11 +6,16 @@
 //! renames one), matched case-insensitively as ASP.NET Core does. Its other parameters
 //! are the invocation's arguments, decoded with serde from JSON and MessagePack alike,
 //! except parameters of type `&Call`, `&Caller` or `&HubContext`, which receive the
-//! invocation, its caller and the hub context. It may be `async`, and returns anything
-//! `Serialize` (`()` answers `null`) or a `Result` of it whose error converts into
-//! `HubError`. A wrong argument count or type answers a Completion error naming the
-//! method, and the connection stays. The attribute writes the `Hub` implementation;
-//! methods without `&self` are left alone.
+//! invocation, its caller and the hub context, and parameters of type
+//! `ClientStream<T>`, which receive the streams the client uploads with the call, in
+//! order. It may be `async`, and returns anything `Serialize` (`()` answers `null`) or
+//! a `Result` of it whose error converts into `HubError`; or a stream, `impl
+//! Stream<Item = T>` (or `Item = Result<T, E>`, whose first error ends it), possibly in
+//! a `Result`: a streaming method, which clients call with `stream()`. A wrong argument
+//! count or type answers a Completion error naming the method, and the connection
+//! stays. The attribute writes the `Hub` implementation; methods without `&self` are
+//! left alone. (Return types are recognised by their spelling, as a macro sees no
+//! types: `Result`, `impl Stream<Item = ...>`.)
 
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as Tokens};
@@ -42,6 +47,8 @@ pub fn hub(attr: TokenStream, item: TokenStream) -> TokenStream {
 enum Param {
     /// The next argument, decoded as this type.
     Argument(Box<Type>),
+    /// The next upload stream (`ClientStream<T>`).
+    Upload,
     Call,
     Caller,
     Context,
@@ -51,6 +58,8 @@ fn expand(block: &mut ItemImpl) -> syn::Result<Tokens> {
     let self_ty = &block.self_ty;
     let (impl_generics, _, where_clause) = block.generics.split_for_impl();
     let mut arms = Vec::new();
+    let mut stream_arms = Vec::new();
+    let mut plain_names = Vec::new();
     let mut names = Vec::new();
     for item in &mut block.items {
         let ImplItem::Fn(method) = item else {
@@ -66,7 +75,20 @@ fn expand(block: &mut ItemImpl) -> syn::Result<Tokens> {
                 format!("two hub methods are called '{name}' (names match case-insensitively)"),
             ));
         }
-        arms.push(dispatch_arm(method, &name)?);
+        let (arm, streaming) = dispatch_arm(method, &name)?;
+        if streaming {
+            stream_arms.push(arm);
+            arms.push(quote! {
+                if call.method.eq_ignore_ascii_case(#name) {
+                    return ::std::result::Result::Err(
+                        ::ringhub_engine::HubError::StreamingMethod(call.method.to_owned()),
+                    );
+                }
+            });
+        } else {
+            arms.push(arm);
+            plain_names.push(name.clone());
+        }
         names.push(name);
     }
     Ok(quote! {
@@ -80,6 +102,29 @@ fn expand(block: &mut ItemImpl) -> syn::Result<Tokens> {
             > {
                 ::std::boxed::Box::pin(async move {
                     #(#arms)*
+                    ::std::result::Result::Err(::ringhub_engine::HubError::UnknownMethod(
+                        call.method.to_owned(),
+                    ))
+                })
+            }
+
+            fn stream<'ringhub>(
+                &'ringhub self,
+                mut call: ::ringhub_engine::Call<'ringhub>,
+            ) -> ::ringhub_engine::LocalBoxFuture<
+                'ringhub,
+                ::std::result::Result<
+                    ::ringhub_engine::ItemStream<'ringhub>,
+                    ::ringhub_engine::HubError,
+                >,
+            > {
+                ::std::boxed::Box::pin(async move {
+                    #(#stream_arms)*
+                    if [#(#plain_names),*].iter().any(|name| call.method.eq_ignore_ascii_case(name)) {
+                        return ::std::result::Result::Err(
+                            ::ringhub_engine::HubError::NotStreamingMethod(call.method.to_owned()),
+                        );
+                    }
                     ::std::result::Result::Err(::ringhub_engine::HubError::UnknownMethod(
                         call.method.to_owned(),
                     ))
@@ -151,23 +196,80 @@ fn param_of(ty: &Type) -> Param {
             }
         }
     }
+    if let Type::Path(path) = ty {
+        if path
+            .path
+            .segments
+            .last()
+            .is_some_and(|s| s.ident == "ClientStream")
+        {
+            return Param::Upload;
+        }
+    }
     Param::Argument(Box::new(ty.clone()))
 }
 
-/// Whether the declared return type is a `Result` (its error is propagated).
-fn returns_result(output: &ReturnType) -> bool {
-    match output {
-        ReturnType::Default => false,
-        ReturnType::Type(_, ty) => matches!(&**ty, Type::Path(path)
-            if path.path.segments.last().is_some_and(|s| s.ident == "Result")),
+/// The last segment of a path type (`Result` of `std::result::Result<..>`).
+fn last_segment(ty: &Type) -> Option<&syn::PathSegment> {
+    match ty {
+        Type::Path(path) => path.path.segments.last(),
+        _ => None,
     }
 }
 
-fn dispatch_arm(method: &ImplItemFn, name: &str) -> syn::Result<Tokens> {
+/// The first generic argument of a path segment (`T` of `Result<T, E>`).
+fn first_type_argument(segment: &syn::PathSegment) -> Option<&Type> {
+    match &segment.arguments {
+        syn::PathArguments::AngleBracketed(args) => args.args.iter().find_map(|arg| match arg {
+            syn::GenericArgument::Type(ty) => Some(ty),
+            _ => None,
+        }),
+        _ => None,
+    }
+}
+
+/// For `impl Stream<Item = X>`: whether X is spelled `Result<..>`.
+fn stream_item_is_result(ty: &Type) -> Option<bool> {
+    let Type::ImplTrait(bounds) = ty else {
+        return None;
+    };
+    bounds.bounds.iter().find_map(|bound| {
+        let syn::TypeParamBound::Trait(bound) = bound else {
+            return None;
+        };
+        let segment = bound.path.segments.last()?;
+        if segment.ident != "Stream" {
+            return None;
+        }
+        let syn::PathArguments::AngleBracketed(args) = &segment.arguments else {
+            return Some(false);
+        };
+        Some(args.args.iter().any(|arg| {
+            matches!(arg, syn::GenericArgument::AssocType(item)
+                if item.ident == "Item" && last_segment(&item.ty).is_some_and(|s| s.ident == "Result"))
+        }))
+    })
+}
+
+/// What a method returns: (a `Result` of it, a stream whose items are `Result`s).
+fn return_kind(output: &ReturnType) -> (bool, Option<bool>) {
+    let ReturnType::Type(_, ty) = output else {
+        return (false, None);
+    };
+    if let Some(segment) = last_segment(ty).filter(|s| s.ident == "Result") {
+        let inner = first_type_argument(segment).and_then(stream_item_is_result);
+        return (true, inner);
+    }
+    (false, stream_item_is_result(ty))
+}
+
+/// The dispatch of one method, and whether it is a streaming one.
+fn dispatch_arm(method: &ImplItemFn, name: &str) -> syn::Result<(Tokens, bool)> {
     let ident = &method.sig.ident;
     let mut decode = Vec::new();
     let mut pass = Vec::new();
     let mut index = 0usize;
+    let mut streams = 0usize;
     for input in method.sig.inputs.iter().skip(1) {
         let FnArg::Typed(typed) = input else {
             return Err(syn::Error::new(input.span(), "unexpected receiver"));
@@ -185,6 +287,13 @@ fn dispatch_arm(method: &ImplItemFn, name: &str) -> syn::Result<Tokens> {
                 pass.push(quote! { #local });
                 index += 1;
             }
+            Param::Upload => {
+                let local = syn::Ident::new(&format!("stream_{streams}"), typed.pat.span());
+                let ty = &typed.ty;
+                decode.push(quote! { let #local: #ty = call.take_stream(#streams)?; });
+                pass.push(quote! { #local });
+                streams += 1;
+            }
             Param::Call => pass.push(quote! { &call }),
             Param::Caller => pass.push(quote! { call.caller }),
             Param::Context => pass.push(quote! { call.context }),
@@ -196,19 +305,29 @@ fn dispatch_arm(method: &ImplItemFn, name: &str) -> syn::Result<Tokens> {
     } else {
         quote! { self.#ident(#(#pass),*) }
     };
-    let result = if returns_result(&method.sig.output) {
+    let (fallible, stream) = return_kind(&method.sig.output);
+    let result = if fallible {
         quote! { #invoked.map_err(::std::convert::Into::<::ringhub_engine::HubError>::into)? }
     } else {
         quote! { #invoked }
     };
-    Ok(quote! {
+    let answer = match stream {
+        None => quote! { ::ringhub_engine::Call::encode_result(&result) },
+        Some(false) => quote! { ::std::result::Result::Ok(::ringhub_engine::items(result)) },
+        Some(true) => {
+            quote! { ::std::result::Result::Ok(::ringhub_engine::fallible_items(result)) }
+        }
+    };
+    let arm = quote! {
         if call.method.eq_ignore_ascii_case(#name) {
             call.expect_arguments(#count)?;
+            call.expect_streams(#streams)?;
             #(#decode)*
             let result = #result;
-            return ::ringhub_engine::Call::encode_result(&result);
+            return #answer;
         }
-    })
+    };
+    Ok((arm, stream.is_some()))
 }
 
 #[cfg(test)]

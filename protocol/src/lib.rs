@@ -21,8 +21,8 @@ pub mod value_serde;
 pub mod ws;
 
 pub use hub::{
-    CancelInvocation, Close, Completion, CompletionOutcome, Headers, MessageError, HubMessage,
-    HubProtocol, Invocation, StreamItem,
+    CancelInvocation, Close, Completion, CompletionOutcome, Headers, HubMessage, HubProtocol,
+    Invocation, MessageError, StreamItem,
 };
 pub use value::Value;
 pub use value_serde::ValueError;

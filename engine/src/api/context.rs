@@ -11,12 +11,14 @@ use ringhub_protocol::hub::msgpack;
 use ringhub_protocol::{HubMessage, Invocation, Value};
 
 use crate::api::types::{check_group, check_user, Caller, ContextError, Target};
-use crate::backplane::{self, Answer, BackplaneError, Link, Outgoing, RemoteOp, RemoteOpKind, StoreOp};
+use crate::backplane::{
+    self, Answer, BackplaneError, Link, Outgoing, RemoteOp, RemoteOpKind, StoreOp,
+};
+use crate::client_results;
 use crate::fanout::Broadcast;
 use crate::flow::Window;
 use crate::node::Node;
 use crate::presence::GroupPresence;
-use crate::client_results;
 use crate::shard::inbox::{ClientInvocation, Command, ConnectionOp};
 use crate::store::{DurableGroups, MembershipStore, StoreError};
 
@@ -251,7 +253,8 @@ impl HubContext {
             arguments,
             ..Invocation::default()
         };
-        let (node, hub, connection_id) = (self.node.clone(), hub.to_owned(), connection_id.to_owned());
+        let (node, hub, connection_id) =
+            (self.node.clone(), hub.to_owned(), connection_id.to_owned());
         async move {
             if node.is_shutting_down() {
                 return Err(ContextError::ShuttingDown);

@@ -40,8 +40,8 @@ use ringhub_protocol::frame::Framing;
 use ringhub_protocol::hub::msgpack;
 use ringhub_protocol::{HubMessage, HubProtocol};
 
-use crate::api::types::ContextError;
 use crate::api::context::invoke_client_here;
+use crate::api::types::ContextError;
 use crate::api::HubContext;
 use crate::backplane::{
     self, Answer, BackplaneError, LinkEnd, Outgoing, RemoteOp, RemoteOpKind, StoreOp, Wire,

@@ -194,7 +194,10 @@ mod tests {
         assert!(calls.run_or_queue(Box::pin(async {})).is_none(), "queued");
         assert!(calls.next_job().is_some(), "the queued one is next");
         assert!(calls.next_job().is_none());
-        assert!(calls.run_or_queue(Box::pin(async {})).is_some(), "idle again");
+        assert!(
+            calls.run_or_queue(Box::pin(async {})).is_some(),
+            "idle again"
+        );
     }
 
     #[test]
@@ -203,7 +206,9 @@ mod tests {
         let ids = vec!["1".to_owned(), "2".to_owned()];
         assert_eq!(calls.open_uploads(&ids).map(|r| r.len()), Some(2));
         assert!(calls.open_uploads(&["2".to_owned()]).is_none(), "in use");
-        assert!(calls.open_uploads(&["3".to_owned(), "3".to_owned()]).is_none());
+        assert!(calls
+            .open_uploads(&["3".to_owned(), "3".to_owned()])
+            .is_none());
         assert!(calls.upload("1", false).is_some());
         assert!(calls.upload("1", true).is_some(), "ended");
         assert!(calls.upload("1", false).is_none());

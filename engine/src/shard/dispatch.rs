@@ -117,7 +117,9 @@ async fn handle_message(
             }
         }
         HubMessage::Completion(completion) => completed(state, session, completion).await,
-        HubMessage::CancelInvocation(cancel) => session.calls().cancel_stream(&cancel.invocation_id),
+        HubMessage::CancelInvocation(cancel) => {
+            session.calls().cancel_stream(&cancel.invocation_id)
+        }
         HubMessage::Close(_) => return true,
         HubMessage::Ack { sequence_id } => session.acknowledged(sequence_id),
         // Pings only reset the timeout; a Sequence was handled as the session's input.
@@ -234,7 +236,13 @@ fn start_stream(state: &Rc<ShardState>, session: &Rc<Session>, invocation: Invoc
         session.calls().stream_ended(&id);
         return;
     };
-    monoio::spawn(stream(state.clone(), session.clone(), invocation, uploads, stop));
+    monoio::spawn(stream(
+        state.clone(),
+        session.clone(),
+        invocation,
+        uploads,
+        stop,
+    ));
 }
 
 /// Sends a streaming method's items as StreamItem messages, each once the caller's

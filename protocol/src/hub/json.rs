@@ -13,8 +13,8 @@ use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{
-    CancelInvocation, Close, Completion, CompletionOutcome, Headers, MessageError, HubMessage,
-    Invocation, Record, StreamItem,
+    CancelInvocation, Close, Completion, CompletionOutcome, Headers, HubMessage, Invocation,
+    MessageError, Record, StreamItem,
 };
 use crate::value::Value;
 
@@ -303,7 +303,10 @@ mod tests {
     #[test]
     fn unknown_types_are_ignored_and_bad_ones_rejected() {
         assert_eq!(parse(br#"{"type":42,"whatever":true}"#).unwrap(), None);
-        assert!(matches!(parse(br#"{"type":"1"}"#), Err(MessageError::Json(_))));
+        assert!(matches!(
+            parse(br#"{"type":"1"}"#),
+            Err(MessageError::Json(_))
+        ));
         assert!(matches!(
             parse(br#"{"target":"x","arguments":[]}"#),
             Err(MessageError::MissingField { field: "type", .. })

@@ -9,8 +9,8 @@ use bytes::{BufMut, BytesMut};
 use rmp::Marker;
 
 use super::{
-    CancelInvocation, Close, Completion, CompletionOutcome, Headers, MessageError, HubMessage,
-    Invocation, Record, StreamItem,
+    CancelInvocation, Close, Completion, CompletionOutcome, Headers, HubMessage, Invocation,
+    MessageError, Record, StreamItem,
 };
 use crate::value::{Value, MAX_DEPTH};
 

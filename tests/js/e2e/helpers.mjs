@@ -10,6 +10,8 @@ import { MessagePackHubProtocol } from "@microsoft/signalr-protocol-msgpack";
 
 export const BINARY = process.env.RINGHUB_BIN ?? new URL("../../../target/debug/ringhub", import.meta.url).pathname;
 /** The ward monitor embedding example (engine/examples/ward_monitor.rs). */
+/** The typed hub example of the contract (engine/examples/typed_hub.rs). */
+export const TYPED_HUB = process.env.RINGHUB_TYPED_HUB_BIN ?? new URL("../../../target/debug/examples/typed_hub", import.meta.url).pathname;
 export const WARD_MONITOR = process.env.RINGHUB_WARD_MONITOR_BIN ?? new URL("../../../target/debug/examples/ward_monitor", import.meta.url).pathname;
 
 /** A fresh directory for a server's `--data`. */
