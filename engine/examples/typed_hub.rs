@@ -109,7 +109,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let server = match ServerBuilder::new(config).hub(|| Typed).start() {
+    let server = match ServerBuilder::new(config)
+        .map_hub("typed", || Typed)
+        .start()
+    {
         Ok(server) => server,
         Err(e) => {
             eprintln!("typed_hub: {e}");

@@ -28,6 +28,8 @@ pub struct Node {
     pub(crate) user_ids: Arc<dyn UserIdProvider>,
     pub(crate) authorizer: Arc<dyn GroupAuthorizer>,
     pub(crate) presence: Presence,
+    /// Which hub names are served, and under which paths.
+    pub(crate) hub_routes: crate::api::types::HubRoutes,
     /// Client results waiting for their clients' answers.
     pub(crate) client_results: crate::client_results::ClientResults,
     pub(crate) store: Arc<dyn MembershipStore>,
@@ -90,6 +92,7 @@ impl Node {
             authorizer,
             presence: Presence::with_backplane(shards, backplane.clone()),
             client_results: Default::default(),
+            hub_routes: Default::default(),
             store,
             store_jobs,
             ready_shards: AtomicUsize::new(0),

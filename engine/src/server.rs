@@ -10,7 +10,8 @@ use std::thread::JoinHandle;
 use thiserror::Error;
 
 use crate::admin::AdminServer;
-use crate::api::hub::HubFactory;
+use crate::api::hub::HubFactories;
+use crate::api::types::HubRoutes;
 use crate::api::{Hub, HubContext};
 use crate::auth::{ClaimPatterns, GroupAuthorizer, SubClaimUserId, UserIdProvider};
 use crate::backplane::{Link, Outgoing, RedisStore};
@@ -51,7 +52,11 @@ pub enum ServerError {
 /// Configures a server.
 pub struct ServerBuilder {
     config: Config,
-    hub_factory: HubFactory,
+    hubs: HubFactories,
+    /// Whether `hubs.any` is the built-in hub the builder started with (mapping a name
+    /// replaces it).
+    builtin_for_any: bool,
+    hub_paths: Vec<(String, String)>,
     user_ids: Arc<dyn UserIdProvider>,
     authorizer: Arc<dyn GroupAuthorizer>,
     store: Option<Arc<dyn MembershipStore>>,
@@ -62,17 +67,60 @@ impl ServerBuilder {
     pub fn new(config: Config) -> ServerBuilder {
         ServerBuilder {
             config,
-            hub_factory: Arc::new(|| Box::new(crate::builtin::BuiltinHub)),
+            hubs: HubFactories {
+                named: Vec::new(),
+                any: Some(Arc::new(|| Box::new(crate::builtin::BuiltinHub))),
+            },
+            builtin_for_any: true,
+            hub_paths: Vec::new(),
             user_ids: Arc::new(SubClaimUserId),
             authorizer: Arc::new(ClaimPatterns),
             store: None,
         }
     }
 
-    /// Runs your own hub (one instance per shard, made by `factory`).
+    /// Runs your own hub under every hub name (one instance per shard, made by
+    /// `factory`), as `ringhub serve` runs the built-in one; names mapped with
+    /// [`ServerBuilder::map_hub`] go to their own hubs.
     pub fn hub<H: Hub>(mut self, factory: impl Fn() -> H + Send + Sync + 'static) -> Self {
-        self.hub_factory = Arc::new(move || Box::new(factory()));
+        self.hubs.any = Some(Arc::new(move || Box::new(factory())));
+        self.builtin_for_any = false;
         self
+    }
+
+    /// Serves hub `name` (clients connect to `/hubs/{name}`) with your hub. Once a name
+    /// is mapped, a name no hub is mapped to is `404` (unless [`ServerBuilder::hub`]
+    /// serves every other name).
+    pub fn map_hub<H: Hub>(
+        mut self,
+        name: &str,
+        factory: impl Fn() -> H + Send + Sync + 'static,
+    ) -> Self {
+        if self.builtin_for_any {
+            self.hubs.any = None;
+            self.builtin_for_any = false;
+        }
+        self.hubs.named.retain(|(n, _)| n != name);
+        self.hubs
+            .named
+            .push((name.to_owned(), Arc::new(move || Box::new(factory()))));
+        self
+    }
+
+    /// Serves hub `name` also at `path` (`"/chatHub"`, as ASP.NET Core's
+    /// `MapHub<ChatHub>("/chatHub")`), so that existing clients keep their URLs:
+    /// negotiate at `{path}/negotiate`, the transports at `{path}`. `HubContext` sends
+    /// name the hub by `name`.
+    pub fn map_hub_at<H: Hub>(
+        mut self,
+        path: &str,
+        name: &str,
+        factory: impl Fn() -> H + Send + Sync + 'static,
+    ) -> Self {
+        let path = format!("/{}", path.trim_matches('/'));
+        self.hub_paths.retain(|(p, _)| *p != path);
+        self.hub_paths.push((path, name.to_owned()));
+        self.map_hub(name, factory)
     }
 
     pub fn user_id_provider(mut self, provider: impl UserIdProvider) -> Self {
@@ -147,6 +195,14 @@ impl ServerBuilder {
             link,
         );
         node.durable_in_redis = durable_in_redis;
+        node.hub_routes = HubRoutes {
+            names: self
+                .hubs
+                .any
+                .is_none()
+                .then(|| self.hubs.named.iter().map(|(n, _)| n.clone()).collect()),
+            paths: self.hub_paths.clone(),
+        };
         node.io_driver = io_driver;
         node.metrics
             .io_uring
@@ -166,12 +222,10 @@ impl ServerBuilder {
         let mut handles = Vec::with_capacity(threads);
         for (index, listener) in listeners.into_iter().enumerate() {
             let node = node.clone();
-            let hub_factory = self.hub_factory.clone();
+            let hubs = self.hubs.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("ringhub-shard-{index}"))
-                .spawn(move || {
-                    crate::shard::run::run(index, index % cores, listener, node, hub_factory)
-                })
+                .spawn(move || crate::shard::run::run(index, index % cores, listener, node, hubs))
                 .map_err(ServerError::Thread)?;
             handles.push(handle);
         }

@@ -298,3 +298,38 @@ pub trait Hub: 'static {
 
 /// Makes one hub instance per shard.
 pub type HubFactory = Arc<dyn Fn() -> Box<dyn Hub> + Send + Sync>;
+
+/// The hubs a server serves, as its builder was told: some by name, and any name at all
+/// unless names were mapped (`ringhub serve`: the built-in hub under every name).
+#[derive(Clone)]
+pub(crate) struct HubFactories {
+    pub named: Vec<(String, HubFactory)>,
+    pub any: Option<HubFactory>,
+}
+
+impl HubFactories {
+    /// One shard's instances.
+    pub fn make(&self) -> ShardHubs {
+        ShardHubs {
+            named: self.named.iter().map(|(n, f)| (n.clone(), f())).collect(),
+            any: self.any.as_ref().map(|f| f()),
+        }
+    }
+}
+
+/// One shard's hubs.
+pub(crate) struct ShardHubs {
+    named: Vec<(String, Box<dyn Hub>)>,
+    any: Option<Box<dyn Hub>>,
+}
+
+impl ShardHubs {
+    /// The hub serving `name` (a name mapped to one, else the hub of any name).
+    pub fn get(&self, name: &str) -> Option<&dyn Hub> {
+        self.named
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, hub)| &**hub)
+            .or(self.any.as_deref())
+    }
+}

@@ -76,6 +76,47 @@ pub struct Caller {
     pub claims: Option<Claims>,
 }
 
+/// Which hub names a server serves and under which paths (contract section 9): the
+/// names mapped to hubs (`None`: any valid name, as `ringhub serve`), and paths mapped
+/// to names (`/chatHub` for `chat`, as ASP.NET Core's `MapHub`).
+#[derive(Debug, Clone, Default)]
+pub struct HubRoutes {
+    pub names: Option<Vec<String>>,
+    /// (path without its trailing slash, hub name)
+    pub paths: Vec<(String, String)>,
+}
+
+impl HubRoutes {
+    pub fn serves(&self, name: &str) -> bool {
+        valid_hub_name(name)
+            && self
+                .names
+                .as_ref()
+                .is_none_or(|names| names.iter().any(|n| n == name))
+    }
+
+    /// The hub a request path is for, and what follows its hub path (`""` for the hub
+    /// itself, `"negotiate"`): `/hubs/{name}[/negotiate]` for a served name, or a
+    /// mapped path. `None`: not a hub's path, or a name no hub is mapped to.
+    pub fn hub_of_path<'p>(&'p self, path: &'p str) -> Option<(&'p str, &'p str)> {
+        let path = path.split('?').next().unwrap_or(path);
+        for (mapped, name) in &self.paths {
+            if let Some(rest) = path.strip_prefix(mapped.as_str()) {
+                match rest {
+                    "" | "/" => return Some((name, "")),
+                    "/negotiate" => return Some((name, "negotiate")),
+                    _ => {}
+                }
+            }
+        }
+        let rest = path.strip_prefix("/hubs/")?;
+        let (name, tail) = rest.split_once('/').unwrap_or((rest, ""));
+        matches!(tail, "" | "negotiate")
+            .then_some((name, tail))
+            .filter(|(name, _)| self.serves(name))
+    }
+}
+
 /// Hub names as the contract allows them: `[A-Za-z0-9_-]{1,64}`.
 pub fn valid_hub_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
@@ -200,4 +241,37 @@ pub enum BackplaneError {
     /// The node that was asked failed (its reason).
     #[error("{0}")]
     Remote(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_paths_route_to_served_names_only() {
+        let any = HubRoutes::default();
+        assert_eq!(any.hub_of_path("/hubs/chat"), Some(("chat", "")));
+        assert_eq!(
+            any.hub_of_path("/hubs/chat/negotiate"),
+            Some(("chat", "negotiate"))
+        );
+        assert_eq!(any.hub_of_path("/hubs/chat/other"), None);
+        assert_eq!(any.hub_of_path("/hubs/bad name"), None);
+        let mapped = HubRoutes {
+            names: Some(vec!["chat".into()]),
+            paths: vec![("/chatHub".into(), "chat".into())],
+        };
+        assert_eq!(mapped.hub_of_path("/chatHub"), Some(("chat", "")));
+        assert_eq!(
+            mapped.hub_of_path("/chatHub/negotiate"),
+            Some(("chat", "negotiate"))
+        );
+        assert_eq!(mapped.hub_of_path("/chatHubs"), None);
+        assert_eq!(mapped.hub_of_path("/hubs/chat"), Some(("chat", "")));
+        assert_eq!(
+            mapped.hub_of_path("/hubs/other"),
+            None,
+            "no hub is mapped to it"
+        );
+    }
 }

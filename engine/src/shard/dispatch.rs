@@ -12,7 +12,7 @@ use ringhub_protocol::hub::{Completion, CompletionOutcome, HubMessage, Invocatio
 use ringhub_protocol::ws::close_code;
 use ringhub_protocol::Value;
 
-use crate::api::{Call, ContextError};
+use crate::api::{Call, ContextError, HubError};
 use crate::client_results;
 use crate::metrics::ShardMetrics;
 use crate::session::calls::{Job, Upload, UploadReceiver, MAX_STREAMS};
@@ -206,7 +206,10 @@ async fn invoke(
         context: &context,
         uploads,
     };
-    let result = state.hub.invoke(call).await;
+    let result = match state.hub(&session.caller.hub) {
+        Some(hub) => hub.invoke(call).await,
+        None => Err(HubError::UnknownMethod(target.clone())),
+    };
     // What the method sent went to every shard's inbox, this one's too: queue it for
     // this shard's recipients (the caller among them) before the Completion.
     state.drain_inbox();
@@ -271,7 +274,11 @@ async fn stream(
         context: &context,
         uploads,
     };
-    let outcome = match state.hub.stream(call).await {
+    let streamed = match state.hub(&session.caller.hub) {
+        Some(hub) => hub.stream(call).await,
+        None => Err(HubError::UnknownMethod(target.clone())),
+    };
+    let outcome = match streamed {
         Err(e) => CompletionOutcome::Error(e.client_message()),
         Ok(mut items) => {
             state.drain_inbox();
@@ -404,7 +411,11 @@ mod tests {
             store_jobs,
             None,
         ));
-        let state = Rc::new(ShardState::new(0, node, Box::new(BuiltinHub)));
+        let hubs = crate::api::hub::HubFactories {
+            named: Vec::new(),
+            any: Some(Arc::new(|| Box::new(BuiltinHub))),
+        };
+        let state = Rc::new(ShardState::new(0, node, hubs.make()));
         let inbox_state = state.clone();
         monoio::spawn(async move {
             let node = inbox_state.node.clone();

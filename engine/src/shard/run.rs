@@ -11,7 +11,7 @@ use monoio::net::{TcpListener, TcpStream};
 use ringhub_protocol::frame::{self, Framing};
 use ringhub_protocol::{HubMessage, HubProtocol};
 
-use crate::api::hub::HubFactory;
+use crate::api::hub::HubFactories;
 use crate::fanout::FrameKind;
 use crate::metrics::ShardMetrics;
 use crate::node::Node;
@@ -27,7 +27,7 @@ pub fn run(
     core: usize,
     listener: std::net::TcpListener,
     node: Arc<Node>,
-    hub_factory: HubFactory,
+    hubs: HubFactories,
 ) {
     if let Err(e) = monoio::utils::bind_to_cpu_set([core]) {
         tracing::warn!(shard = index, core, "could not pin the shard thread: {e:?}");
@@ -47,7 +47,7 @@ pub fn run(
                 return;
             }
         };
-        let state = Rc::new(ShardState::new(index, node, hub_factory()));
+        let state = Rc::new(ShardState::new(index, node, hubs.make()));
         let weak = Rc::downgrade(&state);
         state.set_adopter(Box::new(move |socket, buffered| {
             let Some(state) = weak.upgrade() else {

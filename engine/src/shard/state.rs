@@ -11,6 +11,7 @@ use bytes::BytesMut;
 use hashbrown::HashMap;
 use ringhub_protocol::HubMessage;
 
+use crate::api::hub::ShardHubs;
 use crate::api::{Caller, ContextError, Hub, HubContext, Target};
 use crate::backplane::{Link, StoreOp};
 use crate::fanout::{Broadcast, FrameKind};
@@ -36,7 +37,7 @@ pub struct ShardState {
     pub index: usize,
     pub node: Arc<Node>,
     hubs: RefCell<HashMap<String, HubTables>>,
-    pub hub: Box<dyn Hub>,
+    hubs_served: ShardHubs,
     pub context: HubContext,
     next_key: Cell<u64>,
     pub metrics: Rc<MetricsRef>,
@@ -65,11 +66,11 @@ fn max_http_connections(shards: usize) -> usize {
 }
 
 impl ShardState {
-    pub fn new(index: usize, node: Arc<Node>, hub: Box<dyn Hub>) -> ShardState {
+    pub fn new(index: usize, node: Arc<Node>, hubs_served: ShardHubs) -> ShardState {
         ShardState {
             flusher: Rc::default(),
             index,
-            hub,
+            hubs_served,
             context: HubContext {
                 node: node.clone(),
                 publisher: None,
@@ -92,6 +93,11 @@ impl ShardState {
     }
 
     /// The context a session's hub calls get: their sends are charged to its window.
+    /// The hub serving `name` on this shard (`None`: no hub is mapped to it).
+    pub fn hub(&self, name: &str) -> Option<&dyn Hub> {
+        self.hubs_served.get(name)
+    }
+
     pub fn context_of(&self, session: &Session) -> HubContext {
         self.context.publishing_as(&session.publish_window)
     }
@@ -254,9 +260,9 @@ impl ShardState {
         remote: Option<std::net::SocketAddr>,
     ) {
         let caller = &session.caller;
-        self.hub
-            .on_connected(caller, &self.context_of(session))
-            .await;
+        if let Some(hub) = self.hub(&caller.hub) {
+            hub.on_connected(caller, &self.context_of(session)).await;
+        }
         self.drain_inbox();
         tracing::debug!(
             connection = %caller.connection_id,
@@ -287,7 +293,9 @@ impl ShardState {
         );
         let (reason, lasted) = (session.end_reason(), session.started.elapsed());
         async move {
-            state.hub.on_disconnected(&caller, &context).await;
+            if let Some(hub) = state.hub(&caller.hub) {
+                hub.on_disconnected(&caller, &context).await;
+            }
             tracing::debug!(
                 connection = %caller.connection_id,
                 hub = %caller.hub,

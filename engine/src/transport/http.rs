@@ -13,7 +13,6 @@ use monoio::net::TcpStream;
 use ringhub_protocol::http::{self as wire, HttpLimits, RequestHead};
 
 use crate::admin;
-use crate::api::valid_hub_name;
 use crate::rest;
 use crate::shard::inbox::Command;
 use crate::shard::state::ShardState;
@@ -245,9 +244,8 @@ fn refused_before_body(state: &ShardState, head: &RequestHead) -> Option<Vec<u8>
     if head.path.starts_with("/api/") {
         return rest::refused_before_body(state.node.config.api_key.as_deref(), head);
     }
-    let segments = head.path_segments()?;
     let is_send_channel = head.method == "POST"
-        && matches!(segments.as_slice(), [hubs, hub] if hubs == "hubs" && valid_hub_name(hub));
+        && matches!(state.node.hub_routes.hub_of_path(&head.path), Some((_, "")));
     if !is_send_channel {
         return None;
     }
@@ -260,9 +258,7 @@ fn refused_before_body(state: &ShardState, head: &RequestHead) -> Option<Vec<u8>
 
 /// The shard that owns the token of a transport request, when it is another one.
 fn owner_elsewhere(state: &ShardState, head: &RequestHead) -> Option<usize> {
-    if !head.path.starts_with("/hubs/") {
-        return None;
-    }
+    state.node.hub_routes.hub_of_path(&head.path)?;
     let token = head.query_param("id")?;
     owner_of(&token, state.node.inboxes.len()).filter(|&owner| owner != state.index)
 }
@@ -343,11 +339,9 @@ enum Routed {
 fn route(state: &Rc<ShardState>, head: &RequestHead, body: &[u8]) -> Routed {
     let keep_alive = head.keep_alive();
     let respond = |status, body: &str| Routed::Respond(text_response(status, body, keep_alive));
-    let segments = match head.path_segments() {
-        Some(s) => s,
-        None => return respond(400, "path is not valid UTF-8"),
-    };
-    let segments: Vec<&str> = segments.iter().map(|s| s.as_ref()).collect();
+    if head.path_segments().is_none() {
+        return respond(400, "path is not valid UTF-8");
+    }
     if let Some(endpoint) = admin::Endpoint::of(&head.path) {
         if endpoint.is_admin_only() && state.node.config.admin_listen.is_some() {
             return respond(404, "not found (served on --admin-listen)");
@@ -359,9 +353,10 @@ fn route(state: &Rc<ShardState>, head: &RequestHead, body: &[u8]) -> Routed {
             keep_alive,
         ));
     }
-    match (head.method.as_str(), segments.as_slice()) {
+    let hub_request = state.node.hub_routes.hub_of_path(&head.path);
+    match (head.method.as_str(), hub_request) {
         // CORS preflight of a browser on another origin (headers added by `with_cors`).
-        ("OPTIONS", ["hubs", ..]) => {
+        ("OPTIONS", Some(_)) => {
             let requested = head
                 .header_str("access-control-request-headers")
                 .unwrap_or("");
@@ -377,13 +372,13 @@ fn route(state: &Rc<ShardState>, head: &RequestHead, body: &[u8]) -> Routed {
                 keep_alive,
             ))
         }
-        (method, ["hubs", hub, "negotiate"]) if valid_hub_name(hub) => {
+        (method, Some((hub, "negotiate"))) => {
             if method != "POST" {
                 return respond(405, "negotiate requires POST");
             }
             Routed::Respond(negotiate::negotiate(state, head, hub))
         }
-        (method, ["hubs", hub]) if valid_hub_name(hub) => match method {
+        (method, Some((hub, _))) => match method {
             // Browsers do not apply CORS to WebSockets: with an allow-list, another
             // origin's page is refused here (cross-site WebSocket hijacking).
             "GET"

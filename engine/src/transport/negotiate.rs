@@ -84,7 +84,8 @@ pub async fn find_in_cluster(state: &ShardState, head: &RequestHead) {
     let Some(link) = &state.node.backplane else {
         return;
     };
-    if !matches!(head.method.as_str(), "GET" | "POST") || !head.path.starts_with("/hubs/") {
+    let for_a_hub = state.node.hub_routes.hub_of_path(&head.path).is_some();
+    if !matches!(head.method.as_str(), "GET" | "POST") || !for_a_hub {
         return;
     }
     let Some(token) = head.query_param("id") else {

@@ -115,7 +115,7 @@ impl RawClient {
         Self::connect_path(addr, recv_buffer, "/hubs/test")
     }
 
-    fn connect_path(addr: SocketAddr, recv_buffer: Option<usize>, path: &str) -> RawClient {
+    pub fn connect_path(addr: SocketAddr, recv_buffer: Option<usize>, path: &str) -> RawClient {
         let socket =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         if let Some(size) = recv_buffer {

@@ -49,6 +49,8 @@ for (const msgpack of PROTOCOLS) {
       await rejects(client.invoke("Nope"), /Unknown hub method 'Nope'/);
       await rejects(client.invoke("Counter", 3, 1), /streaming 'Counter' method with a non-streaming invocation/);
       strictEqual(await client.invoke("Add", 1, 1), 2, "the connection stayed");
+      const elsewhere = await fetch(`${server.base}/hubs/chat/negotiate?negotiateVersion=1`, { method: "POST" });
+      strictEqual(elsewhere.status, 404, "only hub typed is served");
     });
   });
 
