@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::auth::{Claims, GroupAuthorizer, JwtVerifier, UserIdProvider};
+use crate::auth::{AccessKeys, Claims, GroupAuthorizer, JwtVerifier, UserIdProvider};
 use crate::backplane::Link;
 use crate::config::Config;
 use crate::flow::Window;
@@ -25,6 +25,9 @@ pub struct Node {
     pub(crate) inboxes: Vec<Inbox>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) jwt: Option<JwtVerifier>,
+    /// Azure access keys (`--access-key`): the Azure-compatible REST API and client
+    /// endpoint check tokens with them; whatever signs for Azure apps takes them here.
+    pub(crate) access_keys: Option<AccessKeys>,
     pub(crate) user_ids: Arc<dyn UserIdProvider>,
     pub(crate) authorizer: Arc<dyn GroupAuthorizer>,
     pub(crate) presence: Presence,
@@ -81,6 +84,7 @@ impl Node {
                 .jwt_secret
                 .as_deref()
                 .map(|s| JwtVerifier::hs256(s.as_bytes(), config.jwt_leeway)),
+            access_keys: AccessKeys::new(&config.access_keys, config.jwt_leeway),
             config,
             inboxes: (0..shards).map(|_| Inbox::default()).collect(),
             metrics: Arc::new(Metrics::new(shards)),
