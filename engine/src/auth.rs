@@ -230,7 +230,9 @@ pub fn audience_matches(aud: &str, audience: Audience<'_>, hosts: &[&str]) -> bo
     };
     let without_default = |host: &str| -> String {
         let host = host.trim().to_ascii_lowercase();
-        host.strip_suffix(default_port).map(str::to_owned).unwrap_or(host)
+        host.strip_suffix(default_port)
+            .map(str::to_owned)
+            .unwrap_or(host)
     };
     let authority = without_default(authority);
     if !hosts.iter().any(|host| without_default(host) == authority) {
@@ -437,7 +439,9 @@ mod tests {
             path: "/api/hubs/chat/users/ann/:send",
         };
         assert!(k.verify(Some(&good), other_path, &host).is_err());
-        assert!(k.verify(Some(&good), BROADCAST, &["evil.test:5000"]).is_err());
+        assert!(k
+            .verify(Some(&good), BROADCAST, &["evil.test:5000"])
+            .is_err());
         let wrong_key = token(
             Algorithm::HS256,
             b"key-two",
@@ -474,7 +478,11 @@ mod tests {
         let k = keys(&["new-key", "old-key"]);
         let aud = "https://ringhub.test/api/hubs/chat/:send";
         for key in [&b"new-key"[..], b"old-key"] {
-            let t = token(Algorithm::HS256, key, json!({"aud": aud, "exp": in_an_hour()}));
+            let t = token(
+                Algorithm::HS256,
+                key,
+                json!({"aud": aud, "exp": in_an_hour()}),
+            );
             assert!(k.verify(Some(&t), BROADCAST, &["ringhub.test"]).is_ok());
         }
         let made = k.sign(&json!({"aud": aud, "exp": in_an_hour()}));
@@ -525,7 +533,11 @@ mod tests {
             rest("/api/v1/hubs/chat"),
             &["ringhub.test"]
         ));
-        assert!(!audience_matches("not a url", rest("/api/v1/hubs/chat"), &["ringhub.test"]));
+        assert!(!audience_matches(
+            "not a url",
+            rest("/api/v1/hubs/chat"),
+            &["ringhub.test"]
+        ));
         let client = |hub| Audience::Client { hub };
         assert!(audience_matches(
             "http://ringhub.test/client/?hub=chat",
@@ -558,9 +570,12 @@ mod tests {
             k.verify(Some(&t), Audience::Client { hub: "chat" }, &["h"])
                 .unwrap()
         };
-        let sdk = verify(json!({"aud": aud, "exp": in_an_hour(), "asrs.s.uid": "ann", "nameid": "x", "sub": "y"}));
+        let sdk = verify(
+            json!({"aud": aud, "exp": in_an_hour(), "asrs.s.uid": "ann", "nameid": "x", "sub": "y"}),
+        );
         assert_eq!(sdk.sub.as_deref(), Some("ann"));
-        let documented = verify(json!({"aud": aud, "exp": in_an_hour(), "nameid": "bob", "tenant": "t1"}));
+        let documented =
+            verify(json!({"aud": aud, "exp": in_an_hour(), "nameid": "bob", "tenant": "t1"}));
         assert_eq!(documented.sub.as_deref(), Some("bob"));
         assert_eq!(documented.other["tenant"], "t1");
         let plain = verify(json!({"aud": aud, "exp": in_an_hour(), "sub": "cy"}));

@@ -55,7 +55,12 @@ pub struct ServeArgs {
     /// endpoint /client/?hub=H to clients with such a token (user id in `nameid`).
     /// The connection string of an Azure app is then
     /// `Endpoint=http://HOST:PORT;AccessKey=KEY;Version=1.0;`.
-    #[arg(long = "access-key", env = "RINGHUB_ACCESS_KEY", value_name = "KEY", value_delimiter = ',')]
+    #[arg(
+        long = "access-key",
+        env = "RINGHUB_ACCESS_KEY",
+        value_name = "KEY",
+        value_delimiter = ','
+    )]
     pub access_key: Vec<String>,
     /// Directory of the embedded store (redb) for durable user→group membership; a
     /// restart with the same directory keeps it [default: ./ringhub-data].
@@ -838,7 +843,10 @@ mod tests {
             from_file("access-key = [\"k1\", \"k2\"]\n").unwrap(),
             ["k1", "k2"]
         );
-        for bad in [vec!["".to_owned()], vec!["a".into(), "b".into(), "c".into()]] {
+        for bad in [
+            vec!["".to_owned()],
+            vec!["a".into(), "b".into(), "c".into()],
+        ] {
             let error = keys(ServeArgs {
                 access_key: bad,
                 ..Default::default()
