@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::quota::Quota;
 use crate::shard::inbox::Inbox;
-use crate::store::MembershipStore;
+use crate::store::{MembershipExpiry, MembershipStore};
 
 /// A store write, run on the store thread.
 pub(crate) type StoreJob = Box<dyn FnOnce(&dyn MembershipStore) + Send>;
@@ -32,6 +32,8 @@ pub struct Node {
     pub(crate) authorizer: Arc<dyn GroupAuthorizer>,
     pub(crate) presence: Presence,
     pub(crate) store: Arc<dyn MembershipStore>,
+    /// Timers of durable memberships granted with a time to live (Azure's `ttl`).
+    pub(crate) membership_expiry: MembershipExpiry,
     /// Store writes run on their own thread (a commit waits for the disk).
     pub(crate) store_jobs: std::sync::mpsc::Sender<StoreJob>,
     pub(crate) ready_shards: AtomicUsize,
@@ -92,6 +94,7 @@ impl Node {
             authorizer,
             presence: Presence::with_backplane(shards, backplane.clone()),
             store,
+            membership_expiry: MembershipExpiry::default(),
             store_jobs,
             ready_shards: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),

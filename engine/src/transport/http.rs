@@ -14,7 +14,6 @@ use ringhub_protocol::http::{self as wire, HttpLimits, RequestHead};
 
 use crate::admin;
 use crate::api::valid_hub_name;
-use crate::rest;
 use crate::shard::inbox::Command;
 use crate::shard::state::ShardState;
 use crate::shard::tokens::{owner_of, HttpChannel};
@@ -23,6 +22,7 @@ use crate::transport::io::{discard_then_close, read_more, write_now, READ_CHUNK}
 use crate::transport::long_polling::{self, Polled};
 use crate::transport::websocket::{self, Upgrade};
 use crate::transport::{channel, negotiate, sse, text_response, MAX_BODY_BYTES};
+use crate::{azure, rest};
 
 /// An idle keep-alive HTTP connection is closed after this long.
 const HTTP_IDLE: Duration = Duration::from_secs(30);
@@ -171,12 +171,16 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
                 head: &head,
                 body: &body,
             };
-            let response = rest::handle(
-                &state.context,
-                state.node.config.api_key.as_deref(),
-                request,
-            )
-            .await;
+            let response = if azure::is_azure_request(&head) {
+                azure::handle(&state.context, request).await
+            } else {
+                rest::handle(
+                    &state.context,
+                    state.node.config.api_key.as_deref(),
+                    request,
+                )
+                .await
+            };
             if write_now(&mut writer, response).await.is_err() || !head.keep_alive() {
                 return;
             }
@@ -242,6 +246,9 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
 /// The answer to a request with a body that is refused whatever its body holds: a REST
 /// call without the key, a send-channel POST without a valid token.
 fn refused_before_body(state: &ShardState, head: &RequestHead) -> Option<Vec<u8>> {
+    if azure::is_azure_request(head) {
+        return azure::refused_before_body(&state.context, head);
+    }
     if head.path.starts_with("/api/") {
         return rest::refused_before_body(state.node.config.api_key.as_deref(), head);
     }
