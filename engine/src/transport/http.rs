@@ -21,7 +21,9 @@ use crate::transport::channel::Kind;
 use crate::transport::io::{discard_then_close, read_more, write_now, READ_CHUNK};
 use crate::transport::long_polling::{self, Polled};
 use crate::transport::websocket::{self, Upgrade};
-use crate::transport::{channel, negotiate, sse, text_response, MAX_BODY_BYTES};
+use crate::transport::{
+    channel, is_transport_path, negotiate, sse, text_response, HubEndpoint, MAX_BODY_BYTES,
+};
 use crate::{azure, rest};
 
 /// An idle keep-alive HTTP connection is closed after this long.
@@ -253,8 +255,9 @@ fn refused_before_body(state: &ShardState, head: &RequestHead) -> Option<Vec<u8>
         return rest::refused_before_body(state.node.config.api_key.as_deref(), head);
     }
     let segments = head.path_segments()?;
+    let segments: Vec<&str> = segments.iter().map(|s| s.as_ref()).collect();
     let is_send_channel = head.method == "POST"
-        && matches!(segments.as_slice(), [hubs, hub] if hubs == "hubs" && valid_hub_name(hub));
+        && HubEndpoint::of(head, &segments).is_some_and(|e| !e.negotiate && valid_hub_name(&e.hub));
     if !is_send_channel {
         return None;
     }
@@ -267,7 +270,7 @@ fn refused_before_body(state: &ShardState, head: &RequestHead) -> Option<Vec<u8>
 
 /// The shard that owns the token of a transport request, when it is another one.
 fn owner_elsewhere(state: &ShardState, head: &RequestHead) -> Option<usize> {
-    if !head.path.starts_with("/hubs/") {
+    if !is_transport_path(&head.path) {
         return None;
     }
     let token = head.query_param("id")?;
@@ -366,87 +369,96 @@ fn route(state: &Rc<ShardState>, head: &RequestHead, body: &[u8]) -> Routed {
             keep_alive,
         ));
     }
-    match (head.method.as_str(), segments.as_slice()) {
-        // CORS preflight of a browser on another origin (headers added by `with_cors`).
-        ("OPTIONS", ["hubs", ..]) => {
-            let requested = head
-                .header_str("access-control-request-headers")
-                .unwrap_or("");
-            Routed::Respond(wire::response(
-                204,
-                "text/plain",
-                &[
-                    ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
-                    ("Access-Control-Allow-Headers", requested),
-                    ("Access-Control-Max-Age", "600"),
-                ],
-                b"",
-                keep_alive,
+    // CORS preflight of a browser on another origin (headers added by `with_cors`).
+    if head.method == "OPTIONS" && is_transport_path(&head.path) {
+        let requested = head
+            .header_str("access-control-request-headers")
+            .unwrap_or("");
+        return Routed::Respond(wire::response(
+            204,
+            "text/plain",
+            &[
+                ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
+                ("Access-Control-Allow-Headers", requested),
+                ("Access-Control-Max-Age", "600"),
+            ],
+            b"",
+            keep_alive,
+        ));
+    }
+    let endpoint = HubEndpoint::of(head, &segments).filter(|e| valid_hub_name(&e.hub));
+    let Some(endpoint) = endpoint else {
+        return respond(404, "not found");
+    };
+    if endpoint.azure && state.node.access_keys.is_none() {
+        return respond(
+            404,
+            "not found (the client endpoint /client/ needs --access-key)",
+        );
+    }
+    let hub: &str = &endpoint.hub;
+    let method = head.method.as_str();
+    if endpoint.negotiate {
+        if method != "POST" {
+            return respond(405, "negotiate requires POST");
+        }
+        return Routed::Respond(negotiate::negotiate(state, head, hub));
+    }
+    match method {
+        // Browsers do not apply CORS to WebSockets: with an allow-list, another
+        // origin's page is refused here (cross-site WebSocket hijacking).
+        "GET"
+            if head.wants_websocket()
+                && head
+                    .header_str("origin")
+                    .is_some_and(|origin| !state.node.config.allows_origin(origin)) =>
+        {
+            Routed::Close(text_response(
+                403,
+                "This origin is not allowed (--cors-origins).",
+                false,
             ))
         }
-        (method, ["hubs", hub, "negotiate"]) if valid_hub_name(hub) => {
-            if method != "POST" {
-                return respond(405, "negotiate requires POST");
-            }
-            Routed::Respond(negotiate::negotiate(state, head, hub))
-        }
-        (method, ["hubs", hub]) if valid_hub_name(hub) => match method {
-            // Browsers do not apply CORS to WebSockets: with an allow-list, another
-            // origin's page is refused here (cross-site WebSocket hijacking).
-            "GET"
-                if head.wants_websocket()
-                    && head
-                        .header_str("origin")
-                        .is_some_and(|origin| !state.node.config.allows_origin(origin)) =>
-            {
-                Routed::Close(text_response(
-                    403,
-                    "This origin is not allowed (--cors-origins).",
-                    false,
-                ))
-            }
-            "GET" if head.wants_websocket() => match websocket::upgrade(state, head, hub) {
-                Ok(upgrade) => Routed::Upgrade(Box::new(upgrade)),
-                Err(refusal) => Routed::Close(refusal),
-            },
-            "GET" if sse::wants_event_stream(head) => match sse::open(state, head, hub) {
-                Ok(channel) => Routed::EventStream(channel),
-                Err(refusal) => Routed::Respond(refusal),
-            },
-            "GET" => match long_polling::open(state, head, hub) {
-                Polled::Answer(answer) => Routed::Respond(answer),
-                Polled::Wait(channel) => Routed::Poll(channel),
-            },
-            "POST" => match channel::identify(state, head) {
-                Err(refusal) => Routed::Respond(refusal),
-                Ok((token, claims)) => {
-                    match channel::existing(state, hub, &token, claims.as_ref(), Kind::Either) {
-                        Some(Ok(channel)) => Routed::Send(channel),
-                        Some(Err(refused)) => Routed::Respond(refused.response(keep_alive)),
-                        None if state.tokens.is_websocket(&token) => respond(
-                            405,
-                            "POST requests are not allowed for WebSocket connections.",
-                        ),
-                        // Before the first receive request: kept for the transport.
-                        None => {
-                            let user_id = state.node.user_ids.user_id(claims.as_ref());
-                            match negotiate::keep_early_input(
-                                state,
-                                hub,
-                                &token,
-                                user_id.as_deref(),
-                                body,
-                            ) {
-                                Ok(()) => respond(200, ""),
-                                Err(refused) => Routed::Respond(refused.response(keep_alive)),
-                            }
+        "GET" if head.wants_websocket() => match websocket::upgrade(state, head, hub) {
+            Ok(upgrade) => Routed::Upgrade(Box::new(upgrade)),
+            Err(refusal) => Routed::Close(refusal),
+        },
+        "GET" if sse::wants_event_stream(head) => match sse::open(state, head, hub) {
+            Ok(channel) => Routed::EventStream(channel),
+            Err(refusal) => Routed::Respond(refusal),
+        },
+        "GET" => match long_polling::open(state, head, hub) {
+            Polled::Answer(answer) => Routed::Respond(answer),
+            Polled::Wait(channel) => Routed::Poll(channel),
+        },
+        "POST" => match channel::identify(state, head) {
+            Err(refusal) => Routed::Respond(refusal),
+            Ok((token, claims)) => {
+                match channel::existing(state, hub, &token, claims.as_ref(), Kind::Either) {
+                    Some(Ok(channel)) => Routed::Send(channel),
+                    Some(Err(refused)) => Routed::Respond(refused.response(keep_alive)),
+                    None if state.tokens.is_websocket(&token) => respond(
+                        405,
+                        "POST requests are not allowed for WebSocket connections.",
+                    ),
+                    // Before the first receive request: kept for the transport.
+                    None => {
+                        let user_id = state.node.user_ids.user_id(claims.as_ref());
+                        match negotiate::keep_early_input(
+                            state,
+                            hub,
+                            &token,
+                            user_id.as_deref(),
+                            body,
+                        ) {
+                            Ok(()) => respond(200, ""),
+                            Err(refused) => Routed::Respond(refused.response(keep_alive)),
                         }
                     }
                 }
-            },
-            "DELETE" => Routed::Respond(long_polling::delete(state, head, hub)),
-            _ => respond(405, "method not allowed"),
+            }
         },
-        _ => respond(404, "not found"),
+        "DELETE" => Routed::Respond(long_polling::delete(state, head, hub)),
+        _ => respond(405, "method not allowed"),
     }
 }

@@ -18,7 +18,9 @@ pub mod websocket;
 use base64::Engine;
 use ringhub_protocol::http::{self as wire, RequestHead};
 
-use crate::auth::Claims;
+use std::borrow::Cow;
+
+use crate::auth::{Audience, Claims};
 use crate::node::Node;
 
 /// A `text/plain` answer.
@@ -49,15 +51,67 @@ pub fn random_id() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>())
 }
 
+/// Where a transport request goes: a hub's path, `/hubs/{hub}` (and `/negotiate` under
+/// it), or Azure SignalR Service's client endpoint, `/client/?hub={hub}` (and
+/// `/client/negotiate?hub=`), where hub names are case-insensitive (lower-cased).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubEndpoint<'a> {
+    pub hub: Cow<'a, str>,
+    pub negotiate: bool,
+    /// Azure's client endpoint: clients show tokens signed with an access key.
+    pub azure: bool,
+}
+
+impl HubEndpoint<'_> {
+    /// The endpoint of a request's path, if it is one (the hub name not checked).
+    pub fn of<'a>(head: &RequestHead, segments: &[&'a str]) -> Option<HubEndpoint<'a>> {
+        let (hub, negotiate, azure) = match segments {
+            ["hubs", hub] => (Cow::Borrowed(*hub), false, false),
+            ["hubs", hub, "negotiate"] => (Cow::Borrowed(*hub), true, false),
+            ["client"] | ["client", ""] | ["client", "negotiate"] => {
+                let hub = head.query_param("hub")?.to_ascii_lowercase();
+                (Cow::Owned(hub), segments.get(1) == Some(&"negotiate"), true)
+            }
+            _ => return None,
+        };
+        Some(HubEndpoint {
+            hub,
+            negotiate,
+            azure,
+        })
+    }
+}
+
+/// Whether a request's path is a transport's: `/hubs/...` or Azure's `/client/...`.
+pub fn is_transport_path(path: &str) -> bool {
+    path.starts_with("/hubs/") || path == "/client" || path.starts_with("/client/")
+}
+
 /// Checks the access token (query `access_token`, else `Authorization: Bearer`) when
-/// authentication is on; `Err` is the 401 answer.
+/// authentication is on, or on Azure's client endpoint (`/client/`) always, against the
+/// access keys; `Err` is the 401 answer.
 pub fn authenticate(node: &Node, head: &RequestHead) -> Result<Option<Claims>, Vec<u8>> {
-    let Some(jwt) = &node.jwt else {
-        return Ok(None);
-    };
     let query_token = head.query_param("access_token");
     let token = query_token.as_deref().or_else(|| head.bearer_token());
-    jwt.verify(token).map(Some).map_err(|e| {
+    let azure_hub = (head.path == "/client" || head.path.starts_with("/client/")).then(|| {
+        head.query_param("hub")
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    });
+    let verified = match (&azure_hub, &node.access_keys, &node.jwt) {
+        (Some(hub), Some(keys), _) => {
+            let host = head.header_str("host");
+            let forwarded = head
+                .header_str("x-forwarded-host")
+                .and_then(|hosts| hosts.split(',').next());
+            let hosts: Vec<&str> = host.into_iter().chain(forwarded).collect();
+            keys.verify(token, Audience::Client { hub }, &hosts)
+        }
+        // Routing refuses the client endpoint without access keys.
+        (Some(_), None, _) | (None, _, None) => return Ok(None),
+        (None, _, Some(jwt)) => jwt.verify(token),
+    };
+    verified.map(Some).map_err(|e| {
         node.metrics
             .auth_failures
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

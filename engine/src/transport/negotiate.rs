@@ -84,7 +84,7 @@ pub async fn find_in_cluster(state: &ShardState, head: &RequestHead) {
     let Some(link) = &state.node.backplane else {
         return;
     };
-    if !matches!(head.method.as_str(), "GET" | "POST") || !head.path.starts_with("/hubs/") {
+    if !matches!(head.method.as_str(), "GET" | "POST") || !super::is_transport_path(&head.path) {
         return;
     }
     let Some(token) = head.query_param("id") else {
