@@ -128,3 +128,45 @@ pub fn authenticate(node: &Node, head: &RequestHead) -> Result<Option<Claims>, V
 
 /// The largest request body accepted on plain HTTP endpoints (the REST API included).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringhub_protocol::http::{parse_request_head, HttpLimits};
+
+    fn endpoint(target: &str) -> Option<(String, bool, bool)> {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n");
+        let (head, _) = parse_request_head(request.as_bytes(), HttpLimits::default())
+            .unwrap()
+            .unwrap();
+        let segments = head.path_segments().unwrap();
+        let segments: Vec<&str> = segments.iter().map(|s| s.as_ref()).collect();
+        HubEndpoint::of(&head, &segments).map(|e| (e.hub.into_owned(), e.negotiate, e.azure))
+    }
+
+    #[test]
+    fn hub_paths_and_azures_client_endpoint_name_their_hub() {
+        assert_eq!(endpoint("/hubs/Chat"), Some(("Chat".into(), false, false)));
+        assert_eq!(
+            endpoint("/hubs/chat/negotiate?negotiateVersion=1"),
+            Some(("chat".into(), true, false))
+        );
+        assert_eq!(
+            endpoint("/client/?hub=Chat&id=x"),
+            Some(("chat".into(), false, true))
+        );
+        assert_eq!(
+            endpoint("/client?hub=chat"),
+            Some(("chat".into(), false, true))
+        );
+        assert_eq!(
+            endpoint("/client/negotiate?hub=chat&negotiateVersion=1"),
+            Some(("chat".into(), true, true))
+        );
+        assert_eq!(endpoint("/client/"), None, "no hub");
+        assert_eq!(endpoint("/client/other?hub=chat"), None);
+        assert_eq!(endpoint("/hubs/chat/other"), None);
+        assert!(is_transport_path("/client/") && is_transport_path("/hubs/x"));
+        assert!(!is_transport_path("/clients/") && !is_transport_path("/api/hubs/x"));
+    }
+}
