@@ -2,12 +2,16 @@
 //! `nbf` checked (with a leeway for clock skew), the user id from `sub`, group access from the `groups` patterns or the
 //! admin role. The user-id provider and group authorizer are traits so an embedding
 //! server can replace the rules.
+//!
+//! Azure SignalR Service's access keys (contract section 11) are checked here too:
+//! [`AccessKeys`] verifies tokens signed with one of them for one audience, a URL.
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::Deserialize;
 use thiserror::Error;
 
-/// The claims ringhub reads from a token; others are ignored.
+/// The claims ringhub reads from a token; the others are kept in `other` (an upstream
+/// is told them).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Claims {
     #[serde(default)]
@@ -17,6 +21,9 @@ pub struct Claims {
     pub groups: Vec<String>,
     #[serde(default)]
     pub role: Option<String>,
+    /// Every other claim of the token (`exp`, `aud`, an app's own), as it was.
+    #[serde(flatten, default)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Claims {
@@ -68,6 +75,185 @@ impl JwtVerifier {
         jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map(|data| data.claims)
             .map_err(|e| AuthError::InvalidToken(e.to_string()))
+    }
+}
+
+/// The claims that carry the user id in tokens made for Azure SignalR Service, in the
+/// order it reads them: the Management SDK's system claim, then the name identifier
+/// (`nameid` as .NET's token handler writes it, or its full claim type).
+const AZURE_USER_ID_CLAIMS: [&str; 3] = [
+    "asrs.s.uid",
+    "nameid",
+    "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier",
+];
+
+/// Which URL an access-key token must be made for (its `aud`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience<'a> {
+    /// A REST call: the request's URL without its query (`path` as the request has it).
+    Rest { path: &'a str },
+    /// A client connection: the client endpoint of a hub, `<scheme>://<host>/client/?hub=<hub>`.
+    Client { hub: &'a str },
+}
+
+/// Azure SignalR Service access keys (`--access-key`; two during a rotation): tokens
+/// are HS256 with a key's UTF-8 bytes, `exp` (and `nbf`) checked with the leeway, and
+/// made for one URL (`aud`). The keys themselves stay here for whoever signs with them
+/// (`:generateToken`, upstream signatures).
+#[derive(Clone)]
+pub struct AccessKeys {
+    keys: Vec<(String, DecodingKey)>,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for AccessKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AccessKeys({} keys)", self.keys.len())
+    }
+}
+
+impl AccessKeys {
+    /// `None` without keys.
+    pub fn new(keys: &[String], leeway: std::time::Duration) -> Option<AccessKeys> {
+        if keys.is_empty() {
+            return None;
+        }
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = leeway.as_secs();
+        validation.validate_nbf = true;
+        // Checked below: Azure's audience is a URL, compared by its parts.
+        validation.validate_aud = false;
+        Some(AccessKeys {
+            keys: keys
+                .iter()
+                .map(|key| (key.clone(), DecodingKey::from_secret(key.as_bytes())))
+                .collect(),
+            validation,
+        })
+    }
+
+    /// The keys, the first one the primary (tokens ringhub makes are signed with it).
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|(key, _)| key.as_str())
+    }
+
+    /// Verifies a token with any of the keys, made for `audience` as reached through
+    /// one of `hosts` (the request's `Host`, and `X-Forwarded-Host` behind a proxy).
+    /// The user id of Azure's claims (`asrs.s.uid`, `nameid`) becomes `sub`.
+    pub fn verify(
+        &self,
+        token: Option<&str>,
+        audience: Audience<'_>,
+        hosts: &[&str],
+    ) -> Result<Claims, AuthError> {
+        let token = token
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::MissingToken)?;
+        let mut last_error = None;
+        for (_, key) in &self.keys {
+            match jsonwebtoken::decode::<Claims>(token, key, &self.validation) {
+                Ok(data) => {
+                    let mut claims = data.claims;
+                    if !audiences(&claims).any(|aud| audience_matches(aud, audience, hosts)) {
+                        return Err(AuthError::InvalidToken(format!(
+                            "the token's audience (aud) is not this URL ({})",
+                            match audience {
+                                Audience::Rest { path } => path.to_owned(),
+                                Audience::Client { hub } => format!("/client/?hub={hub}"),
+                            }
+                        )));
+                    }
+                    let azure_user = AZURE_USER_ID_CLAIMS
+                        .iter()
+                        .find_map(|name| claims.other.get(*name)?.as_str());
+                    if let Some(user) = azure_user {
+                        claims.sub = Some(user.to_owned());
+                    }
+                    return Ok(claims);
+                }
+                // Another key (a rotation) may have signed it.
+                Err(e) if *e.kind() == jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                    last_error = Some(e)
+                }
+                Err(e) => return Err(AuthError::InvalidToken(e.to_string())),
+            }
+        }
+        Err(AuthError::InvalidToken(
+            last_error.map_or_else(String::new, |e| e.to_string()),
+        ))
+    }
+
+    /// A token signed with the primary key: `claims` as given (`aud`, `exp` included).
+    pub fn sign(&self, claims: &serde_json::Value) -> String {
+        let (key, _) = &self.keys[0];
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(key.as_bytes()),
+        )
+        // HMAC signing of a JSON value cannot fail.
+        .unwrap_or_default()
+    }
+}
+
+/// The token's `aud`: one string, or a list of them.
+fn audiences(claims: &Claims) -> impl Iterator<Item = &str> {
+    let aud = claims.other.get("aud");
+    let one = aud.and_then(|a| a.as_str());
+    let many = aud
+        .and_then(|a| a.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str());
+    one.into_iter().chain(many)
+}
+
+/// Whether `aud`, a URL, names what the request reached. Its host must be the one the
+/// client used (the `Host` header, or `X-Forwarded-Host` behind a proxy); its scheme
+/// may be either (a proxy may end TLS), and its path may carry a prefix that a proxy
+/// strips (`https://example.com/signalr/api/v1/hubs/chat` for `/api/v1/hubs/chat`).
+/// Paths are compared percent-decoded, without a trailing `/`, ignoring ASCII case (hub
+/// names are case-insensitive there).
+pub fn audience_matches(aud: &str, audience: Audience<'_>, hosts: &[&str]) -> bool {
+    let Some((scheme, rest)) = aud.split_once("://") else {
+        return false;
+    };
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" | "ws" => ":80",
+        "https" | "wss" => ":443",
+        _ => return false,
+    };
+    let (authority, path_and_query) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    let without_default = |host: &str| -> String {
+        let host = host.trim().to_ascii_lowercase();
+        host.strip_suffix(default_port)
+            .map(str::to_owned)
+            .unwrap_or(host)
+    };
+    let authority = without_default(authority);
+    if !hosts.iter().any(|host| without_default(host) == authority) {
+        return false;
+    }
+    let decoded = |path: &str| -> String {
+        percent_encoding::percent_decode_str(path)
+            .decode_utf8_lossy()
+            .trim_end_matches('/')
+            .to_ascii_lowercase()
+    };
+    let aud_path = decoded(path);
+    // `expected` starts with `/`: a suffix match ends at a segment boundary.
+    let ends_with = |expected: &str| expected.starts_with('/') && aud_path.ends_with(expected);
+    match audience {
+        Audience::Rest { path } => ends_with(&decoded(path)),
+        Audience::Client { hub } => {
+            ends_with("/client")
+                && form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+                    .any(|(name, value)| name == "hub" && value.eq_ignore_ascii_case(hub))
+        }
     }
 }
 
@@ -226,5 +412,175 @@ mod tests {
         };
         assert!(ClaimPatterns.may_join(Some(&admin), "alert:1"));
         assert!(ClaimPatterns.may_join(None, "alert:1"));
+    }
+
+    fn keys(list: &[&str]) -> AccessKeys {
+        let list: Vec<String> = list.iter().map(|k| k.to_string()).collect();
+        AccessKeys::new(&list, std::time::Duration::from_secs(30)).unwrap()
+    }
+
+    const BROADCAST: Audience<'static> = Audience::Rest {
+        path: "/api/hubs/chat/:send",
+    };
+
+    #[test]
+    fn access_keys_check_signature_audience_and_expiry() {
+        let k = keys(&["key-one"]);
+        let host = ["ringhub.test:5000"];
+        let aud = "http://ringhub.test:5000/api/hubs/chat/:send";
+        let good = token(
+            Algorithm::HS256,
+            b"key-one",
+            json!({"aud": aud, "exp": in_an_hour()}),
+        );
+        assert!(k.verify(Some(&good), BROADCAST, &host).is_ok());
+        // Another operation, another host, another key, expired, missing: refused.
+        let other_path = Audience::Rest {
+            path: "/api/hubs/chat/users/ann/:send",
+        };
+        assert!(k.verify(Some(&good), other_path, &host).is_err());
+        assert!(k
+            .verify(Some(&good), BROADCAST, &["evil.test:5000"])
+            .is_err());
+        let wrong_key = token(
+            Algorithm::HS256,
+            b"key-two",
+            json!({"aud": aud, "exp": in_an_hour()}),
+        );
+        assert!(k.verify(Some(&wrong_key), BROADCAST, &host).is_err());
+        let now = jsonwebtoken::get_current_timestamp();
+        let expired = token(
+            Algorithm::HS256,
+            b"key-one",
+            json!({"aud": aud, "exp": now - 60}),
+        );
+        let refused = k.verify(Some(&expired), BROADCAST, &host);
+        assert!(
+            matches!(&refused, Err(AuthError::InvalidToken(e)) if e.contains("Expired")),
+            "{refused:?}"
+        );
+        let within_leeway = token(
+            Algorithm::HS256,
+            b"key-one",
+            json!({"aud": aud, "exp": now - 10}),
+        );
+        assert!(k.verify(Some(&within_leeway), BROADCAST, &host).is_ok());
+        let no_aud = token(Algorithm::HS256, b"key-one", json!({"exp": in_an_hour()}));
+        assert!(k.verify(Some(&no_aud), BROADCAST, &host).is_err());
+        assert_eq!(
+            k.verify(None, BROADCAST, &host),
+            Err(AuthError::MissingToken)
+        );
+    }
+
+    #[test]
+    fn a_rotation_accepts_either_key_and_signs_with_the_first() {
+        let k = keys(&["new-key", "old-key"]);
+        let aud = "https://ringhub.test/api/hubs/chat/:send";
+        for key in [&b"new-key"[..], b"old-key"] {
+            let t = token(
+                Algorithm::HS256,
+                key,
+                json!({"aud": aud, "exp": in_an_hour()}),
+            );
+            assert!(k.verify(Some(&t), BROADCAST, &["ringhub.test"]).is_ok());
+        }
+        let made = k.sign(&json!({"aud": aud, "exp": in_an_hour()}));
+        let only_new = keys(&["new-key"]);
+        assert!(only_new
+            .verify(Some(&made), BROADCAST, &["ringhub.test"])
+            .is_ok());
+        assert_eq!(k.keys().collect::<Vec<_>>(), ["new-key", "old-key"]);
+    }
+
+    #[test]
+    fn audiences_compare_by_host_and_path_as_a_proxy_may_change_them() {
+        let rest = |path| Audience::Rest { path };
+        // Default ports, scheme changed by a TLS-ending proxy, trailing slash, escapes, case.
+        assert!(audience_matches(
+            "https://Ringhub.test:443/api/v1/hubs/chat/",
+            rest("/api/v1/hubs/chat"),
+            &["ringhub.test"]
+        ));
+        assert!(audience_matches(
+            "http://ringhub.test/api/hubs/chat/groups/ward%3A4b/:send",
+            rest("/api/hubs/chat/groups/ward:4b/:send"),
+            &["ringhub.test:80"]
+        ));
+        assert!(audience_matches(
+            "http://ringhub.test/api/hubs/chat/:send",
+            rest("/api/hubs/Chat/:send"),
+            &["ringhub.test"]
+        ));
+        // A prefix the proxy strips, at a segment boundary only.
+        assert!(audience_matches(
+            "https://example.com/signalr/api/v1/hubs/chat",
+            rest("/api/v1/hubs/chat"),
+            &["internal:5000", "example.com"]
+        ));
+        assert!(!audience_matches(
+            "https://example.com/x/api/v1/hubs/xchat",
+            rest("/api/v1/hubs/chat"),
+            &["example.com"]
+        ));
+        assert!(!audience_matches(
+            "http://ringhub.test:8080/api/v1/hubs/chat",
+            rest("/api/v1/hubs/chat"),
+            &["ringhub.test"]
+        ));
+        assert!(!audience_matches(
+            "ftp://ringhub.test/api/v1/hubs/chat",
+            rest("/api/v1/hubs/chat"),
+            &["ringhub.test"]
+        ));
+        assert!(!audience_matches(
+            "not a url",
+            rest("/api/v1/hubs/chat"),
+            &["ringhub.test"]
+        ));
+        let client = |hub| Audience::Client { hub };
+        assert!(audience_matches(
+            "http://ringhub.test/client/?hub=chat",
+            client("chat"),
+            &["ringhub.test"]
+        ));
+        assert!(audience_matches(
+            "http://ringhub.test/client/?hub=Chat&asrs.op=%2Fchat",
+            client("chat"),
+            &["ringhub.test"]
+        ));
+        assert!(!audience_matches(
+            "http://ringhub.test/client/?hub=other",
+            client("chat"),
+            &["ringhub.test"]
+        ));
+        assert!(!audience_matches(
+            "http://ringhub.test/api/v1/hubs/chat",
+            client("chat"),
+            &["ringhub.test"]
+        ));
+    }
+
+    #[test]
+    fn azure_user_id_claims_become_sub_and_other_claims_are_kept() {
+        let k = keys(&["key"]);
+        let aud = "http://h/client/?hub=chat";
+        let verify = |claims: serde_json::Value| {
+            let t = token(Algorithm::HS256, b"key", claims);
+            k.verify(Some(&t), Audience::Client { hub: "chat" }, &["h"])
+                .unwrap()
+        };
+        let sdk = verify(
+            json!({"aud": aud, "exp": in_an_hour(), "asrs.s.uid": "ann", "nameid": "x", "sub": "y"}),
+        );
+        assert_eq!(sdk.sub.as_deref(), Some("ann"));
+        let documented =
+            verify(json!({"aud": aud, "exp": in_an_hour(), "nameid": "bob", "tenant": "t1"}));
+        assert_eq!(documented.sub.as_deref(), Some("bob"));
+        assert_eq!(documented.other["tenant"], "t1");
+        let plain = verify(json!({"aud": aud, "exp": in_an_hour(), "sub": "cy"}));
+        assert_eq!(plain.sub.as_deref(), Some("cy"));
+        let anonymous = verify(json!({"aud": aud, "exp": in_an_hour()}));
+        assert_eq!(anonymous.sub, None);
     }
 }

@@ -83,7 +83,7 @@ pub enum RemoteOp {
     Connection {
         connection_id: String,
         op: RemoteOpKind,
-        /// The group it is about (empty for a close).
+        /// The group it is about; for a close, the reason given (empty: none).
         group: String,
     },
     /// The user's connections take on its durable groups as of this version.
@@ -121,15 +121,18 @@ pub enum RemoteOpKind {
     Watch,
     Unwatch,
     Close,
+    /// Leave every group.
+    LeaveAll,
 }
 
 impl RemoteOpKind {
-    const ALL: [RemoteOpKind; 5] = [
+    const ALL: [RemoteOpKind; 6] = [
         RemoteOpKind::Join,
         RemoteOpKind::Leave,
         RemoteOpKind::Watch,
         RemoteOpKind::Unwatch,
         RemoteOpKind::Close,
+        RemoteOpKind::LeaveAll,
     ];
 }
 

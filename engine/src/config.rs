@@ -49,6 +49,19 @@ pub struct ServeArgs {
     /// disabled without it.
     #[arg(long, env = "RINGHUB_API_KEY", value_name = "K")]
     pub api_key: Option<String>,
+    /// Azure SignalR Service access key (give it twice, or comma-separated, during a
+    /// rotation): serves Azure's serverless REST API (/api/v1/hubs/..., and
+    /// /api/hubs/...?api-version=...) to calls with a JWT signed with it, and the client
+    /// endpoint /client/?hub=H to clients with such a token (user id in `nameid`).
+    /// The connection string of an Azure app is then
+    /// `Endpoint=http://HOST:PORT;AccessKey=KEY;Version=1.0;`.
+    #[arg(
+        long = "access-key",
+        env = "RINGHUB_ACCESS_KEY",
+        value_name = "KEY",
+        value_delimiter = ','
+    )]
+    pub access_key: Vec<String>,
     /// Directory of the embedded store (redb) for durable user→group membership; a
     /// restart with the same directory keeps it [default: ./ringhub-data].
     #[arg(long, env = "RINGHUB_DATA", value_name = "DIR")]
@@ -136,6 +149,7 @@ struct FileSettings {
     threads: Option<usize>,
     jwt_secret: Option<String>,
     api_key: Option<String>,
+    access_key: Option<OneOrMany>,
     data: Option<PathBuf>,
     redis: Option<String>,
     max_message_bytes: Option<usize>,
@@ -157,6 +171,25 @@ struct FileSettings {
     io_driver: Option<String>,
 }
 
+/// A setting the file may give once or as a list (`access-key = "k"` or `["k1", "k2"]`).
+#[cfg(feature = "cli")]
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[cfg(feature = "cli")]
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(one) => vec![one],
+            OneOrMany::Many(many) => many,
+        }
+    }
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -164,6 +197,9 @@ pub struct Config {
     pub threads: usize,
     pub jwt_secret: Option<String>,
     pub api_key: Option<String>,
+    /// Azure SignalR Service access keys, the primary first (contract section 11); none
+    /// leaves the Azure-compatible API and client endpoint off.
+    pub access_keys: Vec<String>,
     pub data: PathBuf,
     pub redis: Option<String>,
     pub max_message_bytes: usize,
@@ -232,6 +268,7 @@ impl Default for Config {
             threads: default_threads(),
             jwt_secret: None,
             api_key: None,
+            access_keys: Vec::new(),
             data: PathBuf::from("./ringhub-data"),
             redis: None,
             max_message_bytes: 32 * 1024,
@@ -389,6 +426,20 @@ impl ServeArgs {
         };
         let jwt_secret = non_empty("jwt-secret", self.jwt_secret.or(file.jwt_secret))?;
         let api_key = non_empty("api-key", self.api_key.or(file.api_key))?;
+        let access_keys = if self.access_key.is_empty() {
+            file.access_key.map(OneOrMany::into_vec).unwrap_or_default()
+        } else {
+            self.access_key
+        };
+        if access_keys.iter().any(|key| key.trim().is_empty()) {
+            return Err(invalid("access-key", "must not be empty"));
+        }
+        if access_keys.len() > 2 {
+            return Err(invalid(
+                "access-key",
+                "at most two keys (the new one and the old one during a rotation)",
+            ));
+        }
         let redis = non_empty("redis", self.redis.or(file.redis))?;
         let redis = redis
             .map(|url| redis_url(&url).map_err(|why| invalid("redis", why)))
@@ -530,6 +581,7 @@ impl ServeArgs {
             threads,
             jwt_secret,
             api_key,
+            access_keys,
             data,
             redis,
             max_message_bytes,
@@ -778,5 +830,47 @@ mod tests {
             let error = redis(bad).unwrap_err();
             assert!(error.starts_with("--redis:"), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn access_keys_come_from_flags_or_the_file_and_are_checked() {
+        let keys = |args: ServeArgs| args.resolve().map(|c| c.access_keys);
+        assert!(keys(ServeArgs::default()).unwrap().is_empty());
+        assert_eq!(
+            keys(ServeArgs {
+                access_key: vec!["new".into(), "old".into()],
+                ..Default::default()
+            })
+            .unwrap(),
+            ["new", "old"]
+        );
+        let dir = std::env::temp_dir().join(format!("ringhub-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ringhub.toml");
+        let from_file = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            keys(ServeArgs {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+        };
+        assert_eq!(from_file("access-key = \"k\"\n").unwrap(), ["k"]);
+        assert_eq!(
+            from_file("access-key = [\"k1\", \"k2\"]\n").unwrap(),
+            ["k1", "k2"]
+        );
+        for bad in [
+            vec!["".to_owned()],
+            vec!["a".into(), "b".into(), "c".into()],
+        ] {
+            let error = keys(ServeArgs {
+                access_key: bad,
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(error.starts_with("--access-key:"), "{error}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

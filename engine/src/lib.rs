@@ -12,7 +12,8 @@
 //! - `shard::tables`, `shard::inbox`: a shard's routing tables and its inbox;
 //! - [`presence`], [`store`], `node`: what all shards of a node share;
 //! - [`api`]: [`HubContext`] (reaches shards through their inboxes only) and [`Hub`];
-//! - [`builtin`] and `rest`: the contract's hub and REST API, on that API only;
+//! - [`builtin`], `rest` and `azure`: the contract's hub, REST API and Azure SignalR
+//!   Service's REST API, on that API only;
 //! - `shard::state`, `shard::dispatch`: what a shard owns, hub messages of its clients;
 //! - `transport`: HTTP routing, negotiate, the WebSocket transport, socket I/O;
 //! - `shard::run`: a shard thread's body; `cluster`: the Redis backplane's thread;
@@ -22,6 +23,7 @@
 mod admin;
 pub mod api;
 pub mod auth;
+mod azure;
 mod backplane;
 pub mod builtin;
 mod client_results;

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::auth::{Claims, GroupAuthorizer, JwtVerifier, UserIdProvider};
+use crate::auth::{AccessKeys, Claims, GroupAuthorizer, JwtVerifier, UserIdProvider};
 use crate::backplane::Link;
 use crate::config::Config;
 use crate::flow::Window;
@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::quota::Quota;
 use crate::shard::inbox::Inbox;
-use crate::store::MembershipStore;
+use crate::store::{MembershipExpiry, MembershipStore};
 
 /// A store write, run on the store thread.
 pub(crate) type StoreJob = Box<dyn FnOnce(&dyn MembershipStore) + Send>;
@@ -25,6 +25,9 @@ pub struct Node {
     pub(crate) inboxes: Vec<Inbox>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) jwt: Option<JwtVerifier>,
+    /// Azure access keys (`--access-key`): the Azure-compatible REST API and client
+    /// endpoint check tokens with them; whatever signs for Azure apps takes them here.
+    pub(crate) access_keys: Option<AccessKeys>,
     pub(crate) user_ids: Arc<dyn UserIdProvider>,
     pub(crate) authorizer: Arc<dyn GroupAuthorizer>,
     pub(crate) presence: Presence,
@@ -33,6 +36,8 @@ pub struct Node {
     /// Client results waiting for their clients' answers.
     pub(crate) client_results: crate::client_results::ClientResults,
     pub(crate) store: Arc<dyn MembershipStore>,
+    /// Timers of durable memberships granted with a time to live (Azure's `ttl`).
+    pub(crate) membership_expiry: MembershipExpiry,
     /// Store writes run on their own thread (a commit waits for the disk).
     pub(crate) store_jobs: std::sync::mpsc::Sender<StoreJob>,
     pub(crate) ready_shards: AtomicUsize,
@@ -85,6 +90,7 @@ impl Node {
                 .jwt_secret
                 .as_deref()
                 .map(|s| JwtVerifier::hs256(s.as_bytes(), config.jwt_leeway)),
+            access_keys: AccessKeys::new(&config.access_keys, config.jwt_leeway),
             config,
             inboxes: (0..shards).map(|_| Inbox::default()).collect(),
             metrics: Arc::new(Metrics::new(shards)),
@@ -94,6 +100,7 @@ impl Node {
             client_results: Default::default(),
             hub_routes: Default::default(),
             store,
+            membership_expiry: MembershipExpiry::default(),
             store_jobs,
             ready_shards: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),

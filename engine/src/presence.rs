@@ -433,6 +433,19 @@ impl Presence {
             .map(|c| c.shard)
     }
 
+    /// The ids of the hub's connections on every node (as far as this node was told),
+    /// sorted.
+    pub fn hub_connections(&self, hub: &str) -> Vec<String> {
+        let registry = self.lock();
+        let mut ids: Vec<String> = registry
+            .hub_entries(hub)
+            .flat_map(|h| h.connections.keys().cloned())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
     /// Whether a connection is connected to any node (as far as this node was told).
     pub fn is_connected(&self, hub: &str, connection_id: &str) -> bool {
         let registry = self.lock();

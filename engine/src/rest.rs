@@ -256,15 +256,20 @@ fn only(target: Target) -> impl FnOnce(Option<Vec<String>>) -> Result<Target, Re
     }
 }
 
-/// A context error as an answer: what the contract refuses is the caller's mistake
-/// (400), anything else the node's trouble (503).
+/// A context error as an answer.
 fn refused(error: ContextError) -> Reply {
-    let status = match &error {
+    Reply::error(status_of(&error), error.to_string())
+}
+
+/// The status of a context error in any REST API: what the contract refuses is the
+/// caller's mistake (400, 413 for a message too large), anything else the node's
+/// trouble (503).
+pub(crate) fn status_of(error: &ContextError) -> u16 {
+    match error {
         ContextError::MessageTooLarge { .. } => 413,
         e if e.is_refusal() => 400,
         _ => 503,
-    };
-    Reply::error(status, error.to_string())
+    }
 }
 
 fn method_not_allowed(allow: &'static str) -> Reply {

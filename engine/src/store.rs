@@ -75,6 +75,45 @@ pub trait MembershipStore: Send + Sync + 'static {
     fn remove(&self, hub: &str, user: &str, group: &str) -> Result<(), StoreError>;
 }
 
+/// The expiry of durable memberships given a time to live (Azure's `ttl`): the newest
+/// grant of each (hub, user, group) by number, so that a timer set for an older grant
+/// finds itself superseded (a later grant without ttl, a removal) and does nothing.
+/// Kept in memory by the node that took the grant.
+#[derive(Default)]
+pub struct MembershipExpiry {
+    grants: Mutex<HashMap<(String, String, String), u64>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl MembershipExpiry {
+    /// A new grant of the membership supersedes every earlier one; its number.
+    pub fn grant(&self, hub: &str, user: &str, group: &str) -> u64 {
+        let number = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        grants.insert((hub.to_owned(), user.to_owned(), group.to_owned()), number);
+        number
+    }
+
+    /// The membership was changed without a time to live (added for good, or removed):
+    /// no earlier grant's expiry is due any more.
+    pub fn revoke(&self, hub: &str, user: &str, group: &str) {
+        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        grants.remove(&(hub.to_owned(), user.to_owned(), group.to_owned()));
+    }
+
+    /// Whether grant `number` is still the newest (its expiry is due); forgets it then.
+    pub fn expire(&self, hub: &str, user: &str, group: &str, number: u64) -> bool {
+        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (hub.to_owned(), user.to_owned(), group.to_owned());
+        if grants.get(&key) == Some(&number) {
+            grants.remove(&key);
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// (hub, user) -> group.
 const MEMBERSHIP: MultimapTableDefinition<(&str, &str), &str> =
     MultimapTableDefinition::new("user_groups");

@@ -346,7 +346,67 @@ impl HubContext {
         hub: &str,
         connection_id: &str,
     ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
-        self.connection_op(hub, connection_id, ConnectionOp::Close)
+        self.close_connection_because(hub, connection_id, None)
+    }
+
+    /// [`HubContext::close_connection`], with `reason` as the Close message's error.
+    pub fn close_connection_because(
+        &self,
+        hub: &str,
+        connection_id: &str,
+        reason: Option<&str>,
+    ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
+        let reason = reason.map(str::to_owned);
+        self.connection_op(hub, connection_id, ConnectionOp::Close { reason })
+    }
+
+    /// Removes a connection from every group it is in. Resolves to `false` if no such
+    /// connection is connected.
+    pub fn remove_from_all_groups(
+        &self,
+        hub: &str,
+        connection_id: &str,
+    ) -> impl Future<Output = Result<bool, ContextError>> + Send + 'static {
+        self.connection_op(hub, connection_id, ConnectionOp::LeaveAll)
+    }
+
+    /// The connections of a group on this node, with their user ids, sorted by
+    /// connection id. (The other nodes of a cluster are not asked.)
+    pub fn local_group_members(
+        &self,
+        hub: &str,
+        group: &str,
+    ) -> impl Future<Output = Vec<(String, Option<String>)>> + Send + 'static {
+        let hub = Arc::<str>::from(hub);
+        let answers: Vec<_> = self
+            .node
+            .inboxes
+            .iter()
+            .map(|inbox| {
+                let (reply, answer) = oneshot::channel();
+                inbox.push(Command::GroupMembers {
+                    hub: hub.clone(),
+                    group: group.to_owned(),
+                    reply,
+                });
+                answer
+            })
+            .collect();
+        async move {
+            let mut members = Vec::new();
+            for answer in answers {
+                // A shard that stopped answers nothing: its connections are gone with it.
+                members.extend(answer.await.unwrap_or_default());
+            }
+            members.sort_unstable();
+            members
+        }
+    }
+
+    /// The ids of the hub's connections, on every node as far as this node was told,
+    /// sorted.
+    pub fn hub_connections(&self, hub: &str) -> Vec<String> {
+        self.node.presence.hub_connections(hub)
     }
 
     /// A group's connections and distinct users, over all shards, now.
@@ -722,7 +782,8 @@ fn remote_op(connection_id: &str, op: &ConnectionOp) -> RemoteOp {
         ConnectionOp::Leave(group) => (RemoteOpKind::Leave, group.clone()),
         ConnectionOp::WatchPresence(group) => (RemoteOpKind::Watch, group.clone()),
         ConnectionOp::UnwatchPresence(group) => (RemoteOpKind::Unwatch, group.clone()),
-        ConnectionOp::Close => (RemoteOpKind::Close, String::new()),
+        ConnectionOp::Close { reason } => (RemoteOpKind::Close, reason.clone().unwrap_or_default()),
+        ConnectionOp::LeaveAll => (RemoteOpKind::LeaveAll, String::new()),
         ConnectionOp::InvokeClient(_) => unreachable!("client results ask with their own op"),
     };
     RemoteOp::Connection {

@@ -1004,7 +1004,10 @@ impl Backplane {
             RemoteOpKind::Leave => ConnectionOp::Leave(group),
             RemoteOpKind::Watch => ConnectionOp::WatchPresence(group),
             RemoteOpKind::Unwatch => ConnectionOp::UnwatchPresence(group),
-            RemoteOpKind::Close => ConnectionOp::Close,
+            RemoteOpKind::Close => ConnectionOp::Close {
+                reason: (!group.is_empty()).then_some(group),
+            },
+            RemoteOpKind::LeaveAll => ConnectionOp::LeaveAll,
         };
         let done = context
             .local_connection_op(hub, &connection_id, op_here)

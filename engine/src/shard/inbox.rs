@@ -37,6 +37,12 @@ pub enum Command {
         groups: Arc<DurableGroups>,
         reply: oneshot::Sender<usize>,
     },
+    /// The connections of a group here, with their user ids.
+    GroupMembers {
+        hub: Arc<str>,
+        group: String,
+        reply: oneshot::Sender<Vec<(String, Option<String>)>>,
+    },
     /// Redis answers again: every connection with a user reads its durable groups anew
     /// (made or changed while this node could not read them).
     ResyncDurable,
@@ -62,8 +68,13 @@ pub enum ConnectionOp {
     Leave(String),
     WatchPresence(String),
     UnwatchPresence(String),
-    /// Close it with a Close message (reconnect not suggested).
-    Close,
+    /// Close it with a Close message (reconnect not suggested), carrying `reason` as
+    /// its error when one is given.
+    Close {
+        reason: Option<String>,
+    },
+    /// Leave every group it is in.
+    LeaveAll,
     /// Send it a client result's Invocation; it owes the answer.
     InvokeClient(ClientInvocation),
 }

@@ -189,7 +189,15 @@ impl ShardState {
                     presence.watch(hub, group, self.index, watch);
                 }
             }
-            ConnectionOp::Close => session.close(None, false),
+            ConnectionOp::Close { reason } => session.close(reason.as_deref(), false),
+            ConnectionOp::LeaveAll => {
+                let groups: Vec<String> = session.groups.borrow().iter().cloned().collect();
+                for group in groups {
+                    if tables.leave(session.key, &group) {
+                        presence.left(hub, &group, user);
+                    }
+                }
+            }
             ConnectionOp::InvokeClient(invocation) => {
                 session.calls().owe(invocation.result_id);
                 if !session.enqueue(&invocation.invocation.frame(session.kind()), None) {
@@ -523,6 +531,15 @@ impl ShardState {
                 reply,
             } => {
                 let _ = reply.send(self.apply_durable_to_user(&hub, &user, &groups));
+            }
+            Command::GroupMembers { hub, group, reply } => {
+                let members = self
+                    .hubs
+                    .borrow()
+                    .get(&*hub)
+                    .map(|tables| tables.group_members(&group))
+                    .unwrap_or_default();
+                let _ = reply.send(members);
             }
             Command::ResyncDurable => self.resync_durable(),
             Command::Negotiated { token, negotiated } => {

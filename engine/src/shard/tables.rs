@@ -88,6 +88,16 @@ impl HubTables {
             .unwrap_or_default()
     }
 
+    /// The connections in `group` here, with their user ids.
+    pub fn group_members(&self, group: &str) -> Vec<(String, Option<String>)> {
+        self.groups.get(group).map_or_else(Vec::new, |members| {
+            members
+                .values()
+                .map(|s| (s.caller.connection_id.clone(), s.caller.user_id.clone()))
+                .collect()
+        })
+    }
+
     pub fn key_of(&self, connection_id: &str) -> Option<u64> {
         self.by_id.get(connection_id).copied()
     }

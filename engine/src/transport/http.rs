@@ -13,7 +13,6 @@ use monoio::net::TcpStream;
 use ringhub_protocol::http::{self as wire, HttpLimits, RequestHead};
 
 use crate::admin;
-use crate::rest;
 use crate::shard::inbox::Command;
 use crate::shard::state::ShardState;
 use crate::shard::tokens::{owner_of, HttpChannel};
@@ -21,7 +20,8 @@ use crate::transport::channel::Kind;
 use crate::transport::io::{discard_then_close, read_more, write_now, READ_CHUNK};
 use crate::transport::long_polling::{self, Polled};
 use crate::transport::websocket::{self, Upgrade};
-use crate::transport::{channel, negotiate, sse, text_response, MAX_BODY_BYTES};
+use crate::transport::{channel, negotiate, sse, text_response, HubEndpoint, MAX_BODY_BYTES};
+use crate::{azure, rest};
 
 /// An idle keep-alive HTTP connection is closed after this long.
 const HTTP_IDLE: Duration = Duration::from_secs(30);
@@ -170,12 +170,16 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
                 head: &head,
                 body: &body,
             };
-            let response = rest::handle(
-                &state.context,
-                state.node.config.api_key.as_deref(),
-                request,
-            )
-            .await;
+            let response = if azure::is_azure_request(&head) {
+                azure::handle(&state.context, request).await
+            } else {
+                rest::handle(
+                    &state.context,
+                    state.node.config.api_key.as_deref(),
+                    request,
+                )
+                .await
+            };
             if write_now(&mut writer, response).await.is_err() || !head.keep_alive() {
                 return;
             }
@@ -241,11 +245,14 @@ pub async fn serve_http(state: Rc<ShardState>, stream: TcpStream, mut buf: Bytes
 /// The answer to a request with a body that is refused whatever its body holds: a REST
 /// call without the key, a send-channel POST without a valid token.
 fn refused_before_body(state: &ShardState, head: &RequestHead) -> Option<Vec<u8>> {
+    if azure::is_azure_request(head) {
+        return azure::refused_before_body(&state.context, head);
+    }
     if head.path.starts_with("/api/") {
         return rest::refused_before_body(state.node.config.api_key.as_deref(), head);
     }
     let is_send_channel = head.method == "POST"
-        && matches!(state.node.hub_routes.hub_of_path(&head.path), Some((_, "")));
+        && HubEndpoint::of(&state.node.hub_routes, head).is_some_and(|e| !e.negotiate);
     if !is_send_channel {
         return None;
     }
@@ -258,7 +265,7 @@ fn refused_before_body(state: &ShardState, head: &RequestHead) -> Option<Vec<u8>
 
 /// The shard that owns the token of a transport request, when it is another one.
 fn owner_elsewhere(state: &ShardState, head: &RequestHead) -> Option<usize> {
-    state.node.hub_routes.hub_of_path(&head.path)?;
+    HubEndpoint::of(&state.node.hub_routes, head)?;
     let token = head.query_param("id")?;
     owner_of(&token, state.node.inboxes.len()).filter(|&owner| owner != state.index)
 }
@@ -353,88 +360,96 @@ fn route(state: &Rc<ShardState>, head: &RequestHead, body: &[u8]) -> Routed {
             keep_alive,
         ));
     }
-    let hub_request = state.node.hub_routes.hub_of_path(&head.path);
-    match (head.method.as_str(), hub_request) {
-        // CORS preflight of a browser on another origin (headers added by `with_cors`).
-        ("OPTIONS", Some(_)) => {
-            let requested = head
-                .header_str("access-control-request-headers")
-                .unwrap_or("");
-            Routed::Respond(wire::response(
-                204,
-                "text/plain",
-                &[
-                    ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
-                    ("Access-Control-Allow-Headers", requested),
-                    ("Access-Control-Max-Age", "600"),
-                ],
-                b"",
-                keep_alive,
+    // CORS preflight of a browser on another origin (headers added by `with_cors`).
+    let endpoint = HubEndpoint::of(&state.node.hub_routes, head);
+    if head.method == "OPTIONS" && endpoint.is_some() {
+        let requested = head
+            .header_str("access-control-request-headers")
+            .unwrap_or("");
+        return Routed::Respond(wire::response(
+            204,
+            "text/plain",
+            &[
+                ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
+                ("Access-Control-Allow-Headers", requested),
+                ("Access-Control-Max-Age", "600"),
+            ],
+            b"",
+            keep_alive,
+        ));
+    }
+    let Some(endpoint) = endpoint else {
+        return respond(404, "not found");
+    };
+    if endpoint.azure && state.node.access_keys.is_none() {
+        return respond(
+            404,
+            "not found (the client endpoint /client/ needs --access-key)",
+        );
+    }
+    let hub: &str = &endpoint.hub;
+    let method = head.method.as_str();
+    if endpoint.negotiate {
+        if method != "POST" {
+            return respond(405, "negotiate requires POST");
+        }
+        return Routed::Respond(negotiate::negotiate(state, head, hub));
+    }
+    match method {
+        // Browsers do not apply CORS to WebSockets: with an allow-list, another
+        // origin's page is refused here (cross-site WebSocket hijacking).
+        "GET"
+            if head.wants_websocket()
+                && head
+                    .header_str("origin")
+                    .is_some_and(|origin| !state.node.config.allows_origin(origin)) =>
+        {
+            Routed::Close(text_response(
+                403,
+                "This origin is not allowed (--cors-origins).",
+                false,
             ))
         }
-        (method, Some((hub, "negotiate"))) => {
-            if method != "POST" {
-                return respond(405, "negotiate requires POST");
-            }
-            Routed::Respond(negotiate::negotiate(state, head, hub))
-        }
-        (method, Some((hub, _))) => match method {
-            // Browsers do not apply CORS to WebSockets: with an allow-list, another
-            // origin's page is refused here (cross-site WebSocket hijacking).
-            "GET"
-                if head.wants_websocket()
-                    && head
-                        .header_str("origin")
-                        .is_some_and(|origin| !state.node.config.allows_origin(origin)) =>
-            {
-                Routed::Close(text_response(
-                    403,
-                    "This origin is not allowed (--cors-origins).",
-                    false,
-                ))
-            }
-            "GET" if head.wants_websocket() => match websocket::upgrade(state, head, hub) {
-                Ok(upgrade) => Routed::Upgrade(Box::new(upgrade)),
-                Err(refusal) => Routed::Close(refusal),
-            },
-            "GET" if sse::wants_event_stream(head) => match sse::open(state, head, hub) {
-                Ok(channel) => Routed::EventStream(channel),
-                Err(refusal) => Routed::Respond(refusal),
-            },
-            "GET" => match long_polling::open(state, head, hub) {
-                Polled::Answer(answer) => Routed::Respond(answer),
-                Polled::Wait(channel) => Routed::Poll(channel),
-            },
-            "POST" => match channel::identify(state, head) {
-                Err(refusal) => Routed::Respond(refusal),
-                Ok((token, claims)) => {
-                    match channel::existing(state, hub, &token, claims.as_ref(), Kind::Either) {
-                        Some(Ok(channel)) => Routed::Send(channel),
-                        Some(Err(refused)) => Routed::Respond(refused.response(keep_alive)),
-                        None if state.tokens.is_websocket(&token) => respond(
-                            405,
-                            "POST requests are not allowed for WebSocket connections.",
-                        ),
-                        // Before the first receive request: kept for the transport.
-                        None => {
-                            let user_id = state.node.user_ids.user_id(claims.as_ref());
-                            match negotiate::keep_early_input(
-                                state,
-                                hub,
-                                &token,
-                                user_id.as_deref(),
-                                body,
-                            ) {
-                                Ok(()) => respond(200, ""),
-                                Err(refused) => Routed::Respond(refused.response(keep_alive)),
-                            }
+        "GET" if head.wants_websocket() => match websocket::upgrade(state, head, hub) {
+            Ok(upgrade) => Routed::Upgrade(Box::new(upgrade)),
+            Err(refusal) => Routed::Close(refusal),
+        },
+        "GET" if sse::wants_event_stream(head) => match sse::open(state, head, hub) {
+            Ok(channel) => Routed::EventStream(channel),
+            Err(refusal) => Routed::Respond(refusal),
+        },
+        "GET" => match long_polling::open(state, head, hub) {
+            Polled::Answer(answer) => Routed::Respond(answer),
+            Polled::Wait(channel) => Routed::Poll(channel),
+        },
+        "POST" => match channel::identify(state, head) {
+            Err(refusal) => Routed::Respond(refusal),
+            Ok((token, claims)) => {
+                match channel::existing(state, hub, &token, claims.as_ref(), Kind::Either) {
+                    Some(Ok(channel)) => Routed::Send(channel),
+                    Some(Err(refused)) => Routed::Respond(refused.response(keep_alive)),
+                    None if state.tokens.is_websocket(&token) => respond(
+                        405,
+                        "POST requests are not allowed for WebSocket connections.",
+                    ),
+                    // Before the first receive request: kept for the transport.
+                    None => {
+                        let user_id = state.node.user_ids.user_id(claims.as_ref());
+                        match negotiate::keep_early_input(
+                            state,
+                            hub,
+                            &token,
+                            user_id.as_deref(),
+                            body,
+                        ) {
+                            Ok(()) => respond(200, ""),
+                            Err(refused) => Routed::Respond(refused.response(keep_alive)),
                         }
                     }
                 }
-            },
-            "DELETE" => Routed::Respond(long_polling::delete(state, head, hub)),
-            _ => respond(405, "method not allowed"),
+            }
         },
-        _ => respond(404, "not found"),
+        "DELETE" => Routed::Respond(long_polling::delete(state, head, hub)),
+        _ => respond(405, "method not allowed"),
     }
 }

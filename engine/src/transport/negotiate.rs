@@ -84,7 +84,7 @@ pub async fn find_in_cluster(state: &ShardState, head: &RequestHead) {
     let Some(link) = &state.node.backplane else {
         return;
     };
-    let for_a_hub = state.node.hub_routes.hub_of_path(&head.path).is_some();
+    let for_a_hub = super::HubEndpoint::of(&state.node.hub_routes, head).is_some();
     if !matches!(head.method.as_str(), "GET" | "POST") || !for_a_hub {
         return;
     }
