@@ -81,6 +81,11 @@ impl Calls {
         }
     }
 
+    /// Whether an invocation runs (or waits to).
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
     /// The job that ran is done: the next one, if any (else nothing runs).
     pub fn next_job(&mut self) -> Option<Job> {
         let next = self.queued.pop_front();

@@ -440,8 +440,12 @@ mod tests {
         session
     }
 
-    /// Everything queued for the session, as text (long-polling framing: bare records).
+    /// Everything queued for the session, as text (long-polling framing: bare records),
+    /// once the invocations it made are done (they run beside its reading).
     async fn queued(session: &Session) -> String {
+        while session.calls().is_running() {
+            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         if session.queued_bytes() == 0 {
             return String::new();
         }
