@@ -20,6 +20,8 @@
 //!   [`server`]: building, starting, stopping;
 //! - [`runtime`]: the io_uring runtime every thread runs on.
 
+#![warn(missing_docs)]
+
 mod admin;
 pub mod api;
 pub mod auth;
