@@ -14,11 +14,15 @@ use thiserror::Error;
 /// is told them).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Claims {
+    /// The subject: the user id by default (see [`UserIdProvider`]); a token without
+    /// one connects as no user.
     #[serde(default)]
     pub sub: Option<String>,
     /// Group patterns: exact names, or prefixes ending in `*`.
     #[serde(default)]
     pub groups: Vec<String>,
+    /// `admin` may join every group and so send to any; other roles mean nothing to
+    /// ringhub.
     #[serde(default)]
     pub role: Option<String>,
     /// Every other claim of the token (`exp`, `aud`, an app's own), as it was.
@@ -27,6 +31,7 @@ pub struct Claims {
 }
 
 impl Claims {
+    /// Whether the token carries `role: "admin"`.
     pub fn is_admin(&self) -> bool {
         self.role.as_deref() == Some("admin")
     }
@@ -35,8 +40,12 @@ impl Claims {
 /// Why a token was refused (each answers HTTP 401).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum AuthError {
+    /// No token (neither `Authorization: Bearer` nor `access_token` in the query), or
+    /// an empty one.
     #[error("an access token is required")]
     MissingToken,
+    /// A bad signature, another algorithm, an expired or not yet valid token, or claims
+    /// of the wrong type; the text is `jsonwebtoken`'s.
     #[error("invalid access token: {0}")]
     InvalidToken(String),
 }
@@ -68,6 +77,8 @@ impl JwtVerifier {
         }
     }
 
+    /// The claims of a valid token; the token as the request carried it, `None` when
+    /// it carried none.
     pub fn verify(&self, token: Option<&str>) -> Result<Claims, AuthError> {
         let token = token
             .filter(|t| !t.is_empty())
