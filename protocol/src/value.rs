@@ -29,6 +29,7 @@ pub enum Value {
     /// Only integers above `i64::MAX` (see [`Value::from_u64`]).
     UInt(u64),
     /// A floating-point number; JSON numbers with a fraction or exponent land here.
+    /// NaN and the infinities, which JSON cannot write, go to JSON clients as `null`.
     Float(f64),
     /// A string.
     Str(String),

@@ -225,8 +225,8 @@ pub struct Record<'a> {
 pub enum HubProtocol {
     /// `json`: text, records end with `0x1E`; what browsers use by default.
     Json,
-    /// `messagepack`: binary, records prefixed with their length; smaller and faster
-    /// to parse.
+    /// `messagepack`: binary, records prefixed with their length; smaller on the wire,
+    /// and binary data travels as is.
     MessagePack,
 }
 
