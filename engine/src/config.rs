@@ -221,7 +221,8 @@ pub struct Config {
     pub threads: usize,
     /// HS256 secret of the access tokens; when set, every connection needs a valid token
     /// and its claims decide the user id and the groups it may join. `None` runs the
-    /// node anonymous: anyone connects, any group is open. `--jwt-secret`, default none.
+    /// node anonymous: anyone connects and, with the default authorizer, any group is
+    /// open. `--jwt-secret`, default none.
     pub jwt_secret: Option<String>,
     /// Bearer key of the REST API under `/api`; without one the REST API answers 404
     /// and a node takes sends only from its clients and embedder. `--api-key`, default
