@@ -15,7 +15,8 @@ use thiserror::Error;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Claims {
     /// The subject: the user id by default (see [`UserIdProvider`]); a token without
-    /// one connects as no user.
+    /// one connects as no user. An access-key token's `nameid` (or `asrs.s.uid`) is
+    /// put here, as Azure reads the user id from them.
     #[serde(default)]
     pub sub: Option<String>,
     /// Group patterns: exact names, or prefixes ending in `*`.
@@ -102,9 +103,16 @@ const AZURE_USER_ID_CLAIMS: [&str; 3] = [
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Audience<'a> {
     /// A REST call: the request's URL without its query (`path` as the request has it).
-    Rest { path: &'a str },
+    Rest {
+        /// The request's path, as the request has it.
+        path: &'a str,
+    },
     /// A client connection: the client endpoint of a hub, `<scheme>://<host>/client/?hub=<hub>`.
-    Client { hub: &'a str },
+    Client {
+        /// The `hub` of the client's URL (matched case-insensitively, as Azure names
+        /// hubs).
+        hub: &'a str,
+    },
 }
 
 /// Azure SignalR Service access keys (`--access-key`; two during a rotation): tokens

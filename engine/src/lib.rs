@@ -40,7 +40,7 @@
 //!         ..Config::default()
 //!     };
 //!     // One `Chat` per shard; clients connect to http://127.0.0.1:5000/hubs/chat.
-//!     let server = ServerBuilder::new(config).hub(|| Chat).start()?;
+//!     let server = ServerBuilder::new(config).map_hub("chat", || Chat).start()?;
 //!     // Clone + Send + Sync: send and manage groups from any thread or runtime.
 //!     let _context = server.context();
 //!     std::thread::sleep(std::time::Duration::from_secs(3600));

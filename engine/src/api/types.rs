@@ -112,12 +112,16 @@ pub struct Caller {
 /// to names (`/chatHub` for `chat`, as ASP.NET Core's `MapHub`).
 #[derive(Debug, Clone, Default)]
 pub struct HubRoutes {
+    /// The hub names served; `None` serves every valid name (see [`valid_hub_name`]).
     pub names: Option<Vec<String>>,
     /// (path without its trailing slash, hub name)
     pub paths: Vec<(String, String)>,
 }
 
 impl HubRoutes {
+    /// Whether a client may connect to hub `name`: a valid name, and mapped (or any
+    /// name served). A name served by no hub answers `404` rather than a hub that does
+    /// not exist.
     pub fn serves(&self, name: &str) -> bool {
         valid_hub_name(name)
             && self
