@@ -224,9 +224,9 @@ pub struct Config {
     /// node anonymous: anyone connects and, with the default authorizer, any group is
     /// open. `--jwt-secret`, default none.
     pub jwt_secret: Option<String>,
-    /// Bearer key of the REST API under `/api`; without one the REST API answers 404
-    /// and a node takes sends only from its clients and embedder. `--api-key`, default
-    /// none.
+    /// Bearer key of ringhub's own REST API under `/api` (Azure's API goes by
+    /// `access_keys` instead); without one that API answers 404, so a node takes no
+    /// sends from HTTP callers unless asked to. `--api-key`, default none.
     pub api_key: Option<String>,
     /// Azure SignalR Service access keys, the primary first (contract section 11): they
     /// sign the tokens of Azure's serverless REST API and of the `/client/` endpoint, so
