@@ -14,11 +14,16 @@ use thiserror::Error;
 /// is told them).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Claims {
+    /// The subject: the user id by default (see [`UserIdProvider`]); a token without
+    /// one connects as no user. An access-key token's `nameid` (or `asrs.s.uid`) is
+    /// put here, as Azure reads the user id from them.
     #[serde(default)]
     pub sub: Option<String>,
     /// Group patterns: exact names, or prefixes ending in `*`.
     #[serde(default)]
     pub groups: Vec<String>,
+    /// `admin` may join every group and so send to any; other roles mean nothing to
+    /// ringhub.
     #[serde(default)]
     pub role: Option<String>,
     /// Every other claim of the token (`exp`, `aud`, an app's own), as it was.
@@ -27,6 +32,7 @@ pub struct Claims {
 }
 
 impl Claims {
+    /// Whether the token carries `role: "admin"`.
     pub fn is_admin(&self) -> bool {
         self.role.as_deref() == Some("admin")
     }
@@ -35,8 +41,12 @@ impl Claims {
 /// Why a token was refused (each answers HTTP 401).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum AuthError {
+    /// No token (neither `Authorization: Bearer` nor `access_token` in the query), or
+    /// an empty one.
     #[error("an access token is required")]
     MissingToken,
+    /// A bad signature, another algorithm, an expired or not yet valid token, or claims
+    /// of the wrong type; the text is `jsonwebtoken`'s.
     #[error("invalid access token: {0}")]
     InvalidToken(String),
 }
@@ -68,6 +78,8 @@ impl JwtVerifier {
         }
     }
 
+    /// The claims of a valid token; the token as the request carried it, `None` when
+    /// it carried none.
     pub fn verify(&self, token: Option<&str>) -> Result<Claims, AuthError> {
         let token = token
             .filter(|t| !t.is_empty())
@@ -91,9 +103,16 @@ const AZURE_USER_ID_CLAIMS: [&str; 3] = [
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Audience<'a> {
     /// A REST call: the request's URL without its query (`path` as the request has it).
-    Rest { path: &'a str },
+    Rest {
+        /// The request's path, as the request has it.
+        path: &'a str,
+    },
     /// A client connection: the client endpoint of a hub, `<scheme>://<host>/client/?hub=<hub>`.
-    Client { hub: &'a str },
+    Client {
+        /// The `hub` of the client's URL (matched case-insensitively, as Azure names
+        /// hubs).
+        hub: &'a str,
+    },
 }
 
 /// Azure SignalR Service access keys (`--access-key`; two during a rotation): tokens

@@ -19,10 +19,22 @@ use thiserror::Error;
 /// A configuration problem; the message names the flag.
 #[derive(Debug, Error)]
 pub enum ConfigError {
+    /// A setting's value is refused, wherever it came from (flag, variable or file).
     #[error("--{flag}: {problem}")]
-    Invalid { flag: &'static str, problem: String },
+    Invalid {
+        /// The flag's name without `--` (`max-message-bytes`), also the file's key.
+        flag: &'static str,
+        /// What is wrong and, where it helps, what would be right.
+        problem: String,
+    },
+    /// The `--config` file cannot be read or is not valid TOML with known keys.
     #[error("--config {path}: {problem}")]
-    File { path: PathBuf, problem: String },
+    File {
+        /// The file as given.
+        path: PathBuf,
+        /// The I/O or TOML error, with its line where TOML gives one.
+        problem: String,
+    },
 }
 
 /// The flags as given on the command line or in the environment (all optional so a
@@ -191,42 +203,111 @@ impl OneOrMany {
 }
 
 /// A validated configuration.
+///
+/// `ServeArgs::resolve` (feature `cli`) checks each setting (counts and durations above zero, the
+/// pairs below); an embedder that fills one in by hand (start from
+/// [`Config::default`]) is trusted, except that [`ServerBuilder::start`] still refuses
+/// a `max_message_bytes` over half of `max_buffered_bytes`.
+///
+/// [`ServerBuilder::start`]: crate::ServerBuilder::start
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Where clients connect (HTTP, WebSocket, SSE, long polling); port 0 picks a free
+    /// one, see [`Server::local_addr`](crate::Server::local_addr). `--listen`, default
+    /// `127.0.0.1:5000`.
     pub listen: SocketAddr,
+    /// Shards, each a thread pinned to a core with its own listener; connections never
+    /// move between them. `--threads`, default the number of cores, at most 256.
     pub threads: usize,
+    /// HS256 secret of the access tokens; when set, every connection needs a valid token
+    /// and its claims decide the user id and the groups it may join. `None` runs the
+    /// node anonymous: anyone connects and, with the default authorizer, any group is
+    /// open. `--jwt-secret`, default none.
     pub jwt_secret: Option<String>,
+    /// Bearer key of ringhub's own REST API under `/api` (Azure's API goes by
+    /// `access_keys` instead); without one that API answers 404, so a node takes no
+    /// sends from HTTP callers unless asked to. `--api-key`, default none.
     pub api_key: Option<String>,
-    /// Azure SignalR Service access keys, the primary first (contract section 11); none
-    /// leaves the Azure-compatible API and client endpoint off.
+    /// Azure SignalR Service access keys, the primary first (contract section 11): they
+    /// sign the tokens of Azure's serverless REST API and of the `/client/` endpoint, so
+    /// an Azure app runs against this node with only its connection string changed. Two
+    /// during a key rotation (the new one and the old one); none leaves the
+    /// Azure-compatible API and client endpoint off. `--access-key`, default none.
     pub access_keys: Vec<String>,
+    /// Directory of the redb file that keeps durable user→group memberships across
+    /// restarts; unused with `redis` (Redis keeps them) or a
+    /// [`membership_store`](crate::ServerBuilder::membership_store). `--data`, default
+    /// `./ringhub-data`.
     pub data: PathBuf,
+    /// The Redis URL (`redis://`, `rediss://`, `redis+unix://`) of the cluster this
+    /// node joins: sends reach every node's connections and memberships live in Redis.
+    /// `None` runs the node alone. `--redis`, default none.
     pub redis: Option<String>,
+    /// Largest hub message a client may send, in bytes; a longer one closes its
+    /// connection (1009 on WebSockets). At most half of `max_buffered_bytes`.
+    /// `--max-message-bytes`, default 32768.
     pub max_message_bytes: usize,
+    /// Bound of each connection's outbound queue, in bytes: the memory a slow client
+    /// can cost, and the scale of every flow-control window (see
+    /// [`Config::message_limit`]). `--max-buffered-bytes`, default 1048576.
     pub max_buffered_bytes: usize,
+    /// How often the server sends a Ping to an otherwise quiet connection, so the
+    /// client (and proxies) know it is alive. `--keepalive-secs`, default 15 s.
     pub keepalive: Duration,
+    /// Silence after which a client is taken as gone and its connection closed; longer
+    /// than `keepalive`, since clients ping only when they hear the server.
+    /// `--client-timeout-secs`, default 30 s.
     pub client_timeout: Duration,
+    /// Bytes of sent but unacknowledged messages kept per connection for stateful
+    /// reconnect (offered whenever a client asks); a connection that goes past it can no
+    /// longer resume, only reconnect. `--stateful-reconnect-buffer`, default 102400.
     pub stateful_reconnect_buffer: usize,
+    /// How long a connection may be without a transport (an SSE or long-polling session
+    /// between requests, a negotiated id not yet connected, a stateful-reconnect
+    /// WebSocket waiting for its resume) before it is disposed and leaves its groups.
+    /// `--disconnect-timeout-secs`, default 15 s.
     pub disconnect_timeout: Duration,
+    /// How long a long poll waits for messages before it answers empty (the client
+    /// polls again at once). `--long-poll-timeout-secs`, default 90 s.
     pub long_poll_timeout: Duration,
-    /// Clock skew allowed on `exp` and `nbf`.
+    /// Clock skew allowed when checking a token's `exp` and `nbf`, so that a token made
+    /// on a slightly different clock is not refused. `--jwt-leeway-secs`, default 30 s
+    /// (0 allowed).
     pub jwt_leeway: Duration,
-    /// Groups one connection may be in at once (durable groups count).
+    /// Groups one connection may be in (durable groups count) or watch at once; a join
+    /// past it fails, so one client cannot grow the routing tables without bound.
+    /// `--max-groups-per-connection`, default 1000.
     pub max_groups_per_connection: usize,
-    /// How long a receiver may stay above half its queue bound.
+    /// How long a receiver may hold its publishers alone (everyone else took their
+    /// messages) or take nothing while congested, before it is closed as too slow: one
+    /// slow client slows a broadcast for at most this long. `--slow-consumer-secs`,
+    /// default 2 s.
     pub slow_consumer: Duration,
+    /// This node's name in logs and in the cluster's view of its nodes (names may
+    /// repeat: the cluster adds a random suffix). `--node-name`, default the host
+    /// name and the process id.
     pub node_name: String,
-    /// How long a REST send waits for room before it answers `503`.
+    /// How long a REST send waits for room to queue its message (its recipients are
+    /// slow) before it answers `503`. `--rest-timeout-secs`, default 10 s.
     pub rest_timeout: Duration,
-    /// How long `HubContext::invoke_client` waits for the client's answer.
+    /// How long [`HubContext::invoke_client`](crate::HubContext::invoke_client) waits for
+    /// the client's answer before it fails. `--client-result-timeout-secs`, default
+    /// 30 s (ASP.NET Core's).
     pub client_result_timeout: Duration,
-    /// Sessions of every transport together, on this node.
+    /// Sessions of every transport together on this node; past it a new one is refused
+    /// with `503`. The bound that keeps SSE and long-polling sessions, which hold no
+    /// socket between requests, from growing without limit. `--max-connections`,
+    /// default what the open-file limit allows (see [`open_file_limit`]).
     pub max_connections: usize,
-    /// Origins browser pages may call from.
+    /// Origins browser pages may call from (CORS, and WebSocket upgrades from other
+    /// origins refused with `403`). `--cors-origins`, default [`CorsOrigins::Any`].
     pub cors_origins: CorsOrigins,
-    /// Where `/metrics` and `/api/openapi.json` are served, when not on `listen`.
+    /// Where `/metrics` and `/api/openapi.json` are served instead of `listen`, to keep
+    /// them on a port clients cannot reach. `--admin-listen`, default none (on
+    /// `listen`).
     pub admin_listen: Option<SocketAddr>,
-    /// How shards do I/O.
+    /// How shards do I/O: io_uring, epoll, or io_uring with epoll as the fallback.
+    /// `--io-driver`, default [`IoDriverChoice::Auto`].
     pub io_driver: IoDriverChoice,
 }
 
@@ -324,7 +405,6 @@ impl Config {
     }
 }
 
-/// The host name and the process id.
 #[cfg(feature = "cli")]
 /// A Redis address as the contract takes it (`redis://`, `rediss://`, `redis+unix://`
 /// or `host:port`), as a URL the Redis client reads.
@@ -345,6 +425,7 @@ fn redis_url(given: &str) -> Result<String, String> {
     Ok(url)
 }
 
+/// The host name and the process id.
 fn default_node_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())

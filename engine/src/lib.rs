@@ -2,6 +2,58 @@
 //! SignalR protocol, as a library (embed it with [`ServerBuilder`] and your own
 //! [`Hub`]) and as the `ringhub` binary.
 //!
+//! # Quick start
+//!
+//! A typed hub: every `&self` method of a [`hub`] block is a hub method, called by its
+//! name in PascalCase, its parameters decoded with serde from JSON and MessagePack
+//! clients alike (`&Caller` and `&HubContext` are handed the invocation's).
+//!
+//! ```no_run
+//! use ringhub_engine::{hub, Caller, Config, HubContext, HubError, ServerBuilder, Target};
+//!
+//! struct Chat;
+//!
+//! #[hub]
+//! impl Chat {
+//!     /// `Add(1, 2)` answers `3`.
+//!     fn add(&self, a: i64, b: i64) -> i64 {
+//!         a + b
+//!     }
+//!
+//!     /// `Say("hi")`: every connection of the caller's hub receives `said(id, "hi")`.
+//!     async fn say(
+//!         &self,
+//!         caller: &Caller,
+//!         context: &HubContext,
+//!         text: String,
+//!     ) -> Result<(), HubError> {
+//!         let from = caller.connection_id.clone();
+//!         let said = vec![from.into(), text.into()];
+//!         context.send(&caller.hub, Target::All, "said", said).await?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let config = Config {
+//!         listen: "127.0.0.1:5000".parse()?,
+//!         ..Config::default()
+//!     };
+//!     // One `Chat` per shard; clients connect to http://127.0.0.1:5000/hubs/chat.
+//!     let server = ServerBuilder::new(config).map_hub("chat", || Chat).start()?;
+//!     // Clone + Send + Sync: send and manage groups from any thread or runtime.
+//!     let _context = server.context();
+//!     std::thread::sleep(std::time::Duration::from_secs(3600));
+//!     // Tells every client (reconnect allowed), then stops the shards.
+//!     server.shutdown();
+//!     Ok(())
+//! }
+//! ```
+//!
+//! `engine/examples/typed_hub.rs` adds streams both ways and client results.
+//!
+//! # Layers
+//!
 //! The layers, each using only those above it:
 //! - `signal`: one-shot shard-local events; [`metrics`], [`config`], [`auth`];
 //! - [`api`] types: [`Target`], [`Caller`], [`HubError`];
@@ -19,6 +71,8 @@
 //! - `shard::run`: a shard thread's body; `cluster`: the Redis backplane's thread;
 //!   [`server`]: building, starting, stopping;
 //! - [`runtime`]: the io_uring runtime every thread runs on.
+
+#![warn(missing_docs)]
 
 mod admin;
 pub mod api;

@@ -17,21 +17,33 @@ const DURATION_BUCKETS: [u64; 8] = [1, 10, 60, 300, 1800, 3600, 14400, 86400];
 #[derive(Debug, Default)]
 #[repr(align(128))]
 pub struct ShardMetrics {
+    /// Open SignalR connections (`ringhub_connections`, a gauge per shard: an uneven
+    /// spread shows here).
     pub connections: AtomicI64,
     /// Connections that completed their handshake (their ends are the duration
     /// histogram's count).
     pub connects: AtomicU64,
     /// Connections in the HTTP phase (requests, before an upgrade or a stream).
     pub http_connections: AtomicI64,
+    /// Hub messages received from clients (`ringhub_messages_received_total`).
     pub messages_received: AtomicU64,
+    /// Frames handed to sockets (`ringhub_deliveries_total`): a broadcast to n
+    /// connections counts n.
     pub deliveries: AtomicU64,
+    /// Bytes written to sockets (`ringhub_bytes_sent_total`).
     pub bytes_sent: AtomicU64,
+    /// Connections closed for reading too slowly, past `--slow-consumer-secs`
+    /// (`ringhub_slow_consumer_closes_total`).
     pub slow_consumer_closes: AtomicU64,
+    /// Connections closed for malformed input (`ringhub_protocol_errors_total`).
     pub protocol_errors: AtomicU64,
-    /// Stateful reconnect: sessions resumed on a new WebSocket, resumes refused, and
-    /// frames sent again on resume.
+    /// Stateful reconnect: sessions resumed on a new WebSocket
+    /// (`ringhub_resumes_total`).
     pub resumes: AtomicU64,
+    /// Resumes refused (another user, too much unacknowledged) and resume windows that
+    /// passed (`ringhub_resumes_refused_total`).
     pub resumes_refused: AtomicU64,
+    /// Frames sent again on resumed connections (`ringhub_replayed_messages_total`).
     pub replayed_messages: AtomicU64,
     /// Connections closed for silence past `--client-timeout-secs`.
     pub client_timeouts: AtomicU64,
@@ -42,6 +54,8 @@ pub struct ShardMetrics {
 }
 
 impl ShardMetrics {
+    /// Adds `n` to one of a shard's counters. Relaxed: each counter is written by its
+    /// own shard only and read by scrapes, which need no ordering with anything else.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
@@ -60,9 +74,15 @@ impl ShardMetrics {
 }
 
 /// A shard's metrics block, reachable from its sessions.
-pub struct MetricsRef(pub std::sync::Arc<Metrics>, pub usize);
+pub struct MetricsRef(
+    /// The node's metrics.
+    pub std::sync::Arc<Metrics>,
+    /// The shard's index in [`Metrics::shards`].
+    pub usize,
+);
 
 impl MetricsRef {
+    /// The shard's own counters.
     pub fn get(&self) -> &ShardMetrics {
         &self.0.shards[self.1]
     }
@@ -70,6 +90,7 @@ impl MetricsRef {
 
 /// All shards' counters.
 pub struct Metrics {
+    /// One block per shard, in shard order; a scrape sums them.
     pub shards: Vec<ShardMetrics>,
     /// 1 while the backplane is connected to Redis (always 0 without `--redis`).
     pub backplane_connected: AtomicU64,
@@ -94,6 +115,7 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
+    /// Zeroed counters for `shards` shards, `io_uring` at 1 until a shard falls back.
     pub fn new(shards: usize) -> Metrics {
         Metrics {
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
@@ -111,6 +133,8 @@ impl Metrics {
         self.shards.iter().map(|s| counter(s).load(Relaxed)).sum()
     }
 
+    /// Open SignalR connections over all shards, now (a sum of gauges read one by one,
+    /// so exact only when nothing connects meanwhile).
     pub fn connections(&self) -> i64 {
         self.shards
             .iter()

@@ -26,6 +26,7 @@ pub const PRESENCE_CHANGED: &str = "PresenceChanged";
 /// A group's presence: its connections and the distinct users among them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GroupPresence {
+    /// The group's member connections, anonymous ones included.
     pub connections: usize,
     /// Distinct user ids of the group's connections (anonymous ones count only as
     /// connections), sorted.
@@ -267,6 +268,7 @@ pub struct Presence {
 }
 
 impl Presence {
+    /// An empty registry for a node of `shards` shards, with no cluster to tell.
     pub fn new(shards: usize) -> Presence {
         Presence::with_backplane(shards, None)
     }
@@ -298,6 +300,9 @@ impl Presence {
         }
     }
 
+    /// Records a connection of `hub` held by `shard` (and its user, if any), so that
+    /// sends find its shard and presence counts it; in a cluster, tells the other nodes
+    /// and subscribes its channels.
     pub fn connected(&self, hub: &str, connection_id: &str, user: Option<&str>, shard: usize) {
         let mut registry = self.lock();
         let first_of_user = add_connection(&mut registry.local, hub, connection_id, user, shard);
@@ -414,6 +419,8 @@ impl Presence {
         ids
     }
 
+    /// Whether the user has a connection to `hub` here or, as far as this node was
+    /// told, on another node.
     pub fn is_user_online(&self, hub: &str, user: &str) -> bool {
         let registry = self.lock();
         let online = registry

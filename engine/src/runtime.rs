@@ -17,7 +17,9 @@ pub type ShardRuntime = FusionRuntime<TimeDriver<IoUringDriver>, TimeDriver<Lega
 /// How a node's shards do I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoDriver {
+    /// io_uring: the fast path, batched submissions and no readiness round trips.
     IoUring,
+    /// epoll (monoio's legacy driver): slower, for where io_uring is denied.
     Epoll,
 }
 

@@ -25,26 +25,53 @@ use crate::store::{MembershipStore, RedbStore, StoreError};
 /// Why a server could not start.
 #[derive(Debug, Error)]
 pub enum ServerError {
+    /// A shard's listener could not be bound to `--listen` (permissions, an address
+    /// that is not this host's...).
     #[error("--listen {addr}: cannot listen: {source}")]
     Listen {
+        /// The configured address.
         addr: SocketAddr,
+        /// The bind's error.
         source: std::io::Error,
     },
+    /// Another process already listens there; told apart from [`ServerError::Listen`]
+    /// because it is the usual mistake and has the usual fix.
     #[error("--listen {addr}: the address is in use (another ringhub, or another server, listens there)")]
-    AddressInUse { addr: SocketAddr },
+    AddressInUse {
+        /// The configured address.
+        addr: SocketAddr,
+    },
+    /// A shard or helper thread could not be spawned (thread or memory limits).
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    /// A [`Config`] built by hand whose `max_message_bytes` exceeds half of
+    /// `max_buffered_bytes`: one message could then fill a receiver's queue alone
+    /// (contract section 6).
     #[error(
         "--max-message-bytes: {message} is more than half of --max-buffered-bytes ({buffered})"
     )]
-    MessageOverHalfTheQueue { message: usize, buffered: usize },
+    MessageOverHalfTheQueue {
+        /// `max_message_bytes`.
+        message: usize,
+        /// `max_buffered_bytes`.
+        buffered: usize,
+    },
+    /// The default membership store (redb under `--data`) could not be opened.
     #[error("--data: {0}")]
     Store(#[from] StoreError),
+    /// `--io-driver io-uring` where the kernel or sandbox denies io_uring; `auto`
+    /// would have fallen back to epoll.
     #[error("--io-driver io-uring: io_uring is not available ({source}); {IO_URING_FIX}")]
-    IoUringDenied { source: std::io::Error },
+    IoUringDenied {
+        /// The error of setting up a test ring.
+        source: std::io::Error,
+    },
+    /// The `--admin-listen` listener could not be bound.
     #[error("--admin-listen {addr}: cannot listen: {source}")]
     AdminListen {
+        /// The configured admin address.
         addr: SocketAddr,
+        /// The bind's error.
         source: std::io::Error,
     },
 }
@@ -123,11 +150,16 @@ impl ServerBuilder {
         self.map_hub(name, factory)
     }
 
+    /// Where connections' user ids come from, instead of the token's `sub` claim: for
+    /// user targeting and durable groups keyed by your own ids.
     pub fn user_id_provider(mut self, provider: impl UserIdProvider) -> Self {
         self.user_ids = Arc::new(provider);
         self
     }
 
+    /// Who may join which group, instead of the token's `groups` patterns and admin
+    /// role: what [`HubContext::may_join`] answers (the built-in hub's `JoinGroup` asks
+    /// it), and what a resumed connection's groups are checked against again.
     pub fn group_authorizer(mut self, authorizer: impl GroupAuthorizer) -> Self {
         self.authorizer = Arc::new(authorizer);
         self
@@ -373,6 +405,8 @@ impl Server {
         }
     }
 
+    /// The node's counters, as `/metrics` serves them, for an embedder's own
+    /// monitoring.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.node.metrics.clone()
     }

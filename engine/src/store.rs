@@ -22,22 +22,34 @@ use thiserror::Error;
 /// connection takes on a state only if it is at least as new as the one it has.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DurableGroups {
+    /// How new `groups` is: they are at least as new as this version, and a later
+    /// change gets a higher one.
     pub version: u64,
+    /// The user's durable groups, as read at (or after) that version.
     pub groups: Vec<String>,
 }
 
 /// A store failure.
 #[derive(Debug, Error)]
 pub enum StoreError {
+    /// The `--data` directory could not be made (permissions, a file in the way).
     #[error("cannot create the data directory {path}: {source}")]
     CreateDir {
+        /// The directory.
         path: String,
+        /// Why not.
         source: std::io::Error,
     },
+    /// The database failed (I/O, corruption, a full disk); redb's or the store's text.
     #[error("membership store: {0}")]
     Database(String),
+    /// Another process holds the file: two nodes on one `--data`, which redb's lock
+    /// refuses rather than let them overwrite each other.
     #[error("the membership store {path} is open in another process (another ringhub on the same --data?): give each node its own --data directory (the nodes of a cluster share durable membership through Redis)")]
-    InUse { path: String },
+    InUse {
+        /// The database file.
+        path: String,
+    },
 }
 
 impl From<redb::Error> for StoreError {
@@ -124,6 +136,8 @@ pub struct RedbStore {
 }
 
 impl RedbStore {
+    /// Opens (or creates) `membership.redb` in `dir`, creating the directory too.
+    /// Fails with [`StoreError::InUse`] when another process has it open.
     pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             path: dir.display().to_string(),

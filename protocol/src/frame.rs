@@ -62,6 +62,7 @@ pub enum Framing {
 }
 
 impl Framing {
+    /// Every framing, in [`Framing::index`] order: to fill a table with one entry each.
     pub const ALL: [Framing; 3] = [Framing::WebSocket, Framing::ServerSentEvents, Framing::Raw];
 
     /// A dense index (0..3), for tables keyed by framing.

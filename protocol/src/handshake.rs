@@ -23,15 +23,23 @@ pub const MALFORMED: &str = "An unexpected error occurred during connection hand
 /// What the client asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandshakeRequest {
+    /// The hub protocol's name (`json`, `messagepack`); see [`HubProtocol::from_name`].
     pub protocol: String,
+    /// The hub protocol version; above [`MAX_PROTOCOL_VERSION`] is refused.
     pub version: u64,
 }
 
 /// Why a handshake request could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum HandshakeError {
+    /// No record separator within `limit` bytes: the server gives up rather than buffer
+    /// an unbounded first message.
     #[error("handshake exceeds the maximum message size of {limit} bytes")]
-    TooLarge { limit: usize },
+    TooLarge {
+        /// The limit the caller passed.
+        limit: usize,
+    },
+    /// Not the JSON object the handshake must be; the text says what is wrong.
     #[error("malformed handshake: {0}")]
     Malformed(String),
 }

@@ -34,14 +34,29 @@ impl Default for HttpLimits {
 /// Why a request could not be read; all answer `400` except where noted.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum HttpError {
+    /// No blank line within [`HttpLimits::max_head_bytes`] (answers `431`).
     #[error("request head exceeds {limit} bytes")]
-    HeadTooLarge { limit: usize },
+    HeadTooLarge {
+        /// The limit that was exceeded.
+        limit: usize,
+    },
+    /// More header fields than [`HttpLimits::max_headers`] (answers `431`).
     #[error("more than {limit} header fields")]
-    TooManyHeaders { limit: usize },
+    TooManyHeaders {
+        /// The limit that was exceeded.
+        limit: usize,
+    },
+    /// Not an HTTP/1.x head, or a target that is not a path; the text names the part
+    /// that failed.
     #[error("malformed request: {0}")]
     Malformed(&'static str),
+    /// A `Content-Length` that is not one decimal number, or several that disagree:
+    /// the body's end would be a guess, so the connection cannot be trusted.
     #[error("invalid Content-Length")]
     InvalidContentLength,
+    /// Any `Transfer-Encoding` header (answers `411 Length Required`): SignalR clients
+    /// always send a length, and one way to find a body's end leaves no room for
+    /// request smuggling.
     #[error("chunked request bodies are not supported")]
     ChunkedBody,
 }
@@ -60,6 +75,7 @@ impl HttpError {
 /// A parsed request head, owning its data (heads are small and short-lived).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
+    /// The method as sent (`GET`, `POST`, ...), case kept.
     pub method: String,
     /// The path, still percent-encoded.
     pub path: String,
@@ -238,14 +254,20 @@ impl RequestHead {
 /// Why a request is not a valid WebSocket upgrade.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum UpgradeError {
+    /// The upgrade request is not a `GET` (RFC 6455 section 4.1).
     #[error("WebSocket upgrade must use GET")]
     NotGet,
+    /// No `Upgrade: websocket` header.
     #[error("missing 'Upgrade: websocket'")]
     MissingUpgrade,
+    /// No `upgrade` token in the `Connection` header.
     #[error("missing 'Connection: Upgrade'")]
     MissingConnectionUpgrade,
+    /// `Sec-WebSocket-Version` is not 13, the only version RFC 6455 defines (answers
+    /// `426`, so the client can retry with 13).
     #[error("unsupported WebSocket version (13 is required)")]
     UnsupportedVersion,
+    /// `Sec-WebSocket-Key` is absent or not 16 bytes in base64.
     #[error("missing or invalid Sec-WebSocket-Key")]
     InvalidKey,
 }
@@ -369,7 +391,11 @@ pub fn response(
 /// long polling offered).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Negotiation<'a> {
+    /// 0 or 1, from [`negotiate_version`]; with 0 there is no separate token and the
+    /// client connects with the id itself.
     pub negotiate_version: u32,
+    /// The id other parties know the connection by (`Context.ConnectionId`); never a
+    /// credential, unlike the token.
     pub connection_id: &'a str,
     /// Sent back by the client as `?id=`; must be URL-safe (the client does not encode it).
     pub connection_token: &'a str,

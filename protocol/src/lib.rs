@@ -12,6 +12,8 @@
 //! Every decoder takes its limits as parameters and reports bad input as an error enum;
 //! no input makes it panic (the parsers are fuzzed, see `fuzz/`).
 
+#![warn(missing_docs)]
+
 pub mod frame;
 pub mod handshake;
 pub mod http;

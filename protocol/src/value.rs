@@ -20,13 +20,23 @@ pub const MAX_DEPTH: usize = 100;
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum Value {
+    /// JSON `null`, MessagePack nil; also what `()` and `None` become.
     Null,
+    /// A boolean.
     Bool(bool),
+    /// Any integer that fits `i64`, positive ones included.
     Int(i64),
+    /// Only integers above `i64::MAX` (see [`Value::from_u64`]).
     UInt(u64),
+    /// A floating-point number; JSON numbers with a fraction or exponent land here.
+    /// NaN and the infinities, which JSON cannot write, go to JSON clients as `null`.
     Float(f64),
+    /// A string.
     Str(String),
+    /// MessagePack bin; written to JSON clients as base64 text, as the reference
+    /// server does.
     Binary(Vec<u8>),
+    /// An array, in order.
     Array(Vec<Value>),
     /// Entries in wire order; keys are strings in JSON, any value in MessagePack.
     Map(Vec<(Value, Value)>),
@@ -46,6 +56,7 @@ impl Value {
         }
     }
 
+    /// The text of a [`Value::Str`]; `None` for any other kind (no conversion).
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::Str(s) => Some(s),
@@ -53,6 +64,7 @@ impl Value {
         }
     }
 
+    /// The items of a [`Value::Array`]; `None` for any other kind.
     pub fn as_array(&self) -> Option<&[Value]> {
         match self {
             Value::Array(a) => Some(a),

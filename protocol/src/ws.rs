@@ -13,15 +13,22 @@ use thiserror::Error;
 /// Frame opcodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Opcode {
+    /// `0x0`: a further fragment of the data message in progress.
     Continuation,
+    /// `0x1`: a data message of UTF-8 text (JSON hub protocol).
     Text,
+    /// `0x2`: a data message of bytes (MessagePack hub protocol).
     Binary,
+    /// `0x8`: the closing handshake, optionally with a status code and reason.
     Close,
+    /// `0x9`: asks the peer for a Pong.
     Ping,
+    /// `0xA`: the answer to a Ping, or an unsolicited heartbeat.
     Pong,
 }
 
 impl Opcode {
+    /// The opcode of a frame header's low four bits; `None` for the reserved codes.
     pub fn from_u8(code: u8) -> Option<Opcode> {
         Some(match code {
             0x0 => Opcode::Continuation,
@@ -34,6 +41,7 @@ impl Opcode {
         })
     }
 
+    /// The four-bit code written in a frame header.
     pub fn as_u8(self) -> u8 {
         match self {
             Opcode::Continuation => 0x0,
@@ -45,6 +53,8 @@ impl Opcode {
         }
     }
 
+    /// Close, Ping and Pong: never fragmented, at most [`MAX_CONTROL_PAYLOAD`] bytes,
+    /// and allowed between the fragments of a data message.
     pub fn is_control(self) -> bool {
         matches!(self, Opcode::Close | Opcode::Ping | Opcode::Pong)
     }
@@ -52,12 +62,20 @@ impl Opcode {
 
 /// Close status codes used by ringhub.
 pub mod close_code {
+    /// 1000: the connection did what it was for; also SignalR's Close message.
     pub const NORMAL: u16 = 1000;
+    /// 1001: the server is shutting down (or the client navigates away).
     pub const GOING_AWAY: u16 = 1001;
+    /// 1002: the peer broke RFC 6455 (see [`WsError`](super::WsError)).
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// 1007: a payload that cannot be read: text that is not UTF-8, a hub message that
+    /// does not parse.
     pub const INVALID_DATA: u16 = 1007;
+    /// 1008: a message the server refuses by policy rather than by format.
     pub const POLICY_VIOLATION: u16 = 1008;
+    /// 1009: a message over the size limit.
     pub const TOO_BIG: u16 = 1009;
+    /// 1011: the server failed, not the client.
     pub const INTERNAL_ERROR: u16 = 1011;
 }
 
@@ -67,7 +85,9 @@ pub const MAX_CONTROL_PAYLOAD: usize = 125;
 /// The status code and reason of a Close frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloseFrame {
+    /// The status code (see [`close_code`]).
     pub code: u16,
+    /// Free UTF-8 text for humans; at most 123 bytes, so the frame stays a control frame.
     pub reason: String,
 }
 
@@ -77,11 +97,16 @@ pub enum WsEvent {
     /// Payload bytes of a data message, already unmasked. A message may arrive in many
     /// pieces; `last` marks its final bytes. `text` is the message's type.
     Data {
+        /// `true` for a text message, `false` for binary (the same for every piece).
         text: bool,
+        /// This piece's bytes; may be empty.
         payload: Bytes,
+        /// The message ends with this piece.
         last: bool,
     },
+    /// The peer's Ping with its payload, which the Pong must echo.
     Ping(Bytes),
+    /// The peer's Pong with its payload; nothing needs to answer it.
     Pong(Bytes),
     /// The peer closes; `None` when its Close frame carried no status code.
     Close(Option<CloseFrame>),
@@ -90,28 +115,44 @@ pub enum WsEvent {
 /// Why client frames were refused. Each maps to the close code to answer with.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum WsError {
+    /// A client frame without a mask, which RFC 6455 requires of every client.
     #[error("client frame is not masked")]
     Unmasked,
+    /// RSV1 to RSV3 set: ringhub negotiates no extension (no compression).
     #[error("reserved bits set without a negotiated extension")]
     ReservedBits,
+    /// An opcode RFC 6455 reserves; the value is the code.
     #[error("unknown opcode {0:#x}")]
     UnknownOpcode(u8),
+    /// A Close, Ping or Pong without the FIN bit.
     #[error("control frame is fragmented")]
     FragmentedControl,
+    /// A control frame over [`MAX_CONTROL_PAYLOAD`]; the value is its declared length.
     #[error("control frame payload of {0} bytes exceeds 125 bytes")]
     ControlTooLong(u64),
+    /// A Continuation frame while no fragmented message is open.
     #[error("continuation frame without a message to continue")]
     UnexpectedContinuation,
+    /// A Text or Binary frame while a fragmented message still waits for its end.
     #[error("new data frame while a fragmented message is still open")]
     ExpectedContinuation,
+    /// A 64-bit length with its top bit set, which RFC 6455 forbids.
     #[error("frame length has the most significant bit set")]
     LengthOverflow,
+    /// A data message over [`WsLimits::max_message_bytes`], refused as soon as its
+    /// frame headers say so, before its payload arrives.
     #[error("WebSocket message exceeds the maximum size of {limit} bytes")]
-    TooLarge { limit: usize },
+    TooLarge {
+        /// The limit that was exceeded.
+        limit: usize,
+    },
+    /// A text message whose bytes are not UTF-8, checked across fragment boundaries.
     #[error("text message is not valid UTF-8")]
     InvalidUtf8,
+    /// A Close status code a peer may not send (below 1000, reserved, or unassigned).
     #[error("invalid close status code {0}")]
     InvalidCloseCode(u16),
+    /// A Close payload of one byte: too long to be empty, too short for a status code.
     #[error("close frame payload of one byte")]
     InvalidClosePayload,
 }
@@ -167,6 +208,7 @@ pub struct FrameDecoder {
 }
 
 impl FrameDecoder {
+    /// A decoder for one connection, at the start of a frame.
     pub fn new(limits: WsLimits) -> FrameDecoder {
         FrameDecoder {
             limits,
@@ -459,6 +501,7 @@ impl FrameHeader {
         FrameHeader { bytes, len }
     }
 
+    /// The header's bytes (2, 4 or 10), to write before the payload.
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
     }

@@ -331,6 +331,8 @@ impl HubContext {
         self.group_op(hub, connection_id, group, ConnectionOp::WatchPresence)
     }
 
+    /// Stops [`HubContext::watch_presence`]'s messages. Resolves `false` if no such
+    /// connection is connected; not watching is not an error.
     pub fn unwatch_presence(
         &self,
         hub: &str,
@@ -414,6 +416,9 @@ impl HubContext {
         self.node.presence.group(hub, group)
     }
 
+    /// Whether the user has at least one connection to `hub` (on any shard, on any node
+    /// of the cluster as far as this node was told): to choose between a live message
+    /// and, say, a push notification.
     pub fn is_user_online(&self, hub: &str, user: &str) -> bool {
         self.node.presence.is_user_online(hub, user)
     }

@@ -17,10 +17,15 @@ use crate::session::calls::{Upload, UploadReceiver};
 
 /// One invocation of a hub method.
 pub struct Call<'a> {
+    /// The connection that invoked the method, with its hub, user and claims.
     pub caller: &'a Caller,
     /// The method name as the client sent it.
     pub method: &'a str,
+    /// The arguments in the client's order, undecoded: read them with [`Call::arg`],
+    /// [`Call::decode_arg`] or [`Call::take_arg`], which name the argument on error.
     pub arguments: Vec<Value>,
+    /// The node, to send, change groups and ask clients for results; its sends are
+    /// charged to the caller's connection (see [`HubContext`]).
     pub context: &'a HubContext,
     /// The streams the client uploads with this invocation (its `streamIds`), in order;
     /// taken with [`Call::take_stream`].
@@ -199,6 +204,8 @@ impl Call<'_> {
 pub trait FromValue: Sized {
     /// What the argument must be, for error messages ("a string").
     const EXPECTED: &'static str;
+    /// The value as `Self`; `None` when it is of another kind, and [`Call::arg`] then
+    /// answers an error naming the argument and [`FromValue::EXPECTED`].
     fn from_value(value: &Value) -> Option<Self>;
 }
 

@@ -16,17 +16,31 @@ pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
 /// Who receives a message (contract section 4).
 #[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Every target is within one hub (the `hub` of the send): connection ids, group names
+/// and user ids are looked up there, on every shard and, with `--redis`, on every node.
+/// A target that matches no connection is not an error: the send reaches nobody.
 pub enum Target {
+    /// Every connection of the hub (SignalR's `Clients.All`).
     All,
+    /// Every connection but the listed ids (`Clients.AllExcept`), such as the caller's
+    /// own to skip an echo.
     AllExcept(Vec<String>),
+    /// One connection by id (`Clients.Client`).
     Connection(String),
+    /// Several connections by id; each receives the message once.
     Connections(Vec<String>),
+    /// A group's members at the time the send reaches them (`Clients.Group`).
     Group(String),
+    /// A group's members but the listed connection ids (`Clients.GroupExcept`).
     GroupExcept(String, Vec<String>),
+    /// The members of any of the groups; a connection in several receives it once.
     Groups(Vec<String>),
+    /// Every connection of a user id, on any device (`Clients.User`).
     User(String),
     /// A user's connections but the listed ones.
     UserExcept(String, Vec<String>),
+    /// Every connection of any of the users; each receives the message once.
     Users(Vec<String>),
 }
 
@@ -38,10 +52,21 @@ pub enum HubError {
     /// A refusal meant for the client, sent as is (SignalR's `HubException`).
     #[error("{0}")]
     Exception(String),
+    /// No method of that name: what a [`Hub`](crate::Hub) answers for a name it does
+    /// not match (ASP.NET Core's sentence).
     #[error("Unknown hub method '{0}'")]
     UnknownMethod(String),
+    /// Wrong arity or argument types (see [`Call::invalid_arguments`]); the sentence is
+    /// ASP.NET Core's, so clients that match on it keep working.
+    ///
+    /// [`Call::invalid_arguments`]: crate::Call::invalid_arguments
     #[error("Failed to invoke '{method}' due to an error on the server: {detail}")]
-    InvalidArguments { method: String, detail: String },
+    InvalidArguments {
+        /// The method name as the client sent it.
+        method: String,
+        /// Which argument and what was wrong with it.
+        detail: String,
+    },
     /// A streaming method called with a plain Invocation (ASP.NET Core's sentence).
     #[error("The client attempted to invoke the streaming '{0}' method with a non-streaming invocation.")]
     StreamingMethod(String),
@@ -55,6 +80,8 @@ pub enum HubError {
 }
 
 impl HubError {
+    /// A [`HubError::Exception`] from any text: the refusals a method makes itself
+    /// (`return Err(HubError::exception("not your ward"))`).
     pub fn exception(message: impl Into<String>) -> HubError {
         HubError::Exception(message.into())
     }
@@ -68,7 +95,11 @@ impl HubError {
 /// The connection that invoked a method.
 #[derive(Debug, Clone)]
 pub struct Caller {
+    /// The id other parties reach this connection by ([`Target::Connection`]); not a
+    /// secret (the reconnect token is kept apart).
     pub connection_id: String,
+    /// The hub the client connected to (`/hubs/{hub}`): pass it to the context's sends
+    /// and group changes to stay within the caller's hub.
     pub hub: String,
     /// From the user-id provider (the JWT `sub` by default); `None` when anonymous.
     pub user_id: Option<String>,
@@ -81,12 +112,16 @@ pub struct Caller {
 /// to names (`/chatHub` for `chat`, as ASP.NET Core's `MapHub`).
 #[derive(Debug, Clone, Default)]
 pub struct HubRoutes {
+    /// The hub names served; `None` serves every valid name (see [`valid_hub_name`]).
     pub names: Option<Vec<String>>,
     /// (path without its trailing slash, hub name)
     pub paths: Vec<(String, String)>,
 }
 
 impl HubRoutes {
+    /// Whether a client may connect to hub `name`: a valid name, and mapped (or any
+    /// name served). A name served by no hub answers `404` rather than a hub that does
+    /// not exist.
     pub fn serves(&self, name: &str) -> bool {
         valid_hub_name(name)
             && self
@@ -128,6 +163,8 @@ pub fn valid_hub_name(name: &str) -> bool {
 /// Why the context could not act.
 #[derive(Debug, Clone, Error)]
 pub enum ContextError {
+    /// The node is stopping ([`Server::shutdown`](crate::Server::shutdown)); nothing
+    /// more is sent or stored.
     #[error("the server is shutting down")]
     ShuttingDown,
     /// The membership store failed (shared: the same failure may answer several waiters).
@@ -136,24 +173,35 @@ pub enum ContextError {
     /// The cluster's backplane could not do it (Redis unreachable, no answer).
     #[error(transparent)]
     Backplane(#[from] BackplaneError),
+    /// A group name over [`MAX_NAME_BYTES`]: names are keys of tables, channels and the
+    /// store, so their size is bounded.
     #[error("Group name is too long (limit {MAX_NAME_BYTES} bytes).")]
     GroupNameTooLong,
+    /// An empty group name.
     #[error("Group name must not be empty.")]
     GroupNameEmpty,
+    /// A user id over [`MAX_NAME_BYTES`].
     #[error("User id is too long (limit {MAX_NAME_BYTES} bytes).")]
     UserIdTooLong,
+    /// An empty user id.
     #[error("User id must not be empty.")]
     UserIdEmpty,
-    /// `--max-groups-per-connection` (durable groups count).
+    /// `--max-groups-per-connection` (durable groups and watched groups count).
     #[error("Too many groups for this connection (limit {limit}).")]
-    TooManyGroups { limit: usize },
+    TooManyGroups {
+        /// The configured limit.
+        limit: usize,
+    },
     /// No room to queue a send before its caller gave up: its recipients are slow (the
     /// slow ones are closed within `--slow-consumer-secs`), or the node is flooded.
     #[error("The message could not be queued in time: its recipients are slow or the server is busy; try again later.")]
     NoRoom,
     /// A message whose frame would be larger than half of `--max-buffered-bytes`.
     #[error("The message is too large (limit {limit} bytes once encoded).")]
-    MessageTooLarge { limit: usize },
+    MessageTooLarge {
+        /// [`HubContext::message_limit`](crate::HubContext::message_limit).
+        limit: usize,
+    },
     /// A client result was asked of a connection no node holds (ASP.NET Core's sentence).
     #[error("Connection '{0}' does not exist.")]
     NoSuchConnection(String),
@@ -166,7 +214,10 @@ pub enum ContextError {
     ClientDisconnected(String),
     /// No answer to a client result within `--client-result-timeout-secs`.
     #[error("The client did not answer within {secs} s.")]
-    ClientResultTimeout { secs: u64 },
+    ClientResultTimeout {
+        /// The configured timeout, in seconds.
+        secs: u64,
+    },
     /// The client's answer is not the type asked for.
     #[error("The client's result could not be read: {0}")]
     BadClientResult(String),
@@ -228,14 +279,21 @@ pub fn check_user(user: &str) -> Result<(), ContextError> {
 /// Why the cluster could not do something (`--redis`).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum BackplaneError {
+    /// Redis is unreachable right now (the backplane keeps reconnecting); what needs
+    /// the cluster fails fast rather than wait.
     #[error("the backplane is not connected to Redis")]
     Disconnected,
+    /// Redis answered with an error; its text.
     #[error("Redis: {0}")]
     Redis(String),
+    /// The other nodes were asked (for a connection this node does not hold) and none
+    /// answered within this many seconds: the one that held it may have died.
     #[error("no answer from the node holding it within {0} s")]
     NoAnswer(u64),
+    /// A Redis command took longer than this many seconds.
     #[error("Redis did not answer within {0} s")]
     Timeout(u64),
+    /// The backplane's thread ended (the node is shutting down).
     #[error("the backplane stopped")]
     Stopped,
     /// The node that was asked failed (its reason).

@@ -24,10 +24,14 @@ pub type Headers = BTreeMap<String, String>;
 #[derive(Debug, Clone, PartialEq, Default)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct Invocation {
+    /// Carried through unread.
     pub headers: Headers,
     /// `None` for a non-blocking call (no Completion is sent back).
     pub invocation_id: Option<String>,
+    /// The method to call: a hub method's name client→server, the client handler's
+    /// name server→client.
     pub target: String,
+    /// The arguments in order; upload streams are not among them (see `stream_ids`).
     pub arguments: Vec<Value>,
     /// Upload stream ids; empty when the call has none.
     pub stream_ids: Vec<String>,
@@ -37,8 +41,12 @@ pub struct Invocation {
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct StreamItem {
+    /// Carried through unread.
     pub headers: Headers,
+    /// The stream the item belongs to: a server stream's invocation id, or one of an
+    /// upload's `stream_ids`.
     pub invocation_id: String,
+    /// The item itself.
     pub item: Value,
 }
 
@@ -58,8 +66,11 @@ pub enum CompletionOutcome {
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct Completion {
+    /// Carried through unread.
     pub headers: Headers,
+    /// The invocation or stream this ends.
     pub invocation_id: String,
+    /// A result, no result, or an error.
     pub outcome: CompletionOutcome,
 }
 
@@ -67,7 +78,9 @@ pub struct Completion {
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct CancelInvocation {
+    /// Carried through unread.
     pub headers: Headers,
+    /// The server stream the client no longer wants.
     pub invocation_id: String,
 }
 
@@ -75,6 +88,7 @@ pub struct CancelInvocation {
 #[derive(Debug, Clone, PartialEq, Default)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct Close {
+    /// Why the server closes, shown to the client; `None` for a clean close.
     pub error: Option<String>,
     /// `true` lets a client with automatic reconnect come back.
     pub allow_reconnect: bool,
@@ -84,15 +98,32 @@ pub struct Close {
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum HubMessage {
+    /// Type 1: a call of a method on the other side, with or without an answer.
     Invocation(Invocation),
+    /// Type 2: one item of a stream, server→client or client→server.
     StreamItem(StreamItem),
+    /// Type 3: the end of an invocation or of a stream.
     Completion(Completion),
+    /// Type 4: a client call of a hub method that answers with a stream of items.
     StreamInvocation(Invocation),
+    /// Type 5: the client stops a server stream it asked for.
     CancelInvocation(CancelInvocation),
+    /// Type 6: keep-alive, either way; carries nothing.
     Ping,
+    /// Type 7: the server ends the connection, saying why.
     Close(Close),
-    Ack { sequence_id: u64 },
-    Sequence { sequence_id: u64 },
+    /// Type 8 (stateful reconnect): every message up to `sequence_id` arrived, so the
+    /// sender may drop them from its replay buffer.
+    Ack {
+        /// The sequence number of the last message received.
+        sequence_id: u64,
+    },
+    /// Type 9 (stateful reconnect): after a reconnect, the sequence number of the next
+    /// message the sender sends, so the receiver can skip what it already has.
+    Sequence {
+        /// The sequence number of the message that follows.
+        sequence_id: u64,
+    },
 }
 
 impl HubMessage {
@@ -133,24 +164,38 @@ impl HubMessage {
 /// Why bytes could not be read as a hub message.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum MessageError {
+    /// A record body longer than the limit, found before reading all of it.
     #[error("hub message exceeds the maximum message size of {limit} bytes")]
-    TooLarge { limit: usize },
+    TooLarge {
+        /// The limit the caller passed.
+        limit: usize,
+    },
+    /// A record with no body at all.
     #[error("empty hub message")]
     Empty,
+    /// A MessagePack varint length prefix that is malformed or too long.
     #[error("invalid message length prefix")]
     LengthPrefix,
+    /// The body is not the JSON a hub message must be; the text says why.
     #[error("invalid JSON hub message: {0}")]
     Json(String),
+    /// The body is not the MessagePack array a hub message must be; the text says why.
     #[error("invalid MessagePack hub message: {0}")]
     MessagePack(String),
+    /// A property the message type requires is absent.
     #[error("missing required property '{field}' in a message of type {message_type}")]
     MissingField {
+        /// The message's `type`.
         message_type: u64,
+        /// The property's name on the wire.
         field: &'static str,
     },
+    /// A property is present with a value of the wrong kind.
     #[error("property '{field}' must be {expected}")]
     WrongType {
+        /// The property's name on the wire.
         field: &'static str,
+        /// What it must be, in words (`a string`, ...).
         expected: &'static str,
     },
 }
@@ -178,7 +223,10 @@ pub struct Record<'a> {
 /// The two hub protocols a client can pick in its handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HubProtocol {
+    /// `json`: text, records end with `0x1E`; what browsers use by default.
     Json,
+    /// `messagepack`: binary, records prefixed with their length; smaller on the wire,
+    /// and binary data travels as is.
     MessagePack,
 }
 
@@ -191,6 +239,7 @@ impl HubProtocol {
         }
     }
 
+    /// The protocol a handshake names; `None` for a name ringhub does not speak.
     pub fn from_name(name: &str) -> Option<HubProtocol> {
         match name {
             "json" => Some(HubProtocol::Json),
