@@ -82,6 +82,7 @@ impl Calls {
     }
 
     /// Whether an invocation runs (or waits to).
+    #[cfg(test)]
     pub fn is_running(&self) -> bool {
         self.running
     }
