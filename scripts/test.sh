@@ -45,12 +45,13 @@ cargo test --workspace --all-targets --locked
 step "JS client decodes what ringhub encodes"
 node tests/js/check-rust-vectors.mjs
 
-cargo build -p ringhub-engine --bin ringhub --example ward_monitor --example typed_hub --locked
+cargo build -p ringhub-engine --bin ringhub --example ward_monitor --example typed_hub --example axum_embed --locked
 for transport in WebSockets ServerSentEvents LongPolling; do
   step "end to end with the stock @microsoft/signalr client over $transport"
   RINGHUB_TRANSPORT=$transport RINGHUB_BIN="$root/target/debug/ringhub" \
     RINGHUB_WARD_MONITOR_BIN="$root/target/debug/examples/ward_monitor" \
     RINGHUB_TYPED_HUB_BIN="$root/target/debug/examples/typed_hub" \
+    RINGHUB_AXUM_EMBED_BIN="$root/target/debug/examples/axum_embed" \
     node --test --test-concurrency=1 tests/js/e2e/
 done
 

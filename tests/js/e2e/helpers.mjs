@@ -12,6 +12,8 @@ export const BINARY = process.env.RINGHUB_BIN ?? new URL("../../../target/debug/
 /** The ward monitor embedding example (engine/examples/ward_monitor.rs). */
 /** The typed hub example of the contract (engine/examples/typed_hub.rs). */
 export const TYPED_HUB = process.env.RINGHUB_TYPED_HUB_BIN ?? new URL("../../../target/debug/examples/typed_hub", import.meta.url).pathname;
+/** ringhub beside axum in one process (engine/examples/axum_embed.rs). */
+export const AXUM_EMBED = process.env.RINGHUB_AXUM_EMBED_BIN ?? new URL("../../../target/debug/examples/axum_embed", import.meta.url).pathname;
 export const WARD_MONITOR = process.env.RINGHUB_WARD_MONITOR_BIN ?? new URL("../../../target/debug/examples/ward_monitor", import.meta.url).pathname;
 
 /** A fresh directory for a server's `--data`. */
