@@ -5,49 +5,40 @@
 //! cargo run --example embed
 //! ```
 //! then connect a SignalR client to `http://127.0.0.1:5001/hubs/chat`, call
-//! `Say("hello")` and listen for `said` and `tick`.
+//! `Say("hello")` and listen for `said` and `tick`; the built-in methods (`JoinGroup`,
+//! `SendToGroup`, ...) are there too, handed to the built-in hub.
 
 use std::time::Duration;
 
+use ringhub_engine::builtin::BuiltinHub;
 use ringhub_engine::{Call, Config, Hub, HubError, LocalBoxFuture, ServerBuilder, Target, Value};
 
-/// A hub with one method of its own and a refusal the client sees.
+/// A hub with one method of its own and a refusal the client sees; the rest is the
+/// built-in hub's.
 struct Chat;
 
 impl Hub for Chat {
     fn invoke<'a>(&'a self, call: Call<'a>) -> LocalBoxFuture<'a, Result<Value, HubError>> {
         Box::pin(async move {
-            match call.method {
-                "Say" => {
-                    call.expect_arguments(1)?;
-                    let text: String = call.arg(0)?;
-                    if text.is_empty() {
-                        return Err(HubError::exception("Say something."));
-                    }
-                    let from = call
-                        .caller
-                        .user_id
-                        .clone()
-                        .unwrap_or_else(|| call.caller.connection_id.clone());
-                    call.context
-                        .send(
-                            &call.caller.hub,
-                            Target::All,
-                            "said",
-                            vec![from.into(), text.into()],
-                        )
-                        .await?;
-                    Ok(Value::Null)
-                }
-                "Join" => {
-                    let room: String = call.arg(0)?;
-                    call.context
-                        .add_to_group(&call.caller.hub, &call.caller.connection_id, &room)
-                        .await?;
-                    Ok(Value::Null)
-                }
-                other => Err(HubError::UnknownMethod(other.to_owned())),
+            if !call.method.eq_ignore_ascii_case("Say") {
+                // Everything else is the built-in hub's (JoinGroup, SendToGroup, ...).
+                return BuiltinHub.invoke(call).await;
             }
+            call.expect_arguments(1)?;
+            let text: String = call.arg(0)?;
+            if text.is_empty() {
+                return Err(HubError::exception("Say something."));
+            }
+            let from = call
+                .caller
+                .user_id
+                .clone()
+                .unwrap_or_else(|| call.caller.connection_id.clone());
+            let said = vec![from.into(), text.into()];
+            call.context
+                .send(&call.caller.hub, Target::All, "said", said)
+                .await?;
+            Ok(Value::Null)
         })
     }
 }
