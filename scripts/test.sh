@@ -87,7 +87,8 @@ if pgrep -f "$leftovers" > /dev/null; then
 fi
 
 step "end to end with the stock Python client (signalrcore)"
-RINGHUB_BIN="$root/target/debug/ringhub" target/pyvenv/bin/python -m unittest -v tests/python/test_signalrcore.py
+RINGHUB_BIN="$root/target/debug/ringhub" RINGHUB_TYPED_HUB_BIN="$root/target/debug/examples/typed_hub" \
+  target/pyvenv/bin/python -m unittest -v tests/python/test_signalrcore.py
 
 step "benchmark smoke: every workload against every server, briefly (so it cannot rot)"
 cargo build -p ringhub-engine -p ringhub-bench --bins --locked

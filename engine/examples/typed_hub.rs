@@ -30,16 +30,15 @@ impl Typed {
         a + b
     }
 
-    /// `0..count`, one every `delay_ms`.
+    /// `0..count`, one every `delay_ms` (the first after `delay_ms` too: a client that
+    /// subscribes only once its call is sent, as signalrcore does, misses nothing).
     fn counter(&self, count: u32, delay_ms: u32) -> impl Stream<Item = u32> {
         let delay = Duration::from_millis(u64::from(delay_ms));
         stream::unfold(0, move |n| async move {
             if n >= count {
                 return None;
             }
-            if n > 0 {
-                ringhub_engine::runtime::sleep(delay).await;
-            }
+            ringhub_engine::runtime::sleep(delay).await;
             Some((n, n + 1))
         })
     }
