@@ -76,7 +76,7 @@ impl<T: DeserializeOwned> Stream for ClientStream<T> {
         if self.ended {
             return Poll::Ready(None);
         }
-        let upload = match self.receiver.poll_next_unpin(cx) {
+        let upload = match self.receiver.poll_next(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(upload) => upload,
         };

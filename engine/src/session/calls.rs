@@ -14,7 +14,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use futures_channel::mpsc;
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
 use hashbrown::HashMap;
 use ringhub_protocol::Value;
 
@@ -44,17 +47,120 @@ pub enum Upload {
     Completed,
 }
 
-/// The receiving end of an upload stream (see `api::ClientStream`).
-pub type UploadReceiver = mpsc::Receiver<Upload>;
+/// An upload stream's buffer: what the client sent and the method has not taken, at
+/// most [`UPLOAD_BUFFER`] items. Shard-local (the method reads it on the shard that
+/// reads the client), so a plain cell with one waker each way.
+#[derive(Default)]
+struct UploadBuffer {
+    items: VecDeque<Upload>,
+    /// The connection side will send nothing more (it ended without a Completion).
+    abandoned: bool,
+    /// The method dropped its stream: items are not wanted.
+    unread: bool,
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+}
 
-/// A bounded channel of [`UPLOAD_BUFFER`] items.
-pub fn upload_channel() -> (mpsc::Sender<Upload>, UploadReceiver) {
-    // A futures channel holds `buffer` plus one item per sender.
-    mpsc::channel(UPLOAD_BUFFER - 1)
+/// The connection's end of an upload stream.
+#[derive(Clone)]
+pub struct UploadSender(Rc<RefCell<UploadBuffer>>);
+
+/// The method's end of an upload stream (see `api::ClientStream`).
+pub struct UploadReceiver(Rc<RefCell<UploadBuffer>>);
+
+/// A buffer of [`UPLOAD_BUFFER`] items.
+pub fn upload_channel() -> (UploadSender, UploadReceiver) {
+    let buffer = Rc::new(RefCell::new(UploadBuffer::default()));
+    (UploadSender(buffer.clone()), UploadReceiver(buffer))
+}
+
+impl UploadSender {
+    /// Ready with `true` once the buffer has room, with `false` if the method no longer
+    /// reads the stream.
+    pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut buffer = self.0.borrow_mut();
+        if buffer.unread {
+            return Poll::Ready(false);
+        }
+        if buffer.items.len() < UPLOAD_BUFFER {
+            return Poll::Ready(true);
+        }
+        buffer.writer = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Adds what the client sent (call once [`UploadSender::poll_room`] said so).
+    pub fn push(&self, upload: Upload) {
+        let mut buffer = self.0.borrow_mut();
+        buffer.items.push_back(upload);
+        if let Some(reader) = buffer.reader.take() {
+            reader.wake();
+        }
+    }
+
+    /// The connection ended: the method's stream ends unfinished.
+    fn abandon(&self) {
+        let mut buffer = self.0.borrow_mut();
+        buffer.abandoned = true;
+        if let Some(reader) = buffer.reader.take() {
+            reader.wake();
+        }
+    }
+}
+
+impl UploadReceiver {
+    /// The next upload; `None` once the connection ended without completing it.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Upload>> {
+        let mut buffer = self.0.borrow_mut();
+        if let Some(upload) = buffer.items.pop_front() {
+            if let Some(writer) = buffer.writer.take() {
+                writer.wake();
+            }
+            return Poll::Ready(Some(upload));
+        }
+        if buffer.abandoned {
+            return Poll::Ready(None);
+        }
+        buffer.reader = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for UploadReceiver {
+    fn drop(&mut self) {
+        let mut buffer = self.0.borrow_mut();
+        buffer.unread = true;
+        buffer.items.clear();
+        if let Some(writer) = buffer.writer.take() {
+            writer.wake();
+        }
+    }
+}
+
+/// The waker every invocation of a connection is polled with. A job first polled by
+/// the read loop may be moved to the invoker task, and monoio's timers keep the waker
+/// of their first poll (they never take a newer one): so jobs never see a task's own
+/// waker, only this one, which wakes whichever task drives them now.
+#[derive(Default)]
+pub struct JobWaker(atomic_waker::AtomicWaker);
+
+impl JobWaker {
+    /// The task that drives the jobs from now on.
+    pub fn register(&self, waker: &Waker) {
+        self.0.register(waker);
+    }
+}
+
+impl futures_util::task::ArcWake for JobWaker {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.0.wake();
+    }
 }
 
 #[derive(Default)]
 pub struct Calls {
+    /// What the connection's invocations are polled with.
+    job_waker: Arc<JobWaker>,
     /// Whether an invocation runs (then new ones queue behind it).
     running: bool,
     queued: VecDeque<Job>,
@@ -63,7 +169,7 @@ pub struct Calls {
     /// Streams the connection is sent, by invocation id: firing one stops it.
     streams: HashMap<String, Signal>,
     /// Streams the connection uploads, by stream id.
-    uploads: HashMap<String, mpsc::Sender<Upload>>,
+    uploads: HashMap<String, UploadSender>,
     /// Client results this connection was asked for and has not answered (ids of the
     /// node's registry).
     owed: Vec<u64>,
@@ -79,6 +185,11 @@ impl Calls {
             self.running = true;
             Some(job)
         }
+    }
+
+    /// What the connection's invocations are polled with (see [`JobWaker`]).
+    pub fn job_waker(&self) -> Arc<JobWaker> {
+        self.job_waker.clone()
     }
 
     /// Whether an invocation runs (or waits to).
@@ -152,7 +263,7 @@ impl Calls {
     }
 
     /// The sender of upload stream `id`; ending it (a Completion) removes it.
-    pub fn upload(&mut self, id: &str, ends: bool) -> Option<mpsc::Sender<Upload>> {
+    pub fn upload(&mut self, id: &str, ends: bool) -> Option<UploadSender> {
         if ends {
             self.uploads.remove(id)
         } else {
@@ -181,9 +292,11 @@ impl Calls {
         for (_, stop) in self.streams.drain() {
             stop.fire();
         }
-        // Dropping the senders ends the streams without a Completion: the receiving
-        // method reads that as the connection gone.
-        self.uploads.clear();
+        // Ended without a Completion: the receiving method reads that as the
+        // connection gone.
+        for (_, upload) in self.uploads.drain() {
+            upload.abandon();
+        }
         std::mem::take(&mut self.owed)
     }
 }
@@ -191,6 +304,37 @@ impl Calls {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upload_buffer_takes_ten_items_then_waits_for_the_reader() {
+        let (sender, mut receiver) = upload_channel();
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        for n in 0..UPLOAD_BUFFER as i64 {
+            assert_eq!(sender.poll_room(&mut cx), Poll::Ready(true));
+            sender.push(Upload::Item(Value::Int(n)));
+        }
+        assert_eq!(sender.poll_room(&mut cx), Poll::Pending, "full");
+        assert!(matches!(
+            receiver.poll_next(&mut cx),
+            Poll::Ready(Some(Upload::Item(Value::Int(0))))
+        ));
+        assert_eq!(sender.poll_room(&mut cx), Poll::Ready(true), "room for one");
+        sender.abandon();
+        for _ in 1..UPLOAD_BUFFER {
+            assert!(matches!(receiver.poll_next(&mut cx), Poll::Ready(Some(_))));
+        }
+        assert!(
+            matches!(receiver.poll_next(&mut cx), Poll::Ready(None)),
+            "abandoned"
+        );
+        drop(receiver);
+        assert_eq!(
+            sender.poll_room(&mut cx),
+            Poll::Ready(false),
+            "no one reads"
+        );
+    }
 
     #[test]
     fn jobs_run_one_at_a_time_in_order() {

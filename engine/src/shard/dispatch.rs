@@ -3,10 +3,9 @@
 
 use std::rc::Rc;
 
-use std::task::Poll;
+use std::task::Context;
 
 use bytes::{Buf, BytesMut};
-use futures_channel::mpsc;
 use futures_util::StreamExt;
 use ringhub_protocol::hub::{Completion, CompletionOutcome, HubMessage, Invocation, StreamItem};
 use ringhub_protocol::ws::close_code;
@@ -15,7 +14,7 @@ use ringhub_protocol::Value;
 use crate::api::{Call, ContextError, HubError};
 use crate::client_results;
 use crate::metrics::ShardMetrics;
-use crate::session::calls::{Job, Upload, UploadReceiver, MAX_STREAMS};
+use crate::session::calls::{Job, Upload, UploadReceiver, UploadSender, MAX_STREAMS};
 use crate::session::replay::Incoming;
 use crate::session::Session;
 use crate::shard::state::ShardState;
@@ -159,8 +158,13 @@ async fn start_invocation(state: &Rc<ShardState>, session: &Rc<Session>, invocat
     let first = session.calls().run_or_queue(job);
     match first {
         Some(mut job) => {
-            let at_once = std::future::poll_fn(|cx| Poll::Ready(job.as_mut().poll(cx))).await;
-            if at_once.is_ready() {
+            let proxy = session.calls().job_waker();
+            let waker = futures_util::task::waker(proxy);
+            if job
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_ready()
+            {
                 session.calls().finished_at_once();
             } else {
                 monoio::spawn(invoker(session.clone(), job));
@@ -174,10 +178,17 @@ async fn start_invocation(state: &Rc<ShardState>, session: &Rc<Session>, invocat
     }
 }
 
-/// Runs a connection's invocations one after another, until none waits.
+/// Runs a connection's invocations one after another, until none waits. It polls them
+/// with the connection's job waker, which it has wake itself.
 async fn invoker(session: Rc<Session>, mut job: Job) {
+    let proxy = session.calls().job_waker();
+    let waker = futures_util::task::waker(proxy.clone());
     loop {
-        job.await;
+        std::future::poll_fn(|cx| {
+            proxy.register(cx.waker());
+            job.as_mut().poll(&mut Context::from_waker(&waker))
+        })
+        .await;
         let next = session.calls().next_job();
         match next {
             Some(next) => job = next,
@@ -322,11 +333,11 @@ async fn stream(
 
 /// Hands an upload stream's item (or its end) to the method reading it, once its
 /// buffer has room: until then the connection is not read.
-async fn upload(session: &Session, mut sender: mpsc::Sender<Upload>, upload: Upload) {
-    let ready = std::future::poll_fn(|cx| sender.poll_ready(cx));
-    if let Some(Ok(())) = session.unless_ending(ready).await {
-        // The method may have stopped reading (it returned): the item is not wanted.
-        let _ = sender.start_send(upload);
+async fn upload(session: &Session, sender: UploadSender, upload: Upload) {
+    let room = std::future::poll_fn(|cx| sender.poll_room(cx));
+    // Not wanted when the method stopped reading (it returned), nor when the session ends.
+    if let Some(true) = session.unless_ending(room).await {
+        sender.push(upload);
     }
 }
 
