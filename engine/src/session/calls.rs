@@ -30,6 +30,11 @@ pub const MAX_QUEUED: usize = 8;
 /// Streams one connection may be sent at once (each is a task of the shard).
 pub const MAX_STREAMS: usize = 64;
 
+/// Upload streams one connection may have open at once: each may hold
+/// [`UPLOAD_BUFFER`] messages the method has not taken, so this bounds what a client can
+/// park on the server.
+pub const MAX_UPLOADS: usize = 16;
+
 /// Items an upload stream buffers before its connection is no longer read (ASP.NET
 /// Core's `StreamBufferCapacity`).
 pub const UPLOAD_BUFFER: usize = 10;
@@ -244,8 +249,12 @@ impl Calls {
         }
     }
 
-    /// Opens the upload streams of an invocation; `None` if one of the ids is in use.
+    /// Opens the upload streams of an invocation; `None` if one of the ids is in use, or
+    /// they would be more than [`MAX_UPLOADS`].
     pub fn open_uploads(&mut self, stream_ids: &[String]) -> Option<Vec<UploadReceiver>> {
+        if self.uploads.len() + stream_ids.len() > MAX_UPLOADS {
+            return None;
+        }
         if stream_ids
             .iter()
             .enumerate()

@@ -14,7 +14,7 @@ use ringhub_protocol::Value;
 use crate::api::{Call, ContextError, HubError};
 use crate::client_results;
 use crate::metrics::ShardMetrics;
-use crate::session::calls::{Job, Upload, UploadReceiver, UploadSender, MAX_STREAMS};
+use crate::session::calls::{Job, Upload, UploadReceiver, UploadSender, MAX_STREAMS, MAX_UPLOADS};
 use crate::session::replay::Incoming;
 use crate::session::Session;
 use crate::shard::state::ShardState;
@@ -140,7 +140,9 @@ fn open_uploads(
     let opened = session.calls().open_uploads(&invocation.stream_ids);
     if opened.is_none() {
         if let Some(id) = invocation.invocation_id.clone() {
-            let error = "An upload stream id is already in use on this connection.".to_owned();
+            let error = format!(
+                "An upload stream id is already in use on this connection, or it would have more than {MAX_UPLOADS} upload streams."
+            );
             complete(state, session, id, CompletionOutcome::Error(error));
         }
     }
