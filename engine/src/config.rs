@@ -947,4 +947,67 @@ mod tests {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn upstreams_come_from_flags_or_tables_of_the_file_in_order() {
+        let upstreams = |args: ServeArgs| args.resolve().map(|c| c.upstreams);
+        assert!(upstreams(ServeArgs::default()).unwrap().is_empty());
+        assert_eq!(
+            upstreams(ServeArgs {
+                upstream: vec!["http://a/{event}".into(), "https://b/{hub}".into()],
+                ..Default::default()
+            })
+            .unwrap(),
+            [
+                UpstreamRule::any("http://a/{event}"),
+                UpstreamRule::any("https://b/{hub}")
+            ]
+        );
+        let dir = std::env::temp_dir().join(format!("ringhub-upstreams-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ringhub.toml");
+        let from_file = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            upstreams(ServeArgs {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+        };
+        let rules = from_file(
+            "[[upstream]]\nurl_template = \"http://a/{event}\"\nhub_pattern = \"chat\"\n\
+             event_pattern = \"connected, disconnected\"\n\n\
+             [[upstream]]\nurl-template = \"http://b/{category}\"\ncategory-pattern = \"messages\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            rules,
+            [
+                UpstreamRule {
+                    url_template: "http://a/{event}".into(),
+                    hub_pattern: "chat".into(),
+                    category_pattern: "*".into(),
+                    event_pattern: "connected, disconnected".into(),
+                },
+                UpstreamRule {
+                    url_template: "http://b/{category}".into(),
+                    hub_pattern: "*".into(),
+                    category_pattern: "messages".into(),
+                    event_pattern: "*".into(),
+                }
+            ]
+        );
+        assert!(
+            from_file("[[upstream]]\nhub_pattern = \"x\"\n").is_err(),
+            "no url"
+        );
+        assert!(from_file("[[upstream]]\nurl_template = \"http://a\"\nother = 1\n").is_err());
+        let error = upstreams(ServeArgs {
+            upstream: vec!["not a url {event}".into()],
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(error.starts_with("--upstream:"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

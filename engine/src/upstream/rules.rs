@@ -71,8 +71,8 @@ impl UpstreamRule {
 }
 
 /// The first rule that takes this event, and its URL.
-pub fn route<'r>(
-    rules: &'r [UpstreamRule],
+pub fn route(
+    rules: &[UpstreamRule],
     hub: &str,
     category: Category,
     event: &str,
