@@ -1,10 +1,13 @@
-//! The built-in hub of the contract (section 4), written on the public embedding API
-//! only. Method names match case-insensitively, as in ASP.NET Core.
+//! The built-in hub of the contract (section 4), written on the public embedding API,
+//! and the node's upstreams (section 11): what it is not built to do (any other
+//! method, and a connection's arrival and departure) goes to them. Method names match
+//! case-insensitively, as in ASP.NET Core.
 
 use ringhub_protocol::Value;
 
-use crate::api::{Call, Caller, Hub, HubError, LocalBoxFuture, Target};
+use crate::api::{Call, Caller, Hub, HubContext, HubError, LocalBoxFuture, Target};
 use crate::presence::PRESENCE_CHANGED;
+use crate::upstream::UpstreamCall;
 
 /// The refusal of a join or group send without the right to the group.
 pub const GROUP_NOT_AUTHORIZED: &str = "Access to this group is not authorized.";
@@ -19,6 +22,48 @@ impl Hub for BuiltinHub {
     fn invoke<'a>(&'a self, call: Call<'a>) -> LocalBoxFuture<'a, Result<Value, HubError>> {
         Box::pin(dispatch(call))
     }
+
+    fn on_connected<'a>(
+        &'a self,
+        caller: &'a Caller,
+        context: &'a HubContext,
+    ) -> LocalBoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Some(upstream) = context.upstream() {
+                upstream.connected(caller).await;
+            }
+        })
+    }
+
+    fn on_disconnected<'a>(
+        &'a self,
+        caller: &'a Caller,
+        context: &'a HubContext,
+    ) -> LocalBoxFuture<'a, ()> {
+        if let Some(upstream) = context.upstream() {
+            upstream.disconnected(caller);
+        }
+        Box::pin(async {})
+    }
+}
+
+/// Any other method: the upstream's, if one takes it.
+async fn upstream(call: Call<'_>) -> Result<Value, HubError> {
+    let Some(upstream) = call.context.upstream() else {
+        return Err(HubError::UnknownMethod(call.method.to_owned()));
+    };
+    if !call.uploads.is_empty() {
+        return Err(call.invalid_arguments("upload streams do not go upstream".into()));
+    }
+    upstream
+        .invoke(UpstreamCall {
+            caller: call.caller,
+            protocol: call.protocol,
+            invocation_id: call.invocation_id,
+            target: call.method,
+            arguments: call.arguments,
+        })
+        .await
 }
 
 fn require_admin(call: &Call<'_>) -> Result<(), HubError> {
@@ -190,6 +235,6 @@ async fn dispatch(mut call: Call<'_>) -> Result<Value, HubError> {
             let id: String = call.arg(0)?;
             send(&call, Target::Connection(id), target, args).await
         }
-        _ => Err(HubError::UnknownMethod(call.method.to_owned())),
+        _ => upstream(call).await,
     }
 }

@@ -16,6 +16,9 @@ use clap::Args;
 use serde::Deserialize;
 use thiserror::Error;
 
+#[cfg(feature = "cli")]
+use crate::upstream::rules::UpstreamRule;
+
 /// A configuration problem; the message names the flag.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -74,6 +77,23 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub access_key: Vec<String>,
+    /// Upstream URL template (give it once per upstream; the first that matches takes
+    /// an event): `connected` and `disconnected` of each connection and every client
+    /// invocation of a method that is not built in are POSTed to it as Azure SignalR
+    /// Service does, `{hub}`, `{category}` and `{event}` replaced; an invocation's answer
+    /// is its result. Hub, category and event patterns: `[[upstream]]` tables in the
+    /// --config file (`url_template`, `hub_pattern`, `category_pattern`,
+    /// `event_pattern`).
+    #[arg(
+        long = "upstream",
+        env = "RINGHUB_UPSTREAM",
+        value_name = "URL_TEMPLATE"
+    )]
+    pub upstream: Vec<String>,
+    /// Seconds a connection event is sent again while its upstream fails, before it is
+    /// dropped (and counted: ringhub_upstream_failures_total) [default: 30].
+    #[arg(long, env = "RINGHUB_UPSTREAM_RETRY_SECS", value_name = "N")]
+    pub upstream_retry_secs: Option<u64>,
     /// Directory of the embedded store (redb) for durable user→group membership; a
     /// restart with the same directory keeps it [default: ./ringhub-data].
     #[arg(long, env = "RINGHUB_DATA", value_name = "DIR")]
@@ -162,6 +182,8 @@ struct FileSettings {
     jwt_secret: Option<String>,
     api_key: Option<String>,
     access_key: Option<OneOrMany>,
+    upstream: Option<Vec<UpstreamTable>>,
+    upstream_retry_secs: Option<u64>,
     data: Option<PathBuf>,
     redis: Option<String>,
     max_message_bytes: Option<usize>,
@@ -181,6 +203,27 @@ struct FileSettings {
     cors_origins: Option<String>,
     admin_listen: Option<String>,
     io_driver: Option<String>,
+}
+
+/// An `[[upstream]]` table of the file (Azure's upstream settings); patterns default to
+/// `*`.
+#[cfg(feature = "cli")]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamTable {
+    #[serde(alias = "url-template")]
+    url_template: String,
+    #[serde(default = "any_pattern", alias = "hub-pattern")]
+    hub_pattern: String,
+    #[serde(default = "any_pattern", alias = "category-pattern")]
+    category_pattern: String,
+    #[serde(default = "any_pattern", alias = "event-pattern")]
+    event_pattern: String,
+}
+
+#[cfg(feature = "cli")]
+fn any_pattern() -> String {
+    "*".into()
 }
 
 /// A setting the file may give once or as a list (`access-key = "k"` or `["k1", "k2"]`).
@@ -234,6 +277,11 @@ pub struct Config {
     /// during a key rotation (the new one and the old one); none leaves the
     /// Azure-compatible API and client endpoint off. `--access-key`, default none.
     pub access_keys: Vec<String>,
+    /// Where connection events and invocations of methods that are not built in go,
+    /// tried in order (contract section 11); none: nowhere.
+    pub upstreams: Vec<crate::upstream::rules::UpstreamRule>,
+    /// How long a connection event is sent again while its upstream fails.
+    pub upstream_retry: Duration,
     /// Directory of the redb file that keeps durable user→group memberships across
     /// restarts; unused with `redis` (Redis keeps them) or a
     /// [`membership_store`](crate::ServerBuilder::membership_store). `--data`, default
@@ -350,6 +398,8 @@ impl Default for Config {
             jwt_secret: None,
             api_key: None,
             access_keys: Vec::new(),
+            upstreams: Vec::new(),
+            upstream_retry: Duration::from_secs(30),
             data: PathBuf::from("./ringhub-data"),
             redis: None,
             max_message_bytes: 32 * 1024,
@@ -521,6 +571,23 @@ impl ServeArgs {
                 "at most two keys (the new one and the old one during a rotation)",
             ));
         }
+        let upstreams: Vec<UpstreamRule> = if self.upstream.is_empty() {
+            file.upstream
+                .unwrap_or_default()
+                .into_iter()
+                .map(|table| UpstreamRule {
+                    url_template: table.url_template,
+                    hub_pattern: table.hub_pattern,
+                    category_pattern: table.category_pattern,
+                    event_pattern: table.event_pattern,
+                })
+                .collect()
+        } else {
+            self.upstream.into_iter().map(UpstreamRule::any).collect()
+        };
+        if let Some(problem) = upstreams.iter().find_map(UpstreamRule::problem) {
+            return Err(invalid("upstream", problem));
+        }
         let redis = non_empty("redis", self.redis.or(file.redis))?;
         let redis = redis
             .map(|url| redis_url(&url).map_err(|why| invalid("redis", why)))
@@ -588,6 +655,11 @@ impl ServeArgs {
             "long-poll-timeout-secs",
             self.long_poll_timeout_secs.or(file.long_poll_timeout_secs),
             defaults.long_poll_timeout,
+        )?;
+        let upstream_retry = secs(
+            "upstream-retry-secs",
+            self.upstream_retry_secs.or(file.upstream_retry_secs),
+            defaults.upstream_retry,
         )?;
         let jwt_leeway = self
             .jwt_leeway_secs
@@ -663,6 +735,8 @@ impl ServeArgs {
             jwt_secret,
             api_key,
             access_keys,
+            upstreams,
+            upstream_retry,
             data,
             redis,
             max_message_bytes,
@@ -952,6 +1026,69 @@ mod tests {
             .to_string();
             assert!(error.starts_with("--access-key:"), "{error}");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn upstreams_come_from_flags_or_tables_of_the_file_in_order() {
+        let upstreams = |args: ServeArgs| args.resolve().map(|c| c.upstreams);
+        assert!(upstreams(ServeArgs::default()).unwrap().is_empty());
+        assert_eq!(
+            upstreams(ServeArgs {
+                upstream: vec!["http://a/{event}".into(), "https://b/{hub}".into()],
+                ..Default::default()
+            })
+            .unwrap(),
+            [
+                UpstreamRule::any("http://a/{event}"),
+                UpstreamRule::any("https://b/{hub}")
+            ]
+        );
+        let dir = std::env::temp_dir().join(format!("ringhub-upstreams-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ringhub.toml");
+        let from_file = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            upstreams(ServeArgs {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+        };
+        let rules = from_file(
+            "[[upstream]]\nurl_template = \"http://a/{event}\"\nhub_pattern = \"chat\"\n\
+             event_pattern = \"connected, disconnected\"\n\n\
+             [[upstream]]\nurl-template = \"http://b/{category}\"\ncategory-pattern = \"messages\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            rules,
+            [
+                UpstreamRule {
+                    url_template: "http://a/{event}".into(),
+                    hub_pattern: "chat".into(),
+                    category_pattern: "*".into(),
+                    event_pattern: "connected, disconnected".into(),
+                },
+                UpstreamRule {
+                    url_template: "http://b/{category}".into(),
+                    hub_pattern: "*".into(),
+                    category_pattern: "messages".into(),
+                    event_pattern: "*".into(),
+                }
+            ]
+        );
+        assert!(
+            from_file("[[upstream]]\nhub_pattern = \"x\"\n").is_err(),
+            "no url"
+        );
+        assert!(from_file("[[upstream]]\nurl_template = \"http://a\"\nother = 1\n").is_err());
+        let error = upstreams(ServeArgs {
+            upstream: vec!["not a url {event}".into()],
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(error.starts_with("--upstream:"), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

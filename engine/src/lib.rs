@@ -97,6 +97,7 @@ mod shard;
 mod signal;
 pub mod store;
 mod transport;
+pub mod upstream;
 
 pub use api::{
     fallible_items, items, Call, Caller, ClientStream, ContextError, FromValue, Hub, HubContext,

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use prometheus::core::Collector;
 
+use crate::upstream::rules::Category;
+
 /// Upper bounds (seconds) of the connection-duration histogram's buckets: from a page
 /// that reconnects at once to a tab left open for a day.
 const DURATION_BUCKETS: [u64; 8] = [1, 10, 60, 300, 1800, 3600, 14400, 86400];
@@ -105,6 +107,9 @@ pub struct Metrics {
     pub io_uring: AtomicU64,
     /// Requests refused for a missing, invalid or expired access token (401).
     pub auth_failures: AtomicU64,
+    /// Upstream connection events dropped after their retries, and invocations their
+    /// upstream did not answer with a 2xx: by category (connections, messages).
+    upstream_failures: [AtomicU64; 2],
     process: prometheus::process_collector::ProcessCollector,
 }
 
@@ -125,8 +130,18 @@ impl Metrics {
             backplane_rejected: AtomicU64::new(0),
             io_uring: AtomicU64::new(1),
             auth_failures: AtomicU64::new(0),
+            upstream_failures: Default::default(),
             process: prometheus::process_collector::ProcessCollector::for_self(),
         }
+    }
+
+    /// An upstream event was dropped, or an upstream invocation failed.
+    pub fn upstream_failed(&self, category: Category) {
+        let index = match category {
+            Category::Connections => 0,
+            Category::Messages => 1,
+        };
+        self.upstream_failures[index].fetch_add(1, Relaxed);
     }
 
     fn sum(&self, counter: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
@@ -257,6 +272,21 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
+        let name = "ringhub_upstream_failures_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Upstream connection events dropped after their retries, and upstream invocations without a 2xx answer.\n# TYPE {name} counter"
+        );
+        for (category, count) in ["connections", "messages"]
+            .iter()
+            .zip(&self.upstream_failures)
+        {
+            let _ = writeln!(
+                out,
+                "{name}{{category=\"{category}\"}} {}",
+                count.load(Relaxed)
+            );
+        }
         self.render_durations(&mut out);
         // The process collector reads /proc; a scrape that cannot is left without them.
         if let Ok(text) = prometheus::TextEncoder::new().encode_to_string(&self.process.collect()) {
@@ -295,6 +325,7 @@ mod tests {
         metrics.shards[1].connection_ended(Duration::from_secs(90));
         metrics.shards[1].connection_ended(Duration::from_secs(200_000));
         ShardMetrics::add(&metrics.shards[0].client_timeouts, 2);
+        metrics.upstream_failed(Category::Messages);
         let text = metrics.render(0);
         for line in [
             "ringhub_connection_duration_seconds_bucket{le=\"1\"} 1",
@@ -305,6 +336,8 @@ mod tests {
             "ringhub_connection_duration_seconds_count 3",
             "ringhub_client_timeouts_total 2",
             "ringhub_backplane_reconnects_total 0",
+            "ringhub_upstream_failures_total{category=\"connections\"} 0",
+            "ringhub_upstream_failures_total{category=\"messages\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

@@ -47,6 +47,8 @@ pub struct Node {
     /// What sends through `HubContext`s other than a hub method's (REST, embedders)
     /// may have on their way together.
     pub(crate) context_budget: Arc<Window>,
+    /// Where events and invocations the node does not serve itself go (`--upstream`).
+    pub(crate) upstream: Option<crate::upstream::Upstream>,
     /// The cluster's backplane thread (with `--redis`).
     pub(crate) backplane: Option<Link>,
     /// Sessions of every transport (`--max-connections`): a WebSocket holds a
@@ -108,6 +110,7 @@ impl Node {
             context_budget,
             durable_in_redis: false,
             io_driver: crate::runtime::IoDriver::IoUring,
+            upstream: None,
             backplane,
             sessions,
             negotiations,

@@ -236,6 +236,14 @@ impl ServerBuilder {
             paths: self.hub_paths.clone(),
         };
         node.io_driver = io_driver;
+        node.upstream = crate::upstream::Upstream::start(
+            node.config.upstreams.clone(),
+            node.config.access_keys.clone(),
+            node.config.upstream_retry,
+            node.config.message_limit(),
+            node.metrics.clone(),
+        )
+        .map_err(ServerError::Thread)?;
         node.metrics
             .io_uring
             .store((io_driver == IoDriver::IoUring).into(), Ordering::Relaxed);

@@ -102,6 +102,11 @@ impl std::fmt::Debug for HubContext {
 }
 
 impl HubContext {
+    /// The node's upstreams (`--upstream`), if it has any.
+    pub(crate) fn upstream(&self) -> Option<&crate::upstream::Upstream> {
+        self.node.upstream.as_ref()
+    }
+
     /// Whether `caller` may join (and so send to) `group`, by the server's group authorizer.
     pub fn may_join(&self, caller: &Caller, group: &str) -> bool {
         self.node.may_join(caller.claims.as_ref(), group)

@@ -30,6 +30,10 @@ pub struct Call<'a> {
     /// The streams the client uploads with this invocation (its `streamIds`), in order;
     /// taken with [`Call::take_stream`].
     pub(crate) uploads: Vec<Option<UploadReceiver>>,
+    /// The invocation's id (`None`: a `send`) and the client's protocol, for what goes
+    /// upstream as the client sent it.
+    pub(crate) invocation_id: Option<&'a str>,
+    pub(crate) protocol: ringhub_protocol::HubProtocol,
 }
 
 /// The items of a server-to-client stream, encoded (see [`items`]): each becomes a

@@ -105,6 +105,9 @@ pub struct Caller {
     pub user_id: Option<String>,
     /// `None` when the server runs without `--jwt-secret`.
     pub claims: Option<Claims>,
+    /// The query of the request the connection was made with (without its
+    /// `access_token`), kept only for upstreams (`X-ASRS-Client-Query`).
+    pub(crate) client_query: Option<Box<str>>,
 }
 
 /// Which hub names a server serves and under which paths (contract section 9): the

@@ -218,6 +218,8 @@ async fn invoke(
         arguments,
         context: &context,
         uploads,
+        invocation_id: invocation_id.as_deref(),
+        protocol: session.protocol(),
     };
     let result = match state.hub(&session.caller.hub) {
         Some(hub) => hub.invoke(call).await,
@@ -286,6 +288,8 @@ async fn stream(
         arguments,
         context: &context,
         uploads,
+        invocation_id: Some(&id),
+        protocol: session.protocol(),
     };
     let streamed = match state.hub(&session.caller.hub) {
         Some(hub) => hub.stream(call).await,
@@ -330,7 +334,8 @@ async fn stream(
         }
     };
     session.calls().stream_ended(&id);
-    complete(&state, &session, id, outcome);
+    // A copy: the call borrowed the id for as long as its stream lives.
+    complete(&state, &session, id.clone(), outcome);
 }
 
 /// Hands an upload stream's item (or its end) to the method reading it, once its
@@ -443,6 +448,7 @@ mod tests {
             hub: "h".into(),
             user_id: None,
             claims: None,
+            client_query: None,
         });
         let kind = FrameKind {
             protocol: HubProtocol::Json,

@@ -288,6 +288,7 @@ mod tests {
             hub: "h".into(),
             user_id: user.map(str::to_owned),
             claims: None,
+            client_query: None,
         });
         let metrics = Rc::new(MetricsRef(Arc::new(Metrics::new(1)), 0));
         let window = crate::flow::Window::new(1 << 18, None);

@@ -78,6 +78,7 @@ pub fn start(
     hub: &str,
     token: &str,
     claims: Option<crate::auth::Claims>,
+    client_query: Option<Box<str>>,
     long_polling: bool,
 ) -> Result<Rc<HttpChannel>, Refused> {
     let user_id = state.node.user_ids.user_id(claims.as_ref());
@@ -94,6 +95,7 @@ pub fn start(
                 hub: hub.to_owned(),
                 user_id: user_id.clone(),
                 claims,
+                client_query,
             });
             let framing = if long_polling {
                 Framing::Raw

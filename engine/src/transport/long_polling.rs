@@ -16,6 +16,7 @@ use crate::shard::state::ShardState;
 use crate::shard::tokens::HttpChannel;
 use crate::signal::Signal;
 use crate::transport::channel::{self, Kind};
+use crate::transport::client_query;
 use crate::transport::io::read_up_to;
 use crate::transport::negotiate::Refused;
 use crate::transport::text_response;
@@ -46,7 +47,14 @@ pub fn open(state: &Rc<ShardState>, head: &RequestHead, hub: &str) -> Polled {
     match channel::existing(state, hub, &token, claims.as_ref(), Kind::LongPolling) {
         Some(Ok(channel)) => Polled::Wait(channel),
         Some(Err(refused)) => Polled::Answer(refused.response(keep_alive)),
-        None => match channel::start(state, hub, &token, claims, true) {
+        None => match channel::start(
+            state,
+            hub,
+            &token,
+            claims,
+            client_query(&state.node, head),
+            true,
+        ) {
             Ok(_) => Polled::Answer(answer(200, b"", keep_alive)),
             Err(refused) => Polled::Answer(refused.response(keep_alive)),
         },

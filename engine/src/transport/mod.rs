@@ -135,6 +135,20 @@ pub fn authenticate(node: &Node, head: &RequestHead) -> Result<Option<Claims>, V
     })
 }
 
+/// The query of a connection's request, for its upstream (`X-ASRS-Client-Query`, with
+/// its `?` as Azure sends it), without the access token (a credential the upstream
+/// need not see); `None` unless the node has upstreams.
+pub fn client_query(node: &Node, head: &RequestHead) -> Option<Box<str>> {
+    node.upstream.as_ref()?;
+    let kept: Vec<&str> = head
+        .query
+        .as_deref()?
+        .split('&')
+        .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some("access_token"))
+        .collect();
+    (!kept.is_empty()).then(|| format!("?{}", kept.join("&")).into_boxed_str())
+}
+
 /// The largest request body accepted on plain HTTP endpoints (the REST API included).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 

@@ -13,6 +13,7 @@ use ringhub_protocol::http::{self as wire, RequestHead};
 use crate::shard::state::ShardState;
 use crate::shard::tokens::HttpChannel;
 use crate::transport::channel::{self, Kind};
+use crate::transport::client_query;
 use crate::transport::io::{read_up_to, write_now, Writer};
 
 /// Whether a GET asks for an event stream.
@@ -34,7 +35,10 @@ pub fn open(
             // One SSE stream per connection, ever: a second one is a conflict.
             Some(Ok(_)) => Err(super::negotiate::Refused::Active),
             Some(Err(refused)) => Err(refused),
-            None => channel::start(state, hub, &token, claims, false),
+            None => {
+                let query = client_query(&state.node, head);
+                channel::start(state, hub, &token, claims, query, false)
+            }
         };
     result.map_err(|refused| refused.response(keep_alive))
 }

@@ -26,7 +26,7 @@ use crate::shard::state::ShardState;
 use crate::shard::tokens::{Attach, Resumable, Token};
 use crate::transport::io::{read_more, read_up_to, write_now, ReadSize, Writer, MIN_READ_CHUNK};
 use crate::transport::negotiate::Refused;
-use crate::transport::{authenticate, negotiate, random_id};
+use crate::transport::{authenticate, client_query, negotiate, random_id};
 
 /// SignalR's handshake timeout (every transport's).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -52,6 +52,7 @@ enum UpgradeKind {
         stateful_reconnect: bool,
         /// Its place among the node's sessions.
         slot: Share,
+        client_query: Option<Box<str>>,
     },
     /// A new WebSocket for a session whose previous one dropped (stateful reconnect).
     Resume(Rc<Resumable>),
@@ -110,6 +111,7 @@ pub fn upgrade(state: &ShardState, head: &RequestHead, hub: &str) -> Result<Upgr
             token,
             stateful_reconnect,
             slot,
+            client_query: client_query(&state.node, head),
         },
     })
 }
@@ -344,6 +346,7 @@ fn start(upgrade: Upgrade) -> Start {
             token,
             stateful_reconnect,
             slot,
+            client_query,
         } => Start::New(Box::new(NewSession {
             accept,
             claims,
@@ -352,6 +355,7 @@ fn start(upgrade: Upgrade) -> Start {
             token,
             stateful_reconnect,
             slot,
+            client_query,
         })),
     }
 }
@@ -365,6 +369,7 @@ struct NewSession {
     token: Option<String>,
     stateful_reconnect: bool,
     slot: Share,
+    client_query: Option<Box<str>>,
 }
 
 /// What one WebSocket carrying a session reads from.
@@ -439,6 +444,7 @@ fn run_session(
             connection_id: new.connection_id,
             hub: new.hub,
             claims: new.claims,
+            client_query: new.client_query,
         });
         // Stateful reconnect needs the negotiated token (the resume names it) and a client
         // that said so in its handshake (version 2).
