@@ -4,7 +4,7 @@
 //! (category `messages`, the event is its target) are POSTed to the first matching
 //! upstream ([`rules`]), with the `X-ASRS-*` headers. An invocation's HTTP answer is
 //! its Completion. The shard that holds the connection sends its events, so a cluster
-//! sends each once; the HTTP work runs on the upstream thread ([`client`]).
+//! sends each once; the HTTP work runs on the upstream thread (`client`).
 //!
 //! The protocol (Azure's documentation "Upstream endpoints", its emulator and the
 //! Functions extension that reads it): an invocation's body is the client's
