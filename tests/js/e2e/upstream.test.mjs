@@ -304,8 +304,14 @@ describe("upstream in a cluster", () => {
         strictEqual(events(id, "connected").length, 1, `connected of client ${i} once`);
         ok(events(id, "connected")[0].signed);
       }
-      // Each with its connection's user.
+      // Each with what only the node that holds the connection has: its user's claims and
+      // the client's query.
       deepStrictEqual(ids.map((id) => events(id, "connected")[0].headers["x-asrs-user-id"]), ["a1", "a2", "b1", "b2"]);
+      for (const [i, id] of ids.entries()) {
+        const { headers } = events(id, "connected")[0];
+        match(headers["x-asrs-user-claims"], new RegExp(`(^|, )nameid: ${["a1", "a2", "b1", "b2"][i]}(, |$)`));
+        match(headers["x-asrs-client-query"], /^\?hub=chat&id=/);
+      }
 
       // An invocation on node b goes up once and is answered once.
       strictEqual(await b1.invoke("add", 20, 22), 42);
