@@ -9,6 +9,10 @@ poll answer and keeps the rest until another answer arrives (servers batch what 
 queued into one answer, ASP.NET Core too), and it splits MessagePack on 0x1E. So its
 test runs against a server without `--jwt-secret`, with JSON, one message in flight.
 
+Azure SignalR Service's serverless mode (`--access-key`): signalrcore follows an app's
+negotiate redirect to ringhub's client endpoint over WebSockets (AzureRedirectTest says
+why not the others) and hears REST sends signed with the access key.
+
 Run: RINGHUB_BIN=target/debug/ringhub python3 -m unittest tests/python/test_signalrcore.py
 """
 
@@ -334,11 +338,11 @@ class AzureRedirectTest(unittest.TestCase):
                                         {"target": "receive", "arguments": ["to ann", msgpack]})
                     self.assertEqual(status, 202)
                     wait_for(lambda: ann.received, what="the send to ann")
-                    # The user is the token's `nameid`: the send to ann reached her only.
                     self.assertEqual(azure_rest(self.server, "POST", "/api/v1/hubs/chat/users/bob",
                                                 {"target": "receive", "arguments": ["to bob"]}), 202)
                     wait_for(lambda: bob.received, what="the send to bob")
                     time.sleep(0.2)
+                    # Each connection's user is its token's `nameid`: each send reached one.
                     self.assertEqual(ann.received, [["to ann", msgpack]])
                     self.assertEqual(bob.received, [["to bob"]])
                     self.assertEqual(bob.invoke("Echo", ["back"]), "back")
