@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { HubConnectionBuilder, HttpTransportType, LogLevel } from "@microsoft/signalr";
 // The MessagePack codec the stock MessagePack protocol is built on.
 import { decode, encode } from "@msgpack/msgpack";
-import { ONCE, TRANSPORT, connect, freePort, metric, sleep, startServer, tempDataDir, until } from "./helpers.mjs";
+import { ONCE, TRANSPORT, connect, freePort, metric, sleep, startRedis, startServer, tempDataDir, until } from "./helpers.mjs";
 
 const KEY = "azure-access-key-0123456789";
 const OLD_KEY = "the-key-being-rotated-out";
@@ -245,5 +245,97 @@ describe("upstream", () => {
     strictEqual(await failures("connections"), before.connections + 1, "connected dropped after its retries");
     strictEqual(await metric(server.base, "ringhub_upstream_failures_total"), before.connections + before.messages + 2);
     ok(!upstream.requests.some((r) => r.headers["x-asrs-hub"] === "down"), "nothing of hub down reached the other upstream");
+  });
+});
+
+describe("upstream in a cluster", () => {
+  test("two nodes on one Redis: each connection's events are sent once, by its node, and an invocation is answered once", { skip: ONCE }, async () => {
+    // An upstream of its own (the counts are this test's), both nodes sending to it with
+    // the same keys, as the nodes of one Azure-style deployment would.
+    const up = await startUpstream();
+    const redis = await startRedis();
+    const nodes = [];
+    const clients = [];
+    try {
+      for (const name of ["a", "b"]) {
+        const node = await startServer([
+          "--threads", "2", "--redis", redis.url, "--node-name", name,
+          "--upstream", `http://127.0.0.1:${up.port}/{hub}/{category}/{event}`,
+          "--access-key", KEY, "--access-key", OLD_KEY,
+        ]);
+        nodes.push(node);
+        const deadline = Date.now() + 5000;
+        while ((await metric(node.base, "ringhub_backplane_connected")) !== 1) {
+          ok(Date.now() < deadline, `node ${name} connected to Redis`);
+          await sleep(20);
+        }
+      }
+      const [a, b] = nodes;
+      // Each node has heard the other (a heartbeat a second).
+      await sleep(1200);
+      // Two clients on each node, through each node's client endpoint.
+      const join = async (node, user) => {
+        const url = `${node.base}/client/?hub=chat`;
+        const c = new HubConnectionBuilder()
+          .withUrl(url, { accessTokenFactory: () => sign({ aud: url, nameid: user }), transport: HttpTransportType.WebSockets })
+          .configureLogging(LogLevel.None)
+          .build();
+        await c.start();
+        clients.push(c);
+        return c;
+      };
+      const [a1, a2, b1, b2] = [await join(a, "a1"), await join(a, "a2"), await join(b, "b1"), await join(b, "b2")];
+      const ids = clients.map((c) => c.connectionId);
+      // The cluster is one: node a knows the connections that node b holds (so both nodes
+      // hear of every connection, and only one may send its events).
+      const exists = (node, id) =>
+        fetch(`${node.base}/api/hubs/chat/connections/${id}?api-version=2024-12-01`, {
+          method: "HEAD",
+          headers: { authorization: `Bearer ${sign({ aud: `${node.base}/api/hubs/chat/connections/${id}` })}` },
+        }).then((r) => r.status);
+      strictEqual(await exists(a, b1.connectionId), 200, "node a sees b1, held by node b");
+      strictEqual(await exists(b, a1.connectionId), 200, "node b sees a1, held by node a");
+
+      const events = (id, event) => up.requests.filter((r) => r.headers["x-asrs-connection-id"] === id && r.headers["x-asrs-event"] === event);
+      await until(() => ids.every((id) => events(id, "connected").length > 0), 5000, "connected of every connection");
+      // Time for a second copy (another node's) to arrive, if one were sent.
+      await sleep(500);
+      for (const [i, id] of ids.entries()) {
+        strictEqual(events(id, "connected").length, 1, `connected of client ${i} once`);
+        ok(events(id, "connected")[0].signed);
+      }
+      // Each with what only the node that holds the connection has: its user's claims and
+      // the client's query.
+      deepStrictEqual(ids.map((id) => events(id, "connected")[0].headers["x-asrs-user-id"]), ["a1", "a2", "b1", "b2"]);
+      for (const [i, id] of ids.entries()) {
+        const { headers } = events(id, "connected")[0];
+        match(headers["x-asrs-user-claims"], new RegExp(`(^|, )nameid: ${["a1", "a2", "b1", "b2"][i]}(, |$)`));
+        match(headers["x-asrs-client-query"], /^\?hub=chat&id=/);
+      }
+
+      // An invocation on node b goes up once and is answered once.
+      strictEqual(await b1.invoke("add", 20, 22), 42);
+      const adds = () => up.requests.filter((r) => r.url === "/chat/messages/add");
+      strictEqual(adds().length, 1, "one upstream call for the invocation");
+      strictEqual(adds()[0].headers["x-asrs-connection-id"], b1.connectionId);
+      strictEqual(await b1.invoke("Echo", "still here"), "still here");
+      strictEqual(await a2.invoke("add", 1, 2), 3);
+      await sleep(300);
+      strictEqual(adds().length, 2, "one upstream call per invocation, on either node");
+      deepStrictEqual(adds().map((r) => r.headers["x-asrs-connection-id"]), [b1.connectionId, a2.connectionId]);
+
+      for (const c of [a1, a2, b1, b2]) await c.stop();
+      await until(() => ids.every((id) => events(id, "disconnected").length > 0), 5000, "disconnected of every connection");
+      await sleep(500);
+      for (const [i, id] of ids.entries()) {
+        strictEqual(events(id, "disconnected").length, 1, `disconnected of client ${i} once`);
+        strictEqual(events(id, "connected").length, 1, `still one connected of client ${i}`);
+      }
+    } finally {
+      await Promise.all(clients.map((c) => c.stop().catch(() => {})));
+      for (const node of nodes) strictEqual(await node.stop(), 0);
+      await redis.stop();
+      await up.close();
+    }
   });
 });
