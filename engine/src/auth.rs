@@ -237,24 +237,30 @@ pub fn audience_matches(aud: &str, audience: Audience<'_>, hosts: &[&str]) -> bo
     let Some((scheme, rest)) = aud.split_once("://") else {
         return false;
     };
-    let default_port = match scheme.to_ascii_lowercase().as_str() {
-        "http" | "ws" => ":80",
-        "https" | "wss" => ":443",
-        _ => return false,
-    };
+    if !matches!(
+        scheme.to_ascii_lowercase().as_str(),
+        "http" | "https" | "ws" | "wss"
+    ) {
+        return false;
+    }
     let (authority, path_and_query) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let (path, query) = match path_and_query.split_once('?') {
         Some((path, query)) => (path, Some(query)),
         None => (path_and_query, None),
     };
-    let without_default = |host: &str| -> String {
-        let host = host.trim().to_ascii_lowercase();
-        host.strip_suffix(default_port)
-            .map(str::to_owned)
-            .unwrap_or(host)
+    // Host names only: Azure's SDKs sign `aud` without the port (its service listens on
+    // the scheme's), and some clients (signalrcore) send `Host` without it too; the key's
+    // signature is what authenticates, the audience only keeps a token to its service.
+    let host_name = |authority: &str| -> String {
+        let authority = authority.trim().to_ascii_lowercase();
+        match authority.rsplit_once(':') {
+            // Not the colon of a bracketed IPv6 address.
+            Some((name, port)) if !port.contains(']') => name.to_owned(),
+            _ => authority,
+        }
     };
-    let authority = without_default(authority);
-    if !hosts.iter().any(|host| without_default(host) == authority) {
+    let authority = host_name(authority);
+    if !hosts.iter().any(|host| host_name(host) == authority) {
         return false;
     }
     let decoded = |path: &str| -> String {
@@ -542,10 +548,21 @@ mod tests {
             rest("/api/v1/hubs/chat"),
             &["example.com"]
         ));
-        assert!(!audience_matches(
-            "http://ringhub.test:8080/api/v1/hubs/chat",
+        // Ports do not count: Azure's SDKs sign without one, signalrcore sends none.
+        assert!(audience_matches(
+            "http://ringhub.test/api/v1/hubs/chat",
             rest("/api/v1/hubs/chat"),
-            &["ringhub.test"]
+            &["ringhub.test:8080"]
+        ));
+        assert!(audience_matches(
+            "http://[::1]:8080/api/v1/hubs/chat",
+            rest("/api/v1/hubs/chat"),
+            &["[::1]"]
+        ));
+        assert!(!audience_matches(
+            "http://other.test:8080/api/v1/hubs/chat",
+            rest("/api/v1/hubs/chat"),
+            &["ringhub.test:8080"]
         ));
         assert!(!audience_matches(
             "ftp://ringhub.test/api/v1/hubs/chat",

@@ -249,11 +249,9 @@ class App:
 
     The token's `aud` is the client URL without its port, as Azure's SDKs write it
     (Microsoft.Azure.SignalR's ServiceEndpoint: `{scheme}://{host}/` then
-    `client/?hub=...`). signalrcore's WebSocket sends `Host: 127.0.0.1`, without the port
-    (its raw-socket client writes the host name only), and ringhub compares the `aud`'s
-    host and port with the `Host` header: a token with `http://127.0.0.1:PORT/client/...`,
-    as azure.test.mjs signs for the JS client (whose `Host` has the port), is refused
-    for signalrcore. Against Azure itself (port 443) the two agree."""
+    `client/?hub=...`). ringhub compares host names only: those SDKs sign without the
+    port, and signalrcore's WebSocket sends `Host: 127.0.0.1` without it too (before
+    ringhub ignored ports, both were refused on any port but the scheme's)."""
 
     def __init__(self, service, key=ACCESS_KEY):
         class Negotiate(http.server.BaseHTTPRequestHandler):
