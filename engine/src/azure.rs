@@ -750,7 +750,11 @@ impl Call<'_> {
             }
         };
         let after = self.head.query_param("continuationToken");
-        let members = self.context.local_group_members(self.hub, group).await;
+        let members = self
+            .context
+            .group_members(self.hub, group)
+            .await
+            .map_err(Reply::refused)?;
         let start = match &after {
             Some(last) => members.partition_point(|(id, _)| id <= last),
             None => 0,
@@ -821,8 +825,9 @@ impl Call<'_> {
             Scope::Hub => context.hub_connections(hub),
             Scope::User(user) => context.user_connections(hub, user),
             Scope::Group(group) => context
-                .local_group_members(hub, group)
+                .group_members(hub, group)
                 .await
+                .map_err(Reply::refused)?
                 .into_iter()
                 .map(|(id, _)| id)
                 .collect(),

@@ -96,6 +96,8 @@ pub enum RemoteOp {
         invocation: Bytes,
         timeout_ms: u64,
     },
+    /// Every node with members of the group (on the group's channel) says who they are.
+    GroupMembers { group: String },
 }
 
 impl RemoteOp {
@@ -146,6 +148,8 @@ pub enum Answer {
     Failed(String),
     /// What a client result came to: its Completion (MessagePack, without framing).
     ClientResult(Bytes),
+    /// A node's members of a group: (connection id, user id).
+    Members(Vec<(String, Option<String>)>),
 }
 
 /// One change of a node's presence, in the order the node made them.
@@ -565,6 +569,7 @@ impl Reader {
 /// index).
 const DURABLE_TAG: u8 = 255;
 const INVOKE_CLIENT_TAG: u8 = 254;
+const GROUP_MEMBERS_TAG: u8 = 253;
 
 fn write_target(w: &mut Writer, target: &Target) {
     match target {
@@ -680,6 +685,10 @@ impl Wire {
                         w.bytes(invocation);
                         w.u64(*timeout_ms);
                     }
+                    RemoteOp::GroupMembers { group } => {
+                        w.u8(GROUP_MEMBERS_TAG);
+                        w.str(group);
+                    }
                 }
             }
             Wire::Reply { id, answer } => {
@@ -699,6 +708,14 @@ impl Wire {
                     Answer::ClientResult(completion) => {
                         w.u8(4);
                         w.bytes(completion);
+                    }
+                    Answer::Members(members) => {
+                        w.u8(5);
+                        w.0.put_u32(members.len() as u32);
+                        for (connection, user) in members {
+                            w.str(connection);
+                            w.opt(user.as_deref());
+                        }
                     }
                 }
             }
@@ -810,6 +827,7 @@ impl Wire {
                         invocation: r.bytes()?,
                         timeout_ms: r.u64()?,
                     },
+                    GROUP_MEMBERS_TAG => RemoteOp::GroupMembers { group: r.str()? },
                     tag => RemoteOp::Connection {
                         op: *RemoteOpKind::ALL.get(usize::from(tag)).ok_or(Malformed)?,
                         connection_id: r.str()?,
@@ -825,6 +843,7 @@ impl Wire {
                     2 => Answer::TooManyGroups(r.u64()?),
                     3 => Answer::Failed(r.str()?),
                     4 => Answer::ClientResult(r.bytes()?),
+                    5 => Answer::Members(r.list(|r| Ok((r.str()?, r.opt()?)))?),
                     _ => return Err(Malformed),
                 },
             },
@@ -997,6 +1016,21 @@ mod tests {
             Wire::Reply {
                 id: 10,
                 answer: Answer::ClientResult(Bytes::from_static(&[0x94, 3, 0x80])),
+            },
+            Wire::Request {
+                origin: "n1".into(),
+                id: 11,
+                hub: "chat".into(),
+                op: RemoteOp::GroupMembers {
+                    group: "ward:4".into(),
+                },
+            },
+            Wire::Reply {
+                id: 11,
+                answer: Answer::Members(vec![
+                    ("c1".into(), Some("ann".into())),
+                    ("c2".into(), None),
+                ]),
             },
             Wire::Presence {
                 origin: "n".into(),

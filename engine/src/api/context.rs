@@ -377,6 +377,38 @@ impl HubContext {
         self.connection_op(hub, connection_id, ConnectionOp::LeaveAll)
     }
 
+    /// The connections of a group on every node, with their user ids, sorted by
+    /// connection id: with `--redis`, the nodes with members of the group are asked (a
+    /// node that does not answer in time is left out, not waited for).
+    pub fn group_members(
+        &self,
+        hub: &str,
+        group: &str,
+    ) -> impl Future<Output = Result<Vec<(String, Option<String>)>, ContextError>> + Send + 'static
+    {
+        let here = self.local_group_members(hub, group);
+        let ask = self.node.backplane.clone().map(|link| {
+            let op = RemoteOp::GroupMembers {
+                group: group.to_owned(),
+            };
+            let (channel, hub) = (backplane::group_channel(hub, group), hub.to_owned());
+            async move { link.request(channel, &hub, op).await }
+        });
+        async move {
+            let mut members = here.await;
+            if let Some(ask) = ask {
+                for answer in ask.await? {
+                    if let Answer::Members(theirs) = answer {
+                        members.extend(theirs);
+                    }
+                }
+                members.sort_unstable();
+                members.dedup_by(|a, b| a.0 == b.0);
+            }
+            Ok(members)
+        }
+    }
+
     /// The connections of a group on this node, with their user ids, sorted by
     /// connection id. (The other nodes of a cluster are not asked.)
     pub fn local_group_members(
@@ -731,7 +763,7 @@ impl HubContext {
                         })
                     }
                     Answer::Failed(e) => return Err(BackplaneError::Remote(e).into()),
-                    Answer::ClientResult(_) => {}
+                    Answer::ClientResult(_) | Answer::Members(_) => {}
                 }
             }
             Ok(done)

@@ -981,6 +981,14 @@ impl Backplane {
                 op,
                 group,
             } => (connection_id, op, group),
+            RemoteOp::GroupMembers { group } => {
+                let members = context.local_group_members(hub, &group).await;
+                return if members.is_empty() {
+                    Answer::NotHere
+                } else {
+                    Answer::Members(members)
+                };
+            }
             RemoteOp::InvokeClient {
                 connection_id,
                 invocation,

@@ -324,6 +324,21 @@ describe("upstream in a cluster", () => {
       strictEqual(adds().length, 2, "one upstream call per invocation, on either node");
       deepStrictEqual(adds().map((r) => r.headers["x-asrs-connection-id"]), [b1.connectionId, a2.connectionId]);
 
+      // A group with members on both nodes is listed, and closed, whole from either node.
+      const rest = (node, method, path) =>
+        fetch(`${node.base}${path}?api-version=2024-12-01`, { method, headers: { authorization: `Bearer ${sign({ aud: `${node.base}${path}` })}` } });
+      for (const member of [a1, b1]) {
+        strictEqual((await rest(a, "PUT", `/api/hubs/chat/groups/ward/connections/${member.connectionId}`)).status, 200);
+      }
+      for (const node of [a, b]) {
+        const listed = await (await rest(node, "GET", "/api/hubs/chat/groups/ward/connections")).json();
+        deepStrictEqual(listed.value.map((m) => m.connectionId).sort(), [a1.connectionId, b1.connectionId].sort(), "every node's members");
+      }
+      let b1Closed = false;
+      b1.onclose(() => (b1Closed = true));
+      strictEqual((await rest(a, "POST", "/api/hubs/chat/groups/ward/:closeConnections")).status, 204);
+      await until(() => b1Closed, 5000, "node b's member of the group closed through node a");
+
       for (const c of [a1, a2, b1, b2]) await c.stop();
       await until(() => ids.every((id) => events(id, "disconnected").length > 0), 5000, "disconnected of every connection");
       await sleep(500);
