@@ -15,9 +15,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
 use clap::Parser;
-use ringhub_engine::{
-    hub, Caller, ContextError, HubContext, HubError, ServeArgs, ServerBuilder, Target,
-};
+use ringhub_engine::{hub, Caller, ContextError, HubContext, HubError, ServeArgs, Target};
 
 const HUB: &str = "chat";
 
@@ -90,50 +88,35 @@ async fn ask(
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    ringhub_engine::cli::init_logging();
     let cli = Cli::parse();
-    let config = match cli.serve.resolve() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("axum_embed: {e}");
-            return std::process::ExitCode::from(2);
-        }
+    let http_listen = cli.http_listen;
+    let started = move |server: &ringhub_engine::Server| {
+        let context = server.context();
+        // axum on a tokio runtime of its own thread; ringhub's shards keep theirs.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime");
+            let served = runtime.block_on(async move {
+                let app = Router::new()
+                    .route("/rooms/{room}/messages", post(post_message))
+                    .route("/connections/{id}/ask", get(ask))
+                    .with_state(context);
+                let listener = tokio::net::TcpListener::bind(http_listen).await?;
+                tracing::info!(http_address = %listener.local_addr()?, "axum listening");
+                axum::serve(listener, app).await
+            });
+            if let Err(e) = served {
+                tracing::error!("axum stopped: {e}");
+            }
+        });
     };
-    let server = match ServerBuilder::new(config).map_hub(HUB, || Chat).start() {
-        Ok(server) => server,
-        Err(e) => {
-            eprintln!("axum_embed: {e}");
-            return std::process::ExitCode::from(1);
-        }
-    };
-    tracing::info!(address = %server.local_addr(), "ringhub listening");
-    let context = server.context();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    let served = runtime.block_on(async move {
-        let app = Router::new()
-            .route("/rooms/{room}/messages", post(post_message))
-            .route("/connections/{id}/ask", get(ask))
-            .with_state(context);
-        let listener = tokio::net::TcpListener::bind(cli.http_listen).await?;
-        tracing::info!(http_address = %listener.local_addr()?, "axum listening");
-        // Until the process is stopped (SIGTERM ends it; the server needs no flush).
-        axum::serve(listener, app).await
-    });
-    server.shutdown();
-    match served {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("axum_embed: {e}");
-            std::process::ExitCode::from(1)
-        }
-    }
+    ringhub_engine::cli::serve(
+        "axum_embed",
+        cli.serve,
+        |b| b.map_hub(HUB, || Chat),
+        started,
+    )
 }

@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use futures_util::stream;
-use ringhub_engine::{
-    hub, Caller, ClientStream, HubContext, HubError, ServeArgs, ServerBuilder, Stream, Target,
-};
+use ringhub_engine::{hub, Caller, ClientStream, HubContext, HubError, ServeArgs, Stream, Target};
 
 #[derive(Parser)]
 #[command(name = "typed_hub")]
@@ -94,34 +92,7 @@ impl Typed {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    let config = match Cli::parse().serve.resolve() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("typed_hub: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    let server = match ServerBuilder::new(config)
-        .map_hub("typed", || Typed)
-        .start()
-    {
-        Ok(server) => server,
-        Err(e) => {
-            eprintln!("typed_hub: {e}");
-            return std::process::ExitCode::from(1);
-        }
-    };
-    tracing::info!(address = %server.local_addr(), "typed hub listening");
-    if let Err(e) = server.run_until_signal() {
-        eprintln!("typed_hub: cannot watch signals: {e}");
-        return std::process::ExitCode::from(1);
-    }
-    std::process::ExitCode::SUCCESS
+    ringhub_engine::cli::init_logging();
+    let serve = Cli::parse().serve;
+    ringhub_engine::cli::serve("typed_hub", serve, |b| b.map_hub("typed", || Typed), |_| {})
 }

@@ -257,44 +257,20 @@ fn run_backend(admissions: mpsc::Receiver<Admission>, wards: Arc<Wards>, context
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    let config = match Cli::parse().serve.resolve() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("ward_monitor: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
+    ringhub_engine::cli::init_logging();
     let wards = Arc::new(Wards::default());
     let (backend, admissions) = mpsc::channel();
     let hub_wards = wards.clone();
-    let server = ServerBuilder::new(config)
-        .hub(move || WardHub {
+    let build = move |builder: ServerBuilder| {
+        builder.map_hub(HUB, move || WardHub {
             wards: hub_wards.clone(),
             backend: backend.clone(),
             viewing: RefCell::default(),
         })
-        .start();
-    let server = match server {
-        Ok(server) => server,
-        Err(e) => {
-            eprintln!("ward_monitor: {e}");
-            return std::process::ExitCode::from(1);
-        }
     };
-    tracing::info!(address = %server.local_addr(), "ward monitor listening");
-    let context = server.context();
-    std::thread::spawn(move || run_backend(admissions, wards, context));
-
-    if let Err(e) = server.run_until_signal() {
-        eprintln!("ward_monitor: cannot watch signals: {e}");
-        return std::process::ExitCode::from(1);
-    }
-    std::process::ExitCode::SUCCESS
+    let started = |server: &ringhub_engine::Server| {
+        let context = server.context();
+        std::thread::spawn(move || run_backend(admissions, wards, context));
+    };
+    ringhub_engine::cli::serve("ward_monitor", Cli::parse().serve, build, started)
 }

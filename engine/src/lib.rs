@@ -80,6 +80,8 @@ pub mod auth;
 mod azure;
 mod backplane;
 pub mod builtin;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod client_results;
 mod cluster;
 pub mod config;
