@@ -11,7 +11,7 @@ use ringhub_protocol::hub::{Completion, CompletionOutcome, HubMessage, Invocatio
 use ringhub_protocol::ws::close_code;
 use ringhub_protocol::Value;
 
-use crate::api::{Call, ContextError, HubError};
+use crate::api::{Call, ContextError, HubContext, HubError};
 use crate::client_results;
 use crate::metrics::ShardMetrics;
 use crate::session::calls::{Job, Upload, UploadReceiver, UploadSender, MAX_STREAMS, MAX_UPLOADS};
@@ -212,15 +212,14 @@ async fn invoke(
         ..
     } = invocation;
     let context = state.context_of(&session);
-    let call = Call {
-        caller: &session.caller,
-        method: &target,
+    let call = call_of(
+        &session,
+        &context,
+        &target,
         arguments,
-        context: &context,
         uploads,
-        invocation_id: invocation_id.as_deref(),
-        protocol: session.protocol(),
-    };
+        invocation_id.as_deref(),
+    );
     let result = match state.hub(&session.caller.hub) {
         Some(hub) => hub.invoke(call).await,
         None => Err(HubError::UnknownMethod(target.clone())),
@@ -234,6 +233,26 @@ async fn invoke(
             Err(e) => CompletionOutcome::Error(e.client_message()),
         };
         complete(&state, &session, id, outcome);
+    }
+}
+
+/// What a hub method of `session` is handed.
+fn call_of<'a>(
+    session: &'a Session,
+    context: &'a HubContext,
+    method: &'a str,
+    arguments: Vec<Value>,
+    uploads: Vec<Option<UploadReceiver>>,
+    invocation_id: Option<&'a str>,
+) -> Call<'a> {
+    Call {
+        caller: &session.caller,
+        method,
+        arguments,
+        context,
+        uploads,
+        invocation_id,
+        protocol: session.protocol(),
     }
 }
 
@@ -282,15 +301,7 @@ async fn stream(
     } = invocation;
     let id = invocation_id.unwrap_or_default();
     let context = state.context_of(&session);
-    let call = Call {
-        caller: &session.caller,
-        method: &target,
-        arguments,
-        context: &context,
-        uploads,
-        invocation_id: Some(&id),
-        protocol: session.protocol(),
-    };
+    let call = call_of(&session, &context, &target, arguments, uploads, Some(&id));
     let streamed = match state.hub(&session.caller.hub) {
         Some(hub) => hub.stream(call).await,
         None => Err(HubError::UnknownMethod(target.clone())),
