@@ -151,6 +151,10 @@ pub struct ServeArgs {
     /// the client's answer before it fails [default: 30].
     #[arg(long, env = "RINGHUB_CLIENT_RESULT_TIMEOUT_SECS", value_name = "N")]
     pub client_result_timeout_secs: Option<u64>,
+    /// Seconds a stop (SIGTERM) may take at most: clients are told to reconnect, spread
+    /// over the first seconds, and their last messages flushed [default: 30].
+    #[arg(long, env = "RINGHUB_DRAIN_SECS", value_name = "N")]
+    pub drain_secs: Option<u64>,
     /// Sessions of every transport together (WebSockets, SSE, long polling); past it a
     /// new one is refused with 503 [default: what the open-file limit allows].
     #[arg(long, env = "RINGHUB_MAX_CONNECTIONS", value_name = "N")]
@@ -199,6 +203,7 @@ struct FileSettings {
     node_name: Option<String>,
     rest_timeout_secs: Option<u64>,
     client_result_timeout_secs: Option<u64>,
+    drain_secs: Option<u64>,
     max_connections: Option<usize>,
     cors_origins: Option<String>,
     admin_listen: Option<String>,
@@ -342,6 +347,10 @@ pub struct Config {
     /// the client's answer before it fails. `--client-result-timeout-secs`, default
     /// 30 s (ASP.NET Core's).
     pub client_result_timeout: Duration,
+    /// How long a stop (SIGTERM, `Server::shutdown`) may take at most: clients are
+    /// told to reconnect, spread over its first seconds so that they do not all come
+    /// back at once, and their last messages flushed. `--drain-secs`, default 30 s.
+    pub drain: Duration,
     /// Sessions of every transport together on this node; past it a new one is refused
     /// with `503`. The bound that keeps SSE and long-polling sessions, which hold no
     /// socket between requests, from growing without limit. `--max-connections`,
@@ -415,6 +424,7 @@ impl Default for Config {
             node_name: default_node_name(),
             rest_timeout: Duration::from_secs(10),
             client_result_timeout: Duration::from_secs(30),
+            drain: Duration::from_secs(30),
             max_connections: default_max_connections(),
             cors_origins: CorsOrigins::Any,
             admin_listen: None,
@@ -687,6 +697,11 @@ impl ServeArgs {
                 .or(file.client_result_timeout_secs),
             defaults.client_result_timeout,
         )?;
+        let drain = secs(
+            "drain-secs",
+            self.drain_secs.or(file.drain_secs),
+            defaults.drain,
+        )?;
         let max_connections = count(
             "max-connections",
             self.max_connections.or(file.max_connections),
@@ -752,6 +767,7 @@ impl ServeArgs {
             node_name,
             rest_timeout,
             client_result_timeout,
+            drain,
             max_connections,
             cors_origins,
             admin_listen,
@@ -841,6 +857,7 @@ mod tests {
         assert_eq!(c.jwt_leeway, Duration::from_secs(30));
         assert_eq!(c.rest_timeout, Duration::from_secs(10));
         assert_eq!(c.client_result_timeout, Duration::from_secs(30));
+        assert_eq!(c.drain, Duration::from_secs(30));
         assert!(c.max_connections >= 64);
         assert!(c.node_name.ends_with(&format!("-{}", std::process::id())));
     }

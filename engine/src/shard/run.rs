@@ -95,12 +95,12 @@ pub fn run(
             }
         }
         drop(listener);
-        // Tell every client, give them a moment to read it, then end.
-        for session in state.all_sessions() {
-            session.ending(EndReason::ServerStopping);
-            session.close(None, true);
-        }
-        let deadline = Instant::now() + CLOSE_GRACE;
+        // Tell every client, spread out, give them a moment to read it, then end; all
+        // within --drain-secs.
+        let stop_began = Instant::now();
+        let drain = state.node.config.drain;
+        close_spread_out(&state, drain / 2).await;
+        let deadline = (Instant::now() + CLOSE_GRACE).min(stop_began + drain);
         while state.has_sessions() && Instant::now() < deadline {
             monoio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -117,6 +117,35 @@ pub fn run(
         }
         monoio::time::sleep(Duration::from_millis(50)).await;
     });
+}
+
+/// How many clients one shard tells to reconnect per second when the node stops: a
+/// node's ten thousand clients come back over seconds, not in the same 50 ms (their
+/// reconnects are negotiates, handshakes and durable-group reads for the other nodes).
+const CLOSES_PER_SECOND: usize = 500;
+/// The longest a shard spreads its closes over.
+const CLOSE_SPREAD_MAX: Duration = Duration::from_secs(5);
+/// How often a spread-out stop closes its next batch.
+const CLOSE_STEP: Duration = Duration::from_millis(50);
+
+/// Closes every session of the shard (Close, reconnect allowed) in batches every
+/// [`CLOSE_STEP`], at most [`CLOSES_PER_SECOND`], over at most `within` (and
+/// [`CLOSE_SPREAD_MAX`]).
+async fn close_spread_out(state: &ShardState, within: Duration) {
+    let sessions = state.all_sessions();
+    let needed = Duration::from_secs_f64(sessions.len() as f64 / CLOSES_PER_SECOND as f64);
+    let spread = needed.min(within).min(CLOSE_SPREAD_MAX);
+    let steps = (spread.as_millis() / CLOSE_STEP.as_millis()).max(1) as usize;
+    let per_step = sessions.len().div_ceil(steps).max(1);
+    for (i, batch) in sessions.chunks(per_step).enumerate() {
+        if i > 0 {
+            monoio::time::sleep(CLOSE_STEP).await;
+        }
+        for session in batch {
+            session.ending(EndReason::ServerStopping);
+            session.close(None, true);
+        }
+    }
 }
 
 /// Failed accepts (out of file descriptors, mostly): the loop pauses longer each time,
