@@ -5,7 +5,7 @@
 //! `openapi.json` beside this file, served at `GET /api/openapi.json` and checked
 //! against the server by `tests/rest.rs`.
 
-use ringhub_protocol::http::{self, RequestHead};
+use ringhub_protocol::http::{self, RequestHead, MAX_BODY_BYTES};
 use ringhub_protocol::Value;
 use serde::Deserialize;
 use serde_json::json;
@@ -15,8 +15,6 @@ use crate::api::{valid_hub_name, HubContext, Target};
 
 /// The OpenAPI 3 document of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
-
-use crate::transport::MAX_BODY_BYTES;
 
 /// A request already read: head and body.
 pub struct Request<'a> {

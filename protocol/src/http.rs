@@ -22,6 +22,11 @@ pub struct HttpLimits {
 /// The most header fields any limit can allow (the parser's fixed array).
 pub const HEADER_CAPACITY: usize = 128;
 
+/// The largest request body a server takes on plain HTTP endpoints (negotiate, the REST
+/// APIs, the send channel of SSE and long polling): a body past it is refused before it
+/// is read.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
 impl Default for HttpLimits {
     fn default() -> Self {
         HttpLimits {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use monoio::io::{OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
-use ringhub_protocol::http::{self as wire, HttpLimits, RequestHead};
+use ringhub_protocol::http::{self as wire, HttpLimits, RequestHead, MAX_BODY_BYTES};
 
 use crate::admin;
 use crate::shard::inbox::Command;
@@ -20,7 +20,7 @@ use crate::transport::channel::Kind;
 use crate::transport::io::{discard_then_close, read_more, write_now, READ_CHUNK};
 use crate::transport::long_polling::{self, Polled};
 use crate::transport::websocket::{self, Upgrade};
-use crate::transport::{channel, negotiate, sse, text_response, HubEndpoint, MAX_BODY_BYTES};
+use crate::transport::{channel, negotiate, sse, text_response, HubEndpoint};
 use crate::{azure, rest};
 
 /// An idle keep-alive HTTP connection is closed after this long.

@@ -149,9 +149,6 @@ pub fn client_query(node: &Node, head: &RequestHead) -> Option<Box<str>> {
     (!kept.is_empty()).then(|| format!("?{}", kept.join("&")).into_boxed_str())
 }
 
-/// The largest request body accepted on plain HTTP endpoints (the REST API included).
-pub const MAX_BODY_BYTES: usize = 1 << 20;
-
 #[cfg(test)]
 mod tests {
     use super::*;
