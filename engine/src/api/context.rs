@@ -264,12 +264,24 @@ impl HubContext {
             if node.is_shutting_down() {
                 return Err(ContextError::ShuttingDown);
             }
-            let Some(link) = node.backplane.clone() else {
-                return invoke_client_here(&node, &hub, &connection_id, invocation, timeout).await;
+            let link = match (
+                node.presence.shard_of(&hub, &connection_id),
+                &node.backplane,
+            ) {
+                (Some(shard), _) => {
+                    return invoke_client_here(
+                        &node,
+                        shard,
+                        &hub,
+                        &connection_id,
+                        invocation,
+                        timeout,
+                    )
+                    .await
+                }
+                (None, None) => return Err(ContextError::NoSuchConnection(connection_id)),
+                (None, Some(link)) => link.clone(),
             };
-            if node.presence.shard_of(&hub, &connection_id).is_some() {
-                return invoke_client_here(&node, &hub, &connection_id, invocation, timeout).await;
-            }
             let mut body = BytesMut::new();
             msgpack::encode_body(&HubMessage::Invocation(invocation), &mut body);
             let op = RemoteOp::InvokeClient {
@@ -771,19 +783,17 @@ impl HubContext {
     }
 }
 
-/// A client result of a connection on this node: its shard sends it the invocation,
+/// A client result of a connection on this node, held by `shard`: it sends the invocation,
 /// numbered in the node's registry, and whichever shard reads its answer (or sees it
 /// end) answers here; the registry's expiry bounds the wait.
 pub(crate) async fn invoke_client_here(
     node: &Node,
+    shard: usize,
     hub: &str,
     connection_id: &str,
     mut invocation: Invocation,
     timeout: std::time::Duration,
 ) -> Result<Value, ContextError> {
-    let Some(shard) = node.presence.shard_of(hub, connection_id) else {
-        return Err(ContextError::NoSuchConnection(connection_id.to_owned()));
-    };
     let (result_id, answer) = node.client_results.register(timeout);
     invocation.invocation_id = Some(client_results::invocation_id(result_id));
     let invocation = Broadcast::new(HubMessage::Invocation(invocation));

@@ -994,16 +994,17 @@ impl Backplane {
                 invocation,
                 timeout_ms,
             } => {
-                if self.node.presence.shard_of(hub, &connection_id).is_none() {
+                let Some(shard) = self.node.presence.shard_of(hub, &connection_id) else {
                     return Answer::NotHere;
-                }
+                };
                 let Ok(Some(HubMessage::Invocation(invocation))) = msgpack::parse(&invocation)
                 else {
                     return Answer::Failed("a malformed client invocation".into());
                 };
                 let timeout = Duration::from_millis(timeout_ms);
                 let answer =
-                    invoke_client_here(&self.node, hub, &connection_id, invocation, timeout).await;
+                    invoke_client_here(&self.node, shard, hub, &connection_id, invocation, timeout)
+                        .await;
                 return Answer::ClientResult(client_results::encode_answer(&answer));
             }
         };
